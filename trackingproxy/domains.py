@@ -1,0 +1,73 @@
+"""Domain names: validation of configured names, Host header parsing, wildcard coverage."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+import idna
+
+from trackingproxy.errors import ConfigError
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def normalise_domain(raw: str) -> str:
+    """Return the canonical (lower-case, ASCII, no trailing dot) form of a configured domain.
+
+    Raises ConfigError for anything that is not a plain DNS host name with at least two labels.
+    """
+    name = raw.strip().rstrip(".").lower()
+    if not name:
+        raise ConfigError("--domain: an empty domain name was given; pass e.g. --domain click.example.com")
+    try:
+        name = idna.encode(name, uts46=True).decode("ascii")
+    except idna.IDNAError as e:
+        raise ConfigError(f"--domain {raw!r} is not a valid domain name ({e}); use e.g. click.example.com") from None
+    if _is_ip_literal(name):
+        raise ConfigError(f"--domain {raw!r} is an IP address; give the tracking domain's DNS name instead")
+    labels = name.split(".")
+    if len(labels) < 2 or not all(_LABEL.match(label) for label in labels) or len(name) > 253:
+        raise ConfigError(f"--domain {raw!r} is not a valid domain name; use e.g. click.example.com")
+    return name
+
+
+def _is_ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def host_from_header(value: bytes | None) -> str | None:
+    """Parse a Host header (or :authority) into a lower-case host name without port.
+
+    Returns None when the value is missing or malformed (userinfo, bad port, spaces, IP literal
+    in brackets is kept as is so it never matches a configured domain).
+    """
+    if not value:
+        return None
+    try:
+        text = value.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if "@" in text or any(c in text for c in " \t/\\?#%"):
+        return None
+    host, sep, port = text.rpartition(":")
+    if sep and "]" not in port:
+        if not port.isdigit() or len(port) > 5:
+            return None
+    else:
+        host = text
+    host = host.rstrip(".").lower()
+    return host or None
+
+
+def covers(pattern: str, name: str) -> bool:
+    """True when a certificate name (possibly ``*.example.com``) covers the host ``name``."""
+    pattern = pattern.lower().rstrip(".")
+    if pattern.startswith("*."):
+        head, _, rest = name.partition(".")
+        return bool(head) and rest == pattern[2:]
+    return pattern == name

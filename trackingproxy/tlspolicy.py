@@ -1,0 +1,76 @@
+"""The server TLS policy (Mozilla "intermediate") and building one SSL.Context per certificate.
+
+A context is built once, fully configured, and never mutated after it has served a connection
+(pyOpenSSL 26.2+ refuses that). A renewed certificate gets a brand-new context.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+from OpenSSL import SSL
+from OpenSSL._util import lib as _openssl_lib
+
+from trackingproxy.certificates import LoadedCertificate
+
+# Mozilla intermediate, restricted to forward-secret AEAD suites (no DHE, no CBC).
+TLS12_CIPHERS = (
+    b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+GROUPS = b"X25519:P-256:P-384"
+ALPN_PROTOCOLS = (b"h2", b"http/1.1")
+SESSION_TIMEOUT = 24 * 3600
+
+_OPTIONS = (
+    SSL.OP_NO_SSLv2
+    | SSL.OP_NO_SSLv3
+    | SSL.OP_NO_TLSv1
+    | SSL.OP_NO_TLSv1_1
+    | SSL.OP_NO_COMPRESSION
+    | SSL.OP_SINGLE_ECDH_USE
+    | getattr(SSL, "OP_NO_RENEGOTIATION", 0)
+)
+
+
+def _select_alpn(offered: Sequence[bytes], supported: Sequence[bytes]) -> bytes | object:
+    for proto in supported:
+        if proto in offered:
+            return proto
+    return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def make_context(
+    cert: LoadedCertificate | None,
+    alpn: Sequence[bytes] = ALPN_PROTOCOLS,
+    servername_callback: Callable[[SSL.Connection], None] | None = None,
+    session_id: bytes | None = None,
+) -> SSL.Context:
+    """A server context with the policy applied and, if given, the certificate installed.
+
+    A context without a certificate is used to dispatch on SNI and to fail handshakes for names
+    that have no certificate (the client gets a handshake_failure alert).
+    """
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(_OPTIONS)
+    ctx.set_cipher_list(TLS12_CIPHERS)
+    # pyOpenSSL has no wrapper for the groups list; cryptography's binding exports it.
+    if _openssl_lib.SSL_CTX_set1_curves_list(ctx._context, GROUPS) != 1:  # noqa: SLF001
+        raise RuntimeError("OpenSSL refused the TLS groups list")
+    ctx.set_session_id(session_id or os.urandom(16))
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+    ctx.set_timeout(SESSION_TIMEOUT)
+    supported = tuple(alpn)
+    ctx.set_alpn_select_callback(lambda conn, offered: _select_alpn(offered, supported))
+    if cert is not None:
+        ctx.use_certificate(cert.leaf)
+        ctx.use_privatekey(cert.key)
+        for extra in cert.chain[1:]:
+            ctx.add_extra_chain_cert(extra)
+        ctx.check_privatekey()
+    if servername_callback is not None:
+        ctx.set_tlsext_servername_callback(servername_callback)
+    return ctx

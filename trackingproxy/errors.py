@@ -10,3 +10,13 @@ class ConfigError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+def exit_with(message: str) -> None:
+    """Print one line for the user on the real stderr and exit with status 1 (no traceback)."""
+    import sys
+
+    stream = sys.__stderr__ or sys.stderr
+    stream.write(f"trackingproxy: error: {message}\n")
+    stream.flush()
+    raise SystemExit(1)

@@ -1,0 +1,53 @@
+# trackingproxy: the two commands a newcomer needs (`make run ARGS=...`, `make test`) and the
+# long-running ones (demo, bench). Each target sets up what it needs by itself.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+APT_PACKAGES := pebble curl openssl ca-certificates
+ARGS ?=
+
+.PHONY: run test lint unit debs venv clean plugin-cache
+
+venv: $(STAMP)
+
+# An editable install in "compat" mode: setuptools' default (PEP 660 finder) hides
+# twisted/plugins from Twisted's plugin scan, compat mode puts the checkout on sys.path.
+$(STAMP): setup.cfg pyproject.toml
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 || $(MAKE) --no-print-directory debs APT_PACKAGES=python3-venv
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(MAKE) --no-print-directory plugin-cache
+	touch $@
+
+# Twisted writes twisted/plugins/dropin.cache on first scan; do it now so users never see a
+# "cannot write dropin.cache" warning.
+plugin-cache:
+	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+
+# Debian packages the tests use (pebble for ACME, curl/openssl as wire-level clients).
+debs:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+run: $(STAMP)
+	$(BIN)/twistd --nodaemon --pidfile= trackingproxy $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test: debs $(STAMP) lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache

@@ -1,0 +1,133 @@
+"""The frozen configuration of a trackingproxy process, validated from parsed options.
+
+All user-caused problems surface here (or when listening) as one ConfigError line that names the
+fix. Loading certificate and well-known files happens here, once, at start-up.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, cast
+
+from attrs import frozen
+
+from trackingproxy.accesslog import LogFormat, PathMode
+from trackingproxy.certificates import LoadedCertificate, check_usable, load_certs_dir, load_pair
+from trackingproxy.domains import normalise_domain
+from trackingproxy.errors import ConfigError
+from trackingproxy.forwarded import IPNetwork, parse_networks
+from trackingproxy.upstream.target import UpstreamTarget, parse_upstream
+
+
+@frozen
+class ProxyConfig:
+    domains: tuple[str, ...]
+    upstream: UpstreamTarget
+    upstream_ca_bundle: str | None
+    upstream_timeout: float
+    http_port: str | None
+    https_port: str | None
+    certificates: tuple[LoadedCertificate, ...]
+    certs_dir: Path | None
+    trusted_proxies: tuple[IPNetwork, ...]
+    well_known_dir: Path | None
+    redirect_http: bool
+    log_format: LogFormat
+    log_paths: PathMode
+    idle_timeout: float
+    header_timeout: float
+
+
+def _positive_seconds(option: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not 0 < value <= 86400:
+        raise ConfigError(f"--{option} {raw!r}: give a number of seconds, e.g. --{option} 10")
+    return value
+
+
+def _choice(option: str, raw: str, choices: tuple[str, ...]) -> str:
+    value = (raw or "").strip().lower()
+    if value not in choices:
+        raise ConfigError(f"--{option} {raw!r}: choose one of {', '.join(choices)}")
+    return value
+
+
+def _endpoint(option: str, raw: str | None) -> str | None:
+    value = (raw or "").strip()
+    if not value:
+        raise ConfigError(f"--{option} is empty; give an endpoint such as tcp:80, or 'none'")
+    return None if value.lower() == "none" else value
+
+
+def _dir(option: str, raw: str | None) -> Path | None:
+    if not raw:
+        return None
+    path = Path(raw)
+    if not path.is_dir():
+        raise ConfigError(f"--{option} {raw}: no such directory; create it or fix the path")
+    return path
+
+
+def _domains(raw: list[str]) -> tuple[str, ...]:
+    if not raw:
+        raise ConfigError(
+            "no domain configured; pass --domain click.example.com "
+            "(or set TRACKINGPROXY_DOMAINS=click.example.com)"
+        )
+    seen: dict[str, None] = {}
+    for value in raw:
+        seen[normalise_domain(value)] = None
+    return tuple(seen)
+
+
+def _user_certificates(
+    opts: Mapping[str, Any], domains: tuple[str, ...], now: datetime.datetime
+) -> tuple[tuple[LoadedCertificate, ...], Path | None]:
+    certs_paths: list[str] = opts["cert"]
+    key_paths: list[str] = opts["key"]
+    if len(certs_paths) != len(key_paths):
+        raise ConfigError(
+            f"{len(certs_paths)} --cert but {len(key_paths)} --key given; pass them in pairs "
+            "(--cert fullchain.pem --key privkey.pem)"
+        )
+    loaded = [load_pair(Path(c), Path(k)) for c, k in zip(certs_paths, key_paths, strict=True)]
+    certs_dir = _dir("certs-dir", opts.get("certs-dir"))
+    if certs_dir is not None:
+        loaded.extend(load_certs_dir(certs_dir))
+    check_usable(loaded, domains, now)
+    return tuple(loaded), certs_dir
+
+
+def config_from_options(opts: Mapping[str, Any], now: datetime.datetime) -> ProxyConfig:
+    """Validate parsed options (after environment defaults were applied)."""
+    domains = _domains(list(opts["domain"]))
+    certificates, certs_dir = _user_certificates(opts, domains, now)
+    ca_bundle = opts.get("upstream-ca-bundle") or None
+    if ca_bundle is not None and not Path(ca_bundle).is_file():
+        raise ConfigError(
+            f"--upstream-ca-bundle {ca_bundle}: no such file; give a PEM file of CA certificates"
+        )
+    return ProxyConfig(
+        domains=domains,
+        upstream=parse_upstream(opts["upstream"]),
+        upstream_ca_bundle=ca_bundle,
+        upstream_timeout=_positive_seconds("upstream-timeout", opts["upstream-timeout"]),
+        http_port=_endpoint("http-port", opts["http-port"]),
+        https_port=_endpoint("https-port", opts["https-port"]),
+        certificates=certificates,
+        certs_dir=certs_dir,
+        trusted_proxies=parse_networks(opts["trusted-proxy"]),
+        well_known_dir=_dir("well-known-dir", opts.get("well-known-dir")),
+        redirect_http=bool(opts["redirect-http"]),
+        log_format=cast(LogFormat, _choice("log-format", opts["log-format"], ("combined", "json"))),
+        log_paths=cast(PathMode, _choice("log-paths", opts["log-paths"], ("full", "redacted"))),
+        idle_timeout=_positive_seconds("idle-timeout", opts["idle-timeout"]),
+        header_timeout=_positive_seconds("header-timeout", opts["header-timeout"]),
+    )
+
+

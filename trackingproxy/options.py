@@ -1,0 +1,125 @@
+"""Command-line options (twistd's usage.Options), each also settable from the environment.
+
+Every option ``--some-name`` can be given as ``TRACKINGPROXY_SOME_NAME``; repeatable options take
+a comma-separated list there, under their plural name too (``TRACKINGPROXY_DOMAINS=a.com,b.com``).
+The command line wins over the environment. ``Options.config()`` turns the result into a frozen
+ProxyConfig or raises ConfigError with one line naming the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.python import usage
+
+ENV_PREFIX = "TRACKINGPROXY_"
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off", ""}
+
+# name -> (plural env name or None, help)
+REPEATABLE: dict[str, tuple[str, str]] = {
+    "domain": ("DOMAINS", "A tracking domain to serve (repeatable; at least one)."),
+    "cert": ("CERTS", "PEM certificate chain file; pair with --key (repeatable)."),
+    "key": ("KEYS", "PEM private key file for the preceding --cert (repeatable)."),
+    "trusted-proxy": (
+        "TRUSTED_PROXIES",
+        "CIDR of a proxy/load balancer whose X-Forwarded-For is trusted (repeatable).",
+    ),
+}
+
+PARAMETERS: list[tuple[str, str | None, str]] = [
+    ("upstream", "https://spgo.io", "Tracking endpoint: URL, or 'us' (spgo.io) / 'eu' (eu.spgo.io)."),
+    ("upstream-ca-bundle", None, "Extra PEM CA bundle trusted for the upstream (default: system store)."),
+    ("upstream-timeout", "10", "Seconds to wait for the upstream's response headers (then 504)."),
+    ("http-port", "tcp:80", "Twisted endpoint for plain HTTP, e.g. haproxy:tcp:80; 'none' disables."),
+    ("https-port", "tcp:443", "Twisted endpoint for HTTPS, e.g. tcp:443:interface=::; 'none' disables."),
+    ("certs-dir", None, "Directory of NAME.pem files, each holding a private key and its chain."),
+    ("well-known-dir", None, "Directory of files served as-is under /.well-known/ on every domain."),
+    ("log-format", "combined", "Access log format: combined or json."),
+    ("log-paths", "full", "Paths in the access log: full, or redacted (hash of tracking tokens)."),
+    ("idle-timeout", "60", "Seconds an idle client keep-alive connection is kept open."),
+    ("header-timeout", "10", "Seconds a client has to send a request's headers (slowloris)."),
+]
+
+FLAGS: list[tuple[str, str]] = [
+    ("redirect-http", "Redirect plain HTTP to HTTPS (off by default: SparkPost advises against)."),
+]
+
+
+def env_name(option: str) -> str:
+    return ENV_PREFIX + option.upper().replace("-", "_")
+
+
+class Options(usage.Options):
+    """``twistd trackingproxy`` options."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve SparkPost tracking domains (opens /q/ and clicks /f/) over HTTP and HTTPS, "
+        "proxying to spgo.io. Every option can also be set as TRACKINGPROXY_<NAME>."
+    )
+    optParameters = [[name, None, None, help_ + (f" [default: {default}]" if default else "")]
+                     for name, default, help_ in PARAMETERS]
+    optFlags = [[name, None, help_] for name, help_ in FLAGS]
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self.environ: Mapping[str, str] = os.environ if environ is None else environ
+        for name in REPEATABLE:
+            self[name] = []
+
+    # repeatable options --------------------------------------------------------------
+    def opt_domain(self, value: str) -> None:
+        """A tracking domain to serve (repeatable; at least one). Env: TRACKINGPROXY_DOMAINS."""
+        self["domain"].append(value)
+
+    def opt_cert(self, value: str) -> None:
+        """PEM certificate (full chain) file; pair each with --key (repeatable)."""
+        self["cert"].append(value)
+
+    def opt_key(self, value: str) -> None:
+        """PEM private key file for the --cert given at the same position (repeatable)."""
+        self["key"].append(value)
+
+    def opt_trusted_proxy(self, value: str) -> None:
+        """CIDR of a proxy whose X-Forwarded-For is trusted (repeatable)."""
+        self["trusted-proxy"].append(value)
+
+    def postOptions(self) -> None:  # noqa: N802
+        """Fill what the command line left unset from the environment, then from defaults."""
+        from trackingproxy.errors import ConfigError, exit_with
+
+        try:
+            self.apply_environment()
+        except ConfigError as e:
+            exit_with(e.message)
+
+    def apply_environment(self) -> None:
+        env = self.environ
+        for name, (plural, _) in REPEATABLE.items():
+            if not self[name]:
+                raw = env.get(ENV_PREFIX + plural) or env.get(env_name(name)) or ""
+                self[name] = [v.strip() for v in raw.split(",") if v.strip()]
+        for name, default, _ in PARAMETERS:
+            if self[name] is None:
+                self[name] = env.get(env_name(name), default)
+        for name, _ in FLAGS:
+            if not self[name]:
+                self[name] = parse_bool(name, env.get(env_name(name), ""))
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    from trackingproxy.errors import ConfigError
+
+    value = raw.strip().lower()
+    if value in TRUE_WORDS:
+        return True
+    if value in FALSE_WORDS:
+        return False
+    raise ConfigError(f"{env_name(name)}={raw!r}: use 1/true/yes or 0/false/no")
+
+
+def as_dict(options: usage.Options) -> dict[str, Any]:
+    return dict(options.items())

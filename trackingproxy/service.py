@@ -1,0 +1,154 @@
+"""Assembling the service tree from a ProxyConfig: listeners, TLS (SNI map), upstream client.
+
+This is the one place where collaborators are wired together; the reactor is passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from attrs import define
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.web.resource import IResource
+
+from trackingproxy.accesslog import AccessLog
+from trackingproxy.challenges import ChallengeResponder, NoChallenges
+from trackingproxy.config import ProxyConfig
+from trackingproxy.errors import ConfigError, exit_with
+from trackingproxy.forwarded import ForwardedFor
+from trackingproxy.listeners import ListenerService
+from trackingproxy.proxy import TrackingResource, Upstream
+from trackingproxy.site import ProxySite
+from trackingproxy.sni import SNIContextMap
+from trackingproxy.upstream.client import UpstreamClient
+from trackingproxy.wellknown import WellKnownFile, load_well_known
+
+
+@define
+class Runtime:
+    """The mutable parts shared by listeners (reloaded on SIGHUP by the operations layer)."""
+
+    domains: frozenset[str]
+    well_known: Mapping[bytes, WellKnownFile]
+
+    def current_domains(self) -> frozenset[str]:
+        return self.domains
+
+    def current_well_known(self) -> Mapping[bytes, WellKnownFile]:
+        return self.well_known
+
+
+class TrackingProxyService(MultiService):
+    """The root service. Start-up problems (a port that cannot be bound) end the process with one
+    line and exit status 1 instead of a traceback."""
+
+    def __init__(self, sni: SNIContextMap, runtime: Runtime, upstream: UpstreamClient) -> None:
+        super().__init__()
+        self.sni = sni
+        self.runtime = runtime
+        self.upstream = upstream
+
+    def privilegedStartService(self) -> None:  # noqa: N802
+        try:
+            super().privilegedStartService()
+        except ConfigError as e:
+            exit_with(e.message)
+
+
+class _UpstreamCloser(Service):
+    def __init__(self, upstream: UpstreamClient) -> None:
+        self._upstream = upstream
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802
+        super().stopService()
+        return self._upstream.close()
+
+
+def build_upstream(config: ProxyConfig, reactor: object) -> UpstreamClient:
+    from trackingproxy.upstream.client import build_upstream_client
+
+    return build_upstream_client(
+        reactor,
+        config.upstream,
+        ca_bundle=config.upstream_ca_bundle,
+        response_timeout=config.upstream_timeout,
+    )
+
+
+def _endpoint(reactor: object, option: str, description: str) -> object:
+    try:
+        return serverFromString(reactor, description)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"--{option} {description!r} is not a valid endpoint ({e}); use e.g. tcp:80, "
+            "tcp:443:interface=::, haproxy:tcp:80 or none"
+        ) from None
+
+
+def build_service(
+    config: ProxyConfig,
+    reactor: object,
+    *,
+    challenges: ChallengeResponder | None = None,
+    access_log: AccessLog | None = None,
+    upstream: UpstreamClient | None = None,
+) -> TrackingProxyService:
+    """Build (not start) the service tree for ``config``."""
+    sni = SNIContextMap(config.domains)
+    for cert in config.certificates:
+        sni.install(cert)
+    runtime = Runtime(
+        domains=frozenset(config.domains),
+        well_known=load_well_known(config.well_known_dir) if config.well_known_dir else {},
+    )
+    upstream = upstream if upstream is not None else build_upstream(config, reactor)
+    access_log = access_log or AccessLog(config.log_format, config.log_paths)
+    forwarded = ForwardedFor(config.trusted_proxies)
+    challenges = challenges or NoChallenges()
+    root = TrackingProxyService(sni, runtime, upstream)
+
+    def same_certificate(sni_host: str, host: str) -> bool:
+        cert = sni.certificate_for(sni_host)
+        return cert is not None and cert is sni.certificate_for(host)
+
+    def resource(scheme: bytes, upstream_: Upstream) -> IResource:
+        return TrackingResource(
+            scheme=scheme,
+            domains=runtime.current_domains,
+            upstream=upstream_,
+            forwarded=forwarded,
+            well_known=runtime.current_well_known,
+            challenges=challenges,
+            redirect_http=config.redirect_http and config.https_port is not None,
+            sni_check=same_certificate if scheme == b"https" else None,
+        )
+
+    def site(scheme: str) -> ProxySite:
+        return ProxySite(
+            resource(scheme.encode(), upstream),
+            access_log,
+            scheme,
+            reactor,  # type: ignore[arg-type]
+            idle_timeout=config.idle_timeout,
+            header_timeout=config.header_timeout,
+        )
+
+    if config.http_port is not None:
+        ListenerService(
+            "--http-port",
+            config.http_port,
+            _endpoint(reactor, "http-port", config.http_port),  # type: ignore[arg-type]
+            site("http"),
+        ).setServiceParent(root)
+    if config.https_port is not None:
+        ListenerService(
+            "--https-port",
+            config.https_port,
+            _endpoint(reactor, "https-port", config.https_port),  # type: ignore[arg-type]
+            TLSMemoryBIOFactory(sni, False, site("https")),
+        ).setServiceParent(root)
+    _UpstreamCloser(upstream).setServiceParent(root)
+    return root

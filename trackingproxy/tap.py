@@ -1,0 +1,30 @@
+"""twistd entry point: ``Options`` and ``makeService``. Real defaults (reactor, clock) are
+chosen only here; everything else receives them."""
+
+from __future__ import annotations
+
+import datetime
+
+from twisted.application.service import IService
+
+from trackingproxy.config import config_from_options
+from trackingproxy.errors import ConfigError, exit_with
+from trackingproxy.options import Options
+
+__all__ = ["Options", "makeService"]
+
+
+def makeService(options: Options) -> IService:  # noqa: N802
+    """Validate the options and build the service tree; bad input exits with one line."""
+    from twisted.internet import reactor
+
+    from trackingproxy.service import build_service
+
+    try:
+        config = config_from_options(
+            options, datetime.datetime.fromtimestamp(reactor.seconds(), datetime.UTC)
+        )
+        return build_service(config, reactor)
+    except ConfigError as e:
+        exit_with(e.message)
+        raise  # unreachable: exit_with raises SystemExit

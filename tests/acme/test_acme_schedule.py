@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import random
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -17,20 +16,10 @@ from trackingproxy.acme.schedule import (
     renewal_time,
 )
 from trackingproxy.acme.store import AriWindow
+from trackingproxy.acme.testing import FixedRandom
 
 T0 = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
 DAY = datetime.timedelta(days=1)
-
-
-class FixedRandom(random.Random):
-    """``uniform(a, b)`` returns the point at ``fraction`` of the way from a to b."""
-
-    def __init__(self, fraction: float) -> None:
-        super().__init__(0)
-        self.fraction = fraction
-
-    def uniform(self, a: float, b: float) -> float:
-        return a + (b - a) * self.fraction
 
 
 class LifetimeTests(SynchronousTestCase):

@@ -25,13 +25,14 @@ class ObtainRequest:
     """Obtain a certificate for ``name`` with ``key``.
 
     ``replaces`` is the full chain being renewed (for ARI's ``replaces``), ``resume`` a stored
-    pending order to pick up, and ``save_order(order_url)`` must be called (and waited for)
-    once the order exists and before it is finalized, so a successor can resume it.
+    pending order to pick up, and ``save_order(PendingOrder(url, key, directory))`` must be
+    called (and waited for) once a new order exists and before it is finalized, so a successor
+    can resume it.
     """
 
     name: str
     key: PrivateKey
-    save_order: Callable[[str], Deferred[None]]
+    save_order: Callable[[PendingOrder], Deferred[None]]
     replaces: bytes | None = None
     resume: PendingOrder | None = None
 

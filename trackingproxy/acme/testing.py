@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import datetime
+import random
 import secrets
 
 from attrs import define, field
@@ -30,7 +31,7 @@ from trackingproxy.acme.store import (
 )
 from trackingproxy.certificates import LoadedCertificate, PrivateKey
 
-__all__ = ["FakeObtainer", "LogCapture", "MemoryStore", "self_signed"]
+__all__ = ["FakeObtainer", "FixedRandom", "LogCapture", "MemoryStore", "self_signed"]
 
 
 class MemoryStore:
@@ -179,3 +180,14 @@ class LogCapture:
         return [
             formatEvent(e) for e in self.events if level is None or e.get("log_level") == level
         ]
+
+
+class FixedRandom(random.Random):
+    """``uniform(a, b)`` returns the point at ``fraction`` of the way from ``a`` to ``b``."""
+
+    def __init__(self, fraction: float = 0.5) -> None:
+        super().__init__(0)
+        self.fraction = fraction
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) * self.fraction

@@ -1,0 +1,371 @@
+"""The issuing service: keeps one certificate per configured domain obtained, renewed and served.
+
+At start it serves what the store holds, then orders what is missing or due. A check runs on
+a jittered timer and exactly at the earliest renewal / retry time. Orders hold the store's
+per-name lock (so processes sharing the state directory never order the same name at once),
+are de-duplicated per name, and failures keep the served certificate, back off and are
+logged once each; near expiry they are logged at CRITICAL and passed to ``panic``.
+The store is the single source of truth: every check reloads it and serves what changed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+from collections.abc import Callable, Generator, Iterable
+from typing import Any
+
+from attrs import define
+from cryptography.hazmat.primitives import serialization
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from trackingproxy.acme.obtainer import Obtainer, ObtainFailed, ObtainRequest
+from trackingproxy.acme.schedule import jittered, next_attempt, renewal_time
+from trackingproxy.acme.store import (
+    AriWindow,
+    CertificateStore,
+    Lock,
+    LockLost,
+    PendingOrder,
+    StoredCertificate,
+)
+from trackingproxy.certificates import LoadedCertificate, PrivateKey, parse_pem
+from trackingproxy.errors import ConfigError
+from trackingproxy.sni import SNIContextMap
+
+__all__ = ["IssuingService", "PanicCallback"]
+
+log = Logger()
+PanicCallback = Callable[[str, str], object]
+"""Called with (domain, message) when a certificate nears expiry and renewal keeps failing."""
+
+PANIC_WINDOW = datetime.timedelta(days=7)
+PANIC_REPEAT = datetime.timedelta(hours=24)
+ARI_DEFAULT_RECHECK = datetime.timedelta(hours=6)
+
+
+@define
+class _Domain:
+    current: LoadedCertificate | None = None
+    ari: AriWindow | None = None
+    renew_at: datetime.datetime | None = None
+    ari_check_at: datetime.datetime | None = None
+    failures: int = 0
+    retry_at: datetime.datetime | None = None
+    last_panic: datetime.datetime | None = None
+
+
+class IssuingService(Service):
+    """Obtains, renews and serves (through ``sni``) one certificate per managed domain."""
+
+    name = "acme-issuer"
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        store: CertificateStore,
+        obtainer: Obtainer,
+        sni: SNIContextMap,
+        domains: Iterable[str],
+        key_generator: Callable[[], PrivateKey],
+        skip_domains: Iterable[str] = (),
+        panic: PanicCallback | None = None,
+        rng: random.Random | None = None,
+        check_interval: float = 600.0,
+        lock_ttl: float = 1800.0,
+        busy_retry: float = 60.0,
+    ) -> None:
+        skip = set(skip_domains)
+        self._clock = clock
+        self._store = store
+        self._obtainer = obtainer
+        self._sni = sni
+        self._key_generator = key_generator
+        self._panic = panic
+        self._rng = rng or random.Random()  # noqa: S311 (scheduling jitter, not secrets)
+        self._interval = check_interval
+        self._lock_ttl = lock_ttl
+        self._busy_retry = datetime.timedelta(seconds=busy_retry)
+        self.domains: tuple[str, ...] = tuple(d for d in domains if d not in skip)
+        self._state = {d: _Domain() for d in self.domains}
+        self._inflight: dict[str, Deferred[None]] = {}
+        self._timer: IDelayedCall | None = None
+        self._checking: Deferred[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._obtainer.start()
+        log.info(
+            "Certificates for {domains} come from {ca}",
+            domains=", ".join(self.domains) or "no domain",
+            ca=self._obtainer.description,
+        )
+        self._run_check()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        self._cancel_timer()
+        pending = [d for d in (self._checking, *self._inflight.values()) if d is not None]
+        waits = DeferredList([_quiet(d) for d in pending])
+        return waits.addCallback(lambda _: self._obtainer.stop())
+
+    # -- timer ----------------------------------------------------------------------------
+    def _now(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self._clock.seconds(), datetime.UTC)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _schedule_next(self) -> None:
+        """Next check: the jittered interval, or earlier at the earliest renewal/retry time."""
+        self._cancel_timer()
+        if not self.running:
+            return
+        now = self._now()
+        delay = jittered(self._interval, self._rng)
+        for name, st in self._state.items():
+            if name in self._inflight:
+                continue
+            for when in (self._due_at(st), st.ari_check_at if st.current else None):
+                if when is not None:
+                    delay = min(delay, max(0.0, (when - now).total_seconds()))
+        self._timer = self._clock.callLater(delay, self._run_check)
+
+    def _run_check(self) -> None:
+        self._timer = None
+        if self._checking is not None:
+            return
+        d = self.check()
+        self._checking = d
+
+        def done(result: object) -> None:
+            self._checking = None
+            if isinstance(result, Failure):
+                log.failure("Certificate check failed", result)
+            self._schedule_next()
+
+        d.addBoth(done)
+
+    # -- checking -------------------------------------------------------------------------
+    @staticmethod
+    def _due_at(st: _Domain) -> datetime.datetime | None:
+        """When this domain should next be ordered (None: not before the next check)."""
+        if st.current is None or st.renew_at is None:
+            return st.retry_at
+        if st.retry_at is not None:
+            return max(st.retry_at, st.renew_at)
+        return st.renew_at
+
+    def _is_due(self, st: _Domain, now: datetime.datetime) -> bool:
+        due = self._due_at(st)
+        return (st.current is None and st.retry_at is None) or (due is not None and due <= now)
+
+    @inlineCallbacks
+    def check(self) -> Generator[Deferred[Any], Any, None]:
+        """Reload the store, serve what changed, then order what is missing or due."""
+        work: list[Deferred[None]] = []
+        for name in self.domains:
+            yield self._reload(name)
+            st = self._state[name]
+            now = self._now()
+            if self._is_due(st, now):
+                work.append(self.ensure(name))
+            elif st.current is not None and st.ari_check_at is not None and st.ari_check_at <= now:
+                work.append(self._refresh_ari(name))
+        yield DeferredList(work)
+
+    @inlineCallbacks
+    def _reload(self, name: str) -> Generator[Deferred[Any], Any, None]:
+        stored: StoredCertificate | None = yield self._store.load(name)
+        if stored is None:
+            return
+        st = self._state[name]
+        same = st.current is not None and st.current.serial_hex == stored.cert.serial_hex
+        if same and stored.ari == st.ari:
+            return
+        if stored.cert.expired_at(self._now()) and st.current is not None:
+            return
+        self._adopt(name, stored.cert, stored.ari, install=not same)
+
+    def _adopt(
+        self, name: str, cert: LoadedCertificate, ari: AriWindow | None, install: bool
+    ) -> None:
+        st = self._state[name]
+        if install:
+            served = self._sni.install(cert, [name])
+            if not served:
+                log.warn("{name}: the stored certificate does not cover it; ordering a new one",
+                         name=name)
+                return
+            log.info(
+                "{name}: serving certificate {serial} from {issuer}, valid until {not_after}",
+                name=name, serial=cert.serial_hex, issuer=cert.issuer,
+                not_after=cert.not_after.isoformat(),
+            )
+            st.ari_check_at = self._now()
+        st.current = cert
+        st.ari = ari
+        st.renew_at = renewal_time(cert.not_before, cert.not_after, ari, self._rng)
+        if ari is not None and ari.next_check is not None:
+            st.ari_check_at = ari.next_check
+
+    @inlineCallbacks
+    def _refresh_ari(self, name: str) -> Generator[Deferred[Any], Any, None]:
+        st = self._state[name]
+        cert = st.current
+        if cert is None:
+            return
+        st.ari_check_at = self._now() + ARI_DEFAULT_RECHECK
+        try:
+            ari: AriWindow | None = yield self._obtainer.renewal_info(name, cert.fullchain_pem())
+        except Exception as e:  # ARI is advisory: the lifetime rule still applies
+            log.info("{name}: renewal information unavailable ({error})", name=name, error=e)
+            return
+        if ari is None or ari == st.ari or st.current is not cert:
+            return
+        self._adopt(name, cert, ari, install=False)
+        yield self._store.save_ari(name, cert.serial_hex, ari)
+        if st.renew_at is not None:
+            log.info("{name}: the CA suggests renewing at {when}", name=name,
+                     when=st.renew_at.isoformat())
+
+    # -- ordering -------------------------------------------------------------------------
+    def ensure(self, name: str) -> Deferred[None]:
+        """Order a certificate for ``name`` unless an order for it is already running."""
+        running = self._inflight.get(name)
+        if running is None:
+            running = self._order(name)
+            self._inflight[name] = running
+
+            def finished(result: object) -> None:
+                del self._inflight[name]
+                if isinstance(result, Failure):
+                    log.failure("{name}: unexpected error while ordering", result, name=name)
+
+            running.addBoth(finished)
+        return _quiet(running)
+
+    @inlineCallbacks
+    def _order(self, name: str) -> Generator[Deferred[Any], Any, None]:
+        st = self._state[name]
+        lock: Lock | None = yield self._store.acquire(name, self._lock_ttl)
+        if lock is None:
+            log.info("{name}: another process is ordering it; checking again later", name=name)
+            st.retry_at = self._now() + self._busy_retry
+            return
+        try:
+            yield self._reload(name)  # someone may have renewed it meanwhile
+            if st.current is None or st.renew_at is None or st.renew_at <= self._now():
+                yield self._obtain_locked(name, lock)
+            else:
+                st.retry_at = None
+        except Exception as e:
+            self._failed(name, e)
+        # Not in a ``finally``: a generator abandoned at shutdown must not yield again.
+        yield self._store.release(lock)
+
+    @inlineCallbacks
+    def _obtain_locked(self, name: str, lock: Lock) -> Generator[Deferred[Any], Any, None]:
+        st = self._state[name]
+        pending: PendingOrder | None = yield self._store.load_order(name)
+        key: PrivateKey | None = None
+        if pending is not None:
+            key = _load_key(pending.key_pem)
+            if key is None:
+                pending = None
+        if key is None:
+            key = self._key_generator()
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        request = ObtainRequest(
+            name=name,
+            key=key,
+            save_order=lambda order: self._store.save_order(lock, order),
+            replaces=st.current.fullchain_pem() if st.current is not None else None,
+            resume=pending,
+        )
+        fullchain: bytes = yield self._obtainer.obtain(request)
+        try:
+            cert = parse_pem(fullchain, key_pem, f"{self._obtainer.description} for {name}")
+        except ConfigError as e:
+            raise ObtainFailed(f"{name}: the CA sent an unusable certificate: {e}") from None
+        if not cert.covers(name):
+            raise ObtainFailed(f"{name}: the CA sent a certificate for {', '.join(cert.names)}")
+        yield self._store.save(lock, StoredCertificate(cert))
+        st.failures = 0
+        st.retry_at = None
+        self._adopt(name, cert, None, install=True)
+
+    def _failed(self, name: str, error: Exception) -> None:
+        st = self._state[name]
+        now = self._now()
+        if isinstance(error, LockLost):
+            message = f"{name}: lost the order lock ({error}); another process took over"
+            retry_after = None
+        elif isinstance(error, ObtainFailed):
+            message, retry_after = error.message, error.retry_after
+        else:
+            message, retry_after = f"{name}: {type(error).__name__}: {error}", None
+        st.failures += 1
+        st.retry_at = next_attempt(st.failures, now, self._rng, retry_after)
+        log.error(
+            "{problem} (failure {n}; next attempt at {when}{serving})",
+            problem=message, n=st.failures, when=st.retry_at.isoformat(timespec="seconds"),
+            serving="; the current certificate stays in use" if st.current else "",
+        )
+        self._store.record_error(name, message, now).addErrback(
+            lambda f: log.failure("{name}: cannot record the error", f, name=name)
+        )
+        self._maybe_panic(name, message, now)
+
+    def _maybe_panic(self, name: str, message: str, now: datetime.datetime) -> None:
+        st = self._state[name]
+        if st.current is not None and st.current.not_after - now > PANIC_WINDOW:
+            return
+        if st.last_panic is not None and now - st.last_panic < PANIC_REPEAT:
+            return
+        st.last_panic = now
+        left = (
+            "no certificate at all" if st.current is None
+            else f"the certificate expires at {st.current.not_after.isoformat()}"
+        )
+        log.critical(
+            "{name}: {left} and renewal keeps failing: {problem}",
+            name=name, left=left, problem=message,
+        )
+        if self._panic is not None:
+            try:
+                self._panic(name, f"{left}; {message}")
+            except Exception:
+                log.failure("{name}: the panic callback failed", name=name)
+
+
+def _load_key(pem: bytes) -> PrivateKey | None:
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError):
+        return None
+    return key if isinstance(key, PrivateKey) else None
+
+
+def _quiet(d: Deferred[None]) -> Deferred[None]:
+    """A new Deferred that fires with None when ``d`` fires (leaving ``d``'s chain alone)."""
+    waiter: Deferred[None] = Deferred()
+
+    def fire(result: object) -> object:
+        waiter.callback(None)
+        return result
+
+    d.addBoth(fire)
+    return waiter
+

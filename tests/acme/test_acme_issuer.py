@@ -66,7 +66,7 @@ class IssuerTests(SynchronousTestCase):
         d.callback(cert.fullchain_pem())
         return request
 
-    def fail(self, index: int = -1, retry_after: datetime.datetime | None = None) -> None:
+    def refuse(self, index: int = -1, retry_after: datetime.datetime | None = None) -> None:
         request, d = self.obtainer.calls[index]
         d.errback(ObtainFailed(f"{request.name}: ACME error connection: refused", retry_after))
 
@@ -75,7 +75,7 @@ class IssuerTests(SynchronousTestCase):
         self.store.certs[name] = StoredCertificate(cert)
 
     def test_start_orders_missing(self) -> None:
-        """At start every domain without a certificate is ordered; the result is stored and served."""
+        """At start each domain without a certificate is ordered, then stored and served."""
         service = self.make()
         service.startService()
         self.assertEqual(sorted(r.name for r, _ in self.obtainer.calls), [A, B])
@@ -119,11 +119,11 @@ class IssuerTests(SynchronousTestCase):
         self.assertEqual(len(self.obtainer.calls), 1)
 
     def test_failure_keeps_certificate_and_backs_off(self) -> None:
-        """A failed renewal keeps serving the old certificate and retries after 1, then 2 minutes."""
+        """A failed renewal keeps the old certificate served and retries after 1, then 2 min."""
         self.preload(A, 90 * DAY, 70 * DAY)
         self.make(domains=(A,)).startService()
         served = self.sni.certificate_for(A)
-        self.fail()
+        self.refuse()
         self.assertIs(self.sni.certificate_for(A), served)
         errors = self.logs.lines(LogLevel.error)
         self.assertEqual(len(errors), 1)
@@ -134,7 +134,7 @@ class IssuerTests(SynchronousTestCase):
         self.assertEqual(len(self.obtainer.calls), 1)
         self.clock.advance(1)
         self.assertEqual(len(self.obtainer.calls), 2)
-        self.fail()
+        self.refuse()
         self.clock.advance(119)
         self.assertEqual(len(self.obtainer.calls), 2)
         self.clock.advance(1)
@@ -146,7 +146,7 @@ class IssuerTests(SynchronousTestCase):
     def test_retry_after_honoured(self) -> None:
         """A rateLimited failure with Retry-After is not retried before that time."""
         self.make(domains=(A,)).startService()
-        self.fail(retry_after=self.now() + datetime.timedelta(hours=2))
+        self.refuse(retry_after=self.now() + datetime.timedelta(hours=2))
         self.clock.advance(2 * 3600 - 1)
         self.assertEqual(len(self.obtainer.calls), 1)
         self.clock.advance(1)
@@ -156,7 +156,7 @@ class IssuerTests(SynchronousTestCase):
         """One domain failing over and over does not delay the other's certificate."""
         self.make().startService()
         by_name = {r.name: i for i, (r, _) in enumerate(self.obtainer.calls)}
-        self.fail(by_name[A])
+        self.refuse(by_name[A])
         self.answer(by_name[B])
         self.assertTrue(self.sni.has_certificate(B))
         self.assertFalse(self.sni.has_certificate(A))
@@ -243,19 +243,19 @@ class IssuerTests(SynchronousTestCase):
         """Failing within 7 days of expiry logs CRITICAL and calls panic, at most daily."""
         self.preload(A, 90 * DAY, 85 * DAY)
         self.make(domains=(A,)).startService()
-        self.fail()
+        self.refuse()
         self.assertEqual(len(self.panics), 1)
         self.assertEqual(self.panics[0][0], A)
         self.assertEqual(len(self.logs.lines(LogLevel.critical)), 1)
         self.clock.advance(60)
-        self.fail()
+        self.refuse()
         self.assertEqual(len(self.panics), 1)
 
     def test_no_panic_far_from_expiry(self) -> None:
         """Failing renewals of a certificate with weeks left do not panic."""
         self.preload(A, 90 * DAY, 61 * DAY)
         self.make(domains=(A,)).startService()
-        self.fail()
+        self.refuse()
         self.assertEqual(self.panics, [])
 
     def test_wrong_certificate_from_ca_is_a_failure(self) -> None:

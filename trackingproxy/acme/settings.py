@@ -1,0 +1,280 @@
+"""ACME configuration (a frozen value with one-line validation) and building the service.
+
+``tap.py`` turns options into ``AcmeSettings``, calls ``validate()``, and passes it to
+``build_acme``, which chooses the real collaborators (file store in the state directory, the
+ACME obtainer or the local CA, the shared HTTP-01 responder) and returns the service to add
+to the tree plus the responder to mount on the port-80 site.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from attrs import field, frozen
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.interfaces import IReactorFromThreads, IReactorProcess, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from trackingproxy.acme.client import AcmeObtainer
+from trackingproxy.acme.filestore import FileStore, ensure_private_dir
+from trackingproxy.acme.issuer import IssuingService
+from trackingproxy.acme.localca import LocalCA
+from trackingproxy.acme.obtainer import Obtainer
+from trackingproxy.acme.responder import HTTP01Responder
+from trackingproxy.certificates import PrivateKey
+from trackingproxy.challenges import ChallengeResponder, NoChallenges
+from trackingproxy.errors import ConfigError
+from trackingproxy.sni import SNIContextMap
+
+__all__ = [
+    "DEFAULT_STATE_DIR",
+    "DIRECTORY_ALIASES",
+    "FALLBACK_STATE_DIR",
+    "KEY_TYPES",
+    "AcmeSettings",
+    "build_acme",
+    "choose_state_dir",
+    "key_generator",
+]
+
+log = Logger()
+
+DIRECTORY_ALIASES = {
+    "letsencrypt": "https://acme-v02.api.letsencrypt.org/directory",
+    "letsencrypt-staging": "https://acme-staging-v02.api.letsencrypt.org/directory",
+    "zerossl": "https://acme.zerossl.com/v2/DV90",
+    "google": "https://dv.acme-v02.api.pki.goog/directory",
+}
+_EAB_REQUIRED = {"zerossl": "ZeroSSL", "google": "Google Trust Services"}
+LOCAL = "local"
+KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "rsa2048", "rsa4096")
+DEFAULT_STATE_DIR = Path("/var/lib/trackingproxy")
+FALLBACK_STATE_DIR = Path("trackingproxy-state")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_PROFILE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@frozen
+class AcmeSettings:
+    """Every ACME option; ``directory`` may be an alias, ``local`` or a URL."""
+
+    email: str | None = None
+    directory: str = "letsencrypt"
+    ca_bundle: Path | None = None
+    eab_kid: str | None = None
+    eab_hmac_key: str | None = field(default=None, repr=False)  # a secret: never in logs
+    profile: str | None = None
+    key_type: str = "ecdsa-p256"
+    state_dir: Path | None = None  # None: DEFAULT_STATE_DIR, else FALLBACK_STATE_DIR
+    no_acme: bool = False
+    panic_command: str | None = None
+    check_interval: float = 600.0
+
+    @property
+    def is_local(self) -> bool:
+        return self.directory == LOCAL
+
+    @property
+    def directory_url(self) -> str:
+        return DIRECTORY_ALIASES.get(self.directory, self.directory)
+
+    def validate(self) -> None:
+        """Raise ConfigError with one line naming the problem and the fix."""
+        if self.no_acme:
+            return
+        if self.email is not None and not _EMAIL.match(self.email):
+            raise ConfigError(
+                f"--email {self.email!r} is not an e-mail address; pass e.g. ops@example.com"
+            )
+        if not self.is_local and self.directory not in DIRECTORY_ALIASES:
+            url = urlsplit(self.directory)
+            loopback = url.hostname in ("localhost", "127.0.0.1", "::1")
+            if not (url.scheme == "https" or (url.scheme == "http" and loopback)) or not url.netloc:
+                raise ConfigError(
+                    f"--acme-directory {self.directory!r} is neither an https:// URL nor one of "
+                    f"{', '.join([*DIRECTORY_ALIASES, LOCAL])}; pass e.g. letsencrypt-staging"
+                )
+        if self.ca_bundle is not None and not (
+            self.ca_bundle.is_file() and os.access(self.ca_bundle, os.R_OK)
+        ):
+            raise ConfigError(
+                f"--acme-ca-bundle {self.ca_bundle}: not a readable file; pass the PEM file "
+                "with the root certificate of your ACME server"
+            )
+        if bool(self.eab_kid) != bool(self.eab_hmac_key):
+            raise ConfigError(
+                "--eab-kid and --eab-hmac-key go together; pass both (from your CA's account page)"
+            )
+        if self.eab_hmac_key:
+            key = self.eab_hmac_key
+            try:
+                base64.urlsafe_b64decode(key + "=" * (-len(key) % 4))
+            except (binascii.Error, ValueError):
+                raise ConfigError(
+                    "--eab-hmac-key is not base64url; copy the HMAC key exactly as your CA shows it"
+                ) from None
+        elif self.directory in _EAB_REQUIRED:
+            raise ConfigError(
+                f"--acme-directory {self.directory} needs External Account Binding: pass "
+                f"--eab-kid and --eab-hmac-key from your {_EAB_REQUIRED[self.directory]} account"
+            )
+        if self.profile is not None and not _PROFILE.match(self.profile):
+            raise ConfigError(
+                f"--acme-profile {self.profile!r} is not a profile name; pass e.g. tlsserver"
+            )
+        if self.key_type not in KEY_TYPES:
+            raise ConfigError(
+                f"--key-type {self.key_type!r} is unknown; use one of {', '.join(KEY_TYPES)}"
+            )
+        if not self.check_interval > 0:
+            raise ConfigError("the renewal check interval must be positive; e.g. 600 seconds")
+        if self.panic_command is not None and not self.panic_command.strip():
+            raise ConfigError("--panic-command is empty; pass a shell command or leave it out")
+
+
+def key_generator(key_type: str) -> Callable[[], PrivateKey]:
+    """A function making new certificate keys of ``key_type`` (one of KEY_TYPES)."""
+    if key_type == "ecdsa-p256":
+        return lambda: ec.generate_private_key(ec.SECP256R1())
+    if key_type == "ecdsa-p384":
+        return lambda: ec.generate_private_key(ec.SECP384R1())
+    if key_type in ("rsa2048", "rsa4096"):
+        bits = int(key_type[3:])
+        return lambda: rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    raise ConfigError(f"--key-type {key_type!r} is unknown; use one of {', '.join(KEY_TYPES)}")
+
+
+def _usable(path: Path) -> bool:
+    try:
+        ensure_private_dir(path)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def choose_state_dir(
+    settings: AcmeSettings, default: Path = DEFAULT_STATE_DIR, fallback: Path = FALLBACK_STATE_DIR
+) -> Path:
+    """The state directory (created 0700); says in the log which one and why."""
+    if settings.state_dir is not None:
+        if not _usable(settings.state_dir):
+            raise ConfigError(
+                f"--state-dir {settings.state_dir}: cannot create or write it; fix its "
+                "permissions or pass another directory"
+            )
+        log.info("State directory: {dir}", dir=str(settings.state_dir))
+        return settings.state_dir
+    if _usable(default):
+        log.info("State directory: {dir}", dir=str(default))
+        return default
+    if _usable(fallback):
+        log.warn(
+            "State directory: {dir} ({default} is not writable); certificates and the ACME "
+            "account are kept there, keep it across restarts",
+            dir=str(fallback.resolve()), default=str(default),
+        )
+        return fallback
+    raise ConfigError(
+        f"neither {default} nor {fallback} is writable; pass --state-dir with a writable directory"
+    )
+
+
+class _PanicProtocol(ProcessProtocol):
+    def __init__(self, command: str) -> None:
+        self._command = command
+
+    def processEnded(self, reason: Failure) -> None:
+        code = getattr(reason.value, "exitCode", None)
+        if code:
+            log.error("--panic-command {cmd!r} exited with status {code}",
+                      cmd=self._command, code=code)
+
+
+def _panic_runner(command: str, reactor: IReactorProcess) -> Callable[[str, str], None]:
+    def run(name: str, message: str) -> None:
+        env = dict(os.environ)
+        env["TRACKINGPROXY_PANIC_DOMAIN"] = name
+        env["TRACKINGPROXY_PANIC_MESSAGE"] = message
+        reactor.spawnProcess(_PanicProtocol(command), "/bin/sh", ["/bin/sh", "-c", command], env)
+
+    return run
+
+
+class _ResponderService(Service):
+    """Runs the responder's refresh of tokens published by other processes."""
+
+    def __init__(self, responder: HTTP01Responder) -> None:
+        self._responder = responder
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._responder.start()
+
+    def stopService(self) -> None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        self._responder.stop()
+
+
+def build_acme(
+    settings: AcmeSettings,
+    domains: Iterable[str],
+    skip_domains: Iterable[str],
+    sni: SNIContextMap,
+    reactor: IReactorTime,
+) -> tuple[IService, ChallengeResponder]:
+    """The certificate service for ``domains`` (minus ``skip_domains``) and its responder.
+
+    With ``no_acme`` the service is empty and the responder answers nothing. ``reactor`` must
+    also provide IReactorFromThreads and IReactorProcess (the global reactor does).
+    """
+    top = MultiService()  # type: ignore[no-untyped-call]
+    top.setName("acme")  # type: ignore[no-untyped-call]
+    if settings.no_acme:
+        return top, NoChallenges()
+    settings.validate()
+    skip = set(skip_domains)
+    managed = [d for d in domains if d not in skip]
+    state = choose_state_dir(settings)
+    store = FileStore(state, reactor)
+    responder = HTTP01Responder(managed, reactor, shared_dir=state / "challenges")
+    obtainer: Obtainer
+    if settings.is_local:
+        obtainer = LocalCA(state, reactor)
+    else:
+        obtainer = AcmeObtainer(
+            reactor=IReactorFromThreads(reactor),
+            clock=reactor,
+            directory_url=settings.directory_url,
+            store=store,
+            responder=responder,
+            email=settings.email,
+            ca_bundle=settings.ca_bundle,
+            eab_kid=settings.eab_kid,
+            eab_hmac_key=settings.eab_hmac_key,
+            profile=settings.profile,
+        )
+    panic = None
+    if settings.panic_command:
+        panic = _panic_runner(settings.panic_command, IReactorProcess(reactor))
+    issuer = IssuingService(
+        clock=reactor,
+        store=store,
+        obtainer=obtainer,
+        sni=sni,
+        domains=managed,
+        key_generator=key_generator(settings.key_type),
+        panic=panic,
+        check_interval=settings.check_interval,
+    )
+    _ResponderService(responder).setServiceParent(top)  # type: ignore[no-untyped-call]
+    issuer.setServiceParent(top)  # type: ignore[no-untyped-call]
+    return top, responder

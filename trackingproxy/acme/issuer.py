@@ -79,6 +79,7 @@ class IssuingService(Service):
         check_interval: float = 600.0,
         lock_ttl: float = 1800.0,
         busy_retry: float = 60.0,
+        backoff_base: float = 60.0,
     ) -> None:
         skip = set(skip_domains)
         self._clock = clock
@@ -91,6 +92,7 @@ class IssuingService(Service):
         self._interval = check_interval
         self._lock_ttl = lock_ttl
         self._busy_retry = datetime.timedelta(seconds=busy_retry)
+        self._backoff_base = datetime.timedelta(seconds=backoff_base)
         self.domains: tuple[str, ...] = tuple(d for d in domains if d not in skip)
         self._state = {d: _Domain() for d in self.domains}
         self._inflight: dict[str, Deferred[None]] = {}
@@ -317,7 +319,7 @@ class IssuingService(Service):
         else:
             message, retry_after = f"{name}: {type(error).__name__}: {error}", None
         st.failures += 1
-        st.retry_at = next_attempt(st.failures, now, self._rng, retry_after)
+        st.retry_at = next_attempt(st.failures, now, self._rng, retry_after, self._backoff_base)
         log.error(
             "{problem} (failure {n}; next attempt at {when}{serving})",
             problem=message, n=st.failures, when=st.retry_at.isoformat(timespec="seconds"),

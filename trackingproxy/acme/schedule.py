@@ -53,16 +53,20 @@ def renewal_time(
     return lifetime_renewal_time(not_before, not_after)
 
 
-def backoff_delay(failures: int, rng: random.Random) -> datetime.timedelta:
+def backoff_delay(
+    failures: int,
+    rng: random.Random,
+    base: datetime.timedelta = BACKOFF_MIN,
+    cap: datetime.timedelta = BACKOFF_MAX,
+) -> datetime.timedelta:
     """1 minute after the first failure, doubling, at most 6 hours, with +-20 % jitter.
 
-    The jitter never exceeds the 6-hour ceiling and never drops below 1 minute.
+    The jitter never exceeds the ceiling ``cap`` and never drops below ``base``.
     """
     exponent = max(0, failures - 1)
-    base = BACKOFF_MIN * (2 ** min(exponent, 20))
-    base = min(base, BACKOFF_MAX)
-    delay: datetime.timedelta = base * rng.uniform(0.8, 1.2)
-    return max(BACKOFF_MIN, min(delay, BACKOFF_MAX))
+    delay: datetime.timedelta = min(base * (2 ** min(exponent, 30)), cap)
+    delay = delay * rng.uniform(0.8, 1.2)
+    return max(base, min(delay, cap))
 
 
 def parse_retry_after(value: str | None, now: datetime.datetime) -> datetime.datetime | None:
@@ -86,9 +90,10 @@ def next_attempt(
     now: datetime.datetime,
     rng: random.Random,
     retry_after: datetime.datetime | None = None,
+    base: datetime.timedelta = BACKOFF_MIN,
 ) -> datetime.datetime:
     """When to try again after ``failures`` failures in a row; never before ``retry_after``."""
-    when = now + backoff_delay(failures, rng)
+    when = now + backoff_delay(failures, rng, base)
     if retry_after is not None and retry_after > when:
         return retry_after
     return when

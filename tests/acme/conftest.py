@@ -6,6 +6,7 @@ integration tests are skipped with a reason, except under CI=true where they fai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -43,10 +44,8 @@ def pebble_binaries() -> tuple[str, str]:
         cmd = ["apt-get", "install", "-y", "pebble"]
         if os.geteuid() != 0 and shutil.which("sudo"):
             cmd = ["sudo", "-n", *cmd]
-        try:
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             subprocess.run(cmd, check=False, capture_output=True, timeout=300)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
         found = _find_pebble()
     if found is None:
         message = "pebble is not installed and `apt-get install -y pebble` failed"
@@ -123,7 +122,9 @@ class Pebble:
         args = [pebble, "-config", str(self.config), "-dnsserver", f"127.0.0.1:{self.dns_port}"]
         if self.strict:
             args.append("-strict")
-        self.procs.append(subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env))
+        self.procs.append(
+            subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env)
+        )
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -133,7 +134,8 @@ class Pebble:
             except requests.RequestException:
                 if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
                     self.stop()
-                    raise RuntimeError(f"pebble did not start:\n{self.log.read_text()[-3000:]}")
+                    tail = self.log.read_text()[-3000:]
+                    raise RuntimeError(f"pebble did not start:\n{tail}") from None
                 time.sleep(0.1)
 
     def stop(self) -> None:

@@ -48,7 +48,7 @@ class ChallengeSite(Resource):
         self.responder = responder
         self.hits = 0
 
-    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+    def render_GET(self, request: Request) -> bytes:
         parts = request.postpath or []
         host = request.getRequestHostname().decode("ascii", "replace")
         if len(parts) == 3 and parts[:2] == [b".well-known", b"acme-challenge"]:
@@ -63,7 +63,7 @@ class ChallengeSite(Resource):
 class Hello(Resource):
     isLeaf = True
 
-    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+    def render_GET(self, request: Request) -> bytes:
         return b"hello over tls"
 
 

@@ -51,8 +51,20 @@ def test_defaults():
 def test_repeatable_and_aliases():
     """--domain repeats (duplicates collapse), 'eu' names eu.spgo.io, 'none' disables a listener."""
     config = parse(
-        ["--domain", "a.example.com", "--domain", "b.example.com", "--domain", "a.example.com",
-         "--upstream", "eu", "--https-port", "none", "--trusted-proxy", "10.0.0.0/8"]
+        [
+            "--domain",
+            "a.example.com",
+            "--domain",
+            "b.example.com",
+            "--domain",
+            "a.example.com",
+            "--upstream",
+            "eu",
+            "--https-port",
+            "none",
+            "--trusted-proxy",
+            "10.0.0.0/8",
+        ]
     )
     assert config.domains == ("a.example.com", "b.example.com")
     assert config.upstream.host == "eu.spgo.io"
@@ -82,8 +94,10 @@ def test_environment_variables():
 
 def test_command_line_wins_over_environment():
     """A value on the command line overrides the environment."""
-    config = parse(["--domain", "x.example.com", "--http-port", "tcp:81"],
-                   {"TRACKINGPROXY_DOMAINS": "y.example.com", "TRACKINGPROXY_HTTP_PORT": "tcp:82"})
+    config = parse(
+        ["--domain", "x.example.com", "--http-port", "tcp:81"],
+        {"TRACKINGPROXY_DOMAINS": "y.example.com", "TRACKINGPROXY_HTTP_PORT": "tcp:82"},
+    )
     assert config.domains == ("x.example.com",)
     assert config.http_port == "tcp:81"
 
@@ -162,9 +176,22 @@ def test_certs_dir_and_wildcards(tmp_path: Path):
 def test_twistd_prints_one_line_and_exits_1(tmp_path: Path):
     """Through the real twistd command, a bad option prints one line, no traceback, status 1."""
     result = subprocess.run(
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--nodaemon", "--pidfile=", "trackingproxy",
-         "--domain", "click.example.com", "--log-format", "xml"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "--nodaemon",
+            "--pidfile=",
+            "trackingproxy",
+            "--domain",
+            "click.example.com",
+            "--log-format",
+            "xml",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parent.parent)},
     )
     assert result.returncode == 1, result

@@ -16,9 +16,21 @@ def test_wheel_contains_plugin_and_fresh_venv_lists_it(tmp_path: Path):
     installed into a fresh virtualenv, `twistd --help` lists trackingproxy from any directory."""
     wheels = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", str(wheels), str(ROOT)],
-        check=True, timeout=300, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheels),
+            str(ROOT),
+        ],
+        check=True,
+        timeout=300,
+        cwd=tmp_path,
     )
     (wheel,) = wheels.glob("trackingproxy-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -37,31 +49,55 @@ def test_wheel_contains_plugin_and_fresh_venv_lists_it(tmp_path: Path):
     fresh_site = Path(
         subprocess.run(
             [str(fresh_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
     )
     (fresh_site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(fresh_python), "install", "-q", "--no-deps",
-         str(wheel)],
-        check=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(fresh_python),
+            "install",
+            "-q",
+            "--no-deps",
+            str(wheel),
+        ],
+        check=True,
+        timeout=300,
     )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     twistd = "from twisted.scripts.twistd import run; run()"
     listing = subprocess.run(
         [str(fresh_python), "-c", twistd, "--help"],
-        capture_output=True, text=True, timeout=120, cwd=elsewhere, env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=elsewhere,
+        env={"PATH": "/usr/bin:/bin"},
     )
     assert "trackingproxy" in listing.stdout, listing.stdout + listing.stderr
     origin = subprocess.run(
         [str(fresh_python), "-c", "import trackingproxy; print(trackingproxy.__file__)"],
-        capture_output=True, text=True, timeout=60, cwd=elsewhere, env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=elsewhere,
+        env={"PATH": "/usr/bin:/bin"},
     )
     assert str(fresh_site) in origin.stdout, origin
     helptext = subprocess.run(
         [str(fresh_python), "-c", twistd, "trackingproxy", "--help"],
-        capture_output=True, text=True, timeout=120, cwd=elsewhere, env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=elsewhere,
+        env={"PATH": "/usr/bin:/bin"},
     )
     assert "--upstream" in helptext.stdout and "TRACKINGPROXY_" in helptext.stdout
     assert "dropin.cache" not in helptext.stderr

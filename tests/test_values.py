@@ -80,9 +80,18 @@ def test_redaction():
 
 def _entry() -> AccessEntry:
     return AccessEntry(
-        when=0.0, client="198.51.100.1", host="click.example.com", method="GET",
-        target=b"/q/abc", protocol="HTTP/1.1", status=200, sent=44, referer="",
-        user_agent='Mail "client"', duration=0.0021, scheme="https",
+        when=0.0,
+        client="198.51.100.1",
+        host="click.example.com",
+        method="GET",
+        target=b"/q/abc",
+        protocol="HTTP/1.1",
+        status=200,
+        sent=44,
+        referer="",
+        user_agent='Mail "client"',
+        duration=0.0021,
+        scheme="https",
     )
 
 

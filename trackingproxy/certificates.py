@@ -94,7 +94,9 @@ def parse_pem(cert_pem: bytes, key_pem: bytes, source: str) -> LoadedCertificate
         raise ConfigError(
             f"{source}: no unencrypted PEM private key found; give the key file (e.g. privkey.pem)"
         ) from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
+    if not isinstance(
+        key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+    ):
         raise ConfigError(f"{source}: unsupported key type; use an ECDSA or RSA key")
     if key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -136,7 +138,7 @@ def load_certs_dir(directory: Path) -> list[LoadedCertificate]:
         files = sorted(p for p in directory.iterdir() if p.suffix == ".pem" and p.is_file())
     except OSError as e:
         raise ConfigError(
-            f"--certs-dir {directory}: cannot list it ({e.strerror}); check the path and permissions"
+            f"--certs-dir {directory}: cannot list it ({e.strerror}); check path and permissions"
         ) from None
     return [load_combined(p) for p in files]
 

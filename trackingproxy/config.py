@@ -27,6 +27,7 @@ class ProxyConfig:
     upstream: UpstreamTarget
     upstream_ca_bundle: str | None
     upstream_timeout: float
+    upstream_max_age: float
     http_port: str | None
     https_port: str | None
     certificates: tuple[LoadedCertificate, ...]
@@ -117,6 +118,7 @@ def config_from_options(opts: Mapping[str, Any], now: datetime.datetime) -> Prox
         upstream=parse_upstream(opts["upstream"]),
         upstream_ca_bundle=ca_bundle,
         upstream_timeout=_positive_seconds("upstream-timeout", opts["upstream-timeout"]),
+        upstream_max_age=_positive_seconds("upstream-max-age", opts["upstream-max-age"]),
         http_port=_endpoint("http-port", opts["http-port"]),
         https_port=_endpoint("https-port", opts["https-port"]),
         certificates=certificates,
@@ -129,5 +131,3 @@ def config_from_options(opts: Mapping[str, Any], now: datetime.datetime) -> Prox
         idle_timeout=_positive_seconds("idle-timeout", opts["idle-timeout"]),
         header_timeout=_positive_seconds("header-timeout", opts["header-timeout"]),
     )
-
-

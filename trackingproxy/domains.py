@@ -19,16 +19,24 @@ def normalise_domain(raw: str) -> str:
     """
     name = raw.strip().rstrip(".").lower()
     if not name:
-        raise ConfigError("--domain: an empty domain name was given; pass e.g. --domain click.example.com")
+        raise ConfigError(
+            "--domain: an empty domain name was given; pass e.g. --domain click.example.com"
+        )
     try:
         name = idna.encode(name, uts46=True).decode("ascii")
     except idna.IDNAError as e:
-        raise ConfigError(f"--domain {raw!r} is not a valid domain name ({e}); use e.g. click.example.com") from None
+        raise ConfigError(
+            f"--domain {raw!r} is not a valid domain name ({e}); use e.g. click.example.com"
+        ) from None
     if _is_ip_literal(name):
-        raise ConfigError(f"--domain {raw!r} is an IP address; give the tracking domain's DNS name instead")
+        raise ConfigError(
+            f"--domain {raw!r} is an IP address; give the tracking domain's DNS name instead"
+        )
     labels = name.split(".")
     if len(labels) < 2 or not all(_LABEL.match(label) for label in labels) or len(name) > 253:
-        raise ConfigError(f"--domain {raw!r} is not a valid domain name; use e.g. click.example.com")
+        raise ConfigError(
+            f"--domain {raw!r} is not a valid domain name; use e.g. click.example.com"
+        )
     return name
 
 

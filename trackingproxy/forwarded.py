@@ -71,7 +71,12 @@ class ForwardedFor:
     def resolve(self, peer: str, header_values: Sequence[bytes] | None) -> ClientAddress:
         peer = normalise_peer(peer)
         peer_ip = _parse_ip(peer)
-        if not self._trusted or peer_ip is None or not self._is_trusted(peer_ip) or not header_values:
+        if (
+            not self._trusted
+            or peer_ip is None
+            or not self._is_trusted(peer_ip)
+            or not header_values
+        ):
             return ClientAddress(peer, peer.encode("ascii", "replace"))
         chain: list[str] = []
         for value in header_values:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -22,7 +21,11 @@ class ListenerService(Service):
     """
 
     def __init__(
-        self, option: str, description: str, endpoint: IStreamServerEndpoint, factory: Factory
+        self,
+        option: str,
+        description: str,
+        endpoint: IStreamServerEndpoint,
+        factory: IProtocolFactory,
     ) -> None:
         self.option = option
         self.description = description
@@ -31,7 +34,7 @@ class ListenerService(Service):
         self.port: IListeningPort | None = None
         self._failure: Failure | None = None
 
-    def privilegedStartService(self) -> None:  # noqa: N802
+    def privilegedStartService(self) -> None:
         super().privilegedStartService()
         d = self.endpoint.listen(self.factory)
         d.addCallbacks(self._listening, self._failed)
@@ -42,7 +45,7 @@ class ListenerService(Service):
                 "CAP_NET_BIND_SERVICE for ports below 1024, or choose another endpoint"
             )
 
-    def startService(self) -> None:  # noqa: N802
+    def startService(self) -> None:
         if self.port is None and self._failure is None:
             self.privilegedStartService()
         super().startService()
@@ -60,7 +63,7 @@ class ListenerService(Service):
             error=reason.getErrorMessage(),
         )
 
-    def stopService(self) -> Deferred[None] | None:  # noqa: N802
+    def stopService(self) -> Deferred[None] | None:
         super().stopService()
         port, self.port = self.port, None
         if port is not None:

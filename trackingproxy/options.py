@@ -30,13 +30,38 @@ REPEATABLE: dict[str, tuple[str, str]] = {
 }
 
 PARAMETERS: list[tuple[str, str | None, str]] = [
-    ("upstream", "https://spgo.io", "Tracking endpoint: URL, or 'us' (spgo.io) / 'eu' (eu.spgo.io)."),
-    ("upstream-ca-bundle", None, "Extra PEM CA bundle trusted for the upstream (default: system store)."),
+    (
+        "upstream",
+        "https://spgo.io",
+        "Tracking endpoint: URL, or 'us' (spgo.io) / 'eu' (eu.spgo.io).",
+    ),
+    (
+        "upstream-ca-bundle",
+        None,
+        "Extra PEM CA bundle trusted for the upstream (default: system store).",
+    ),
     ("upstream-timeout", "10", "Seconds to wait for the upstream's response headers (then 504)."),
-    ("http-port", "tcp:80", "Twisted endpoint for plain HTTP, e.g. haproxy:tcp:80; 'none' disables."),
-    ("https-port", "tcp:443", "Twisted endpoint for HTTPS, e.g. tcp:443:interface=::; 'none' disables."),
+    (
+        "upstream-max-age",
+        "120",
+        "Seconds after which an upstream connection is retired (follows DNS).",
+    ),
+    (
+        "http-port",
+        "tcp:80",
+        "Twisted endpoint for plain HTTP, e.g. haproxy:tcp:80; 'none' disables.",
+    ),
+    (
+        "https-port",
+        "tcp:443",
+        "Twisted endpoint for HTTPS, e.g. tcp:443:interface=::; 'none' disables.",
+    ),
     ("certs-dir", None, "Directory of NAME.pem files, each holding a private key and its chain."),
-    ("well-known-dir", None, "Directory of files served as-is under /.well-known/ on every domain."),
+    (
+        "well-known-dir",
+        None,
+        "Directory of files served as-is under /.well-known/ on every domain.",
+    ),
     ("log-format", "combined", "Access log format: combined or json."),
     ("log-paths", "full", "Paths in the access log: full, or redacted (hash of tracking tokens)."),
     ("idle-timeout", "60", "Seconds an idle client keep-alive connection is kept open."),
@@ -60,8 +85,10 @@ class Options(usage.Options):
         "Serve SparkPost tracking domains (opens /q/ and clicks /f/) over HTTP and HTTPS, "
         "proxying to spgo.io. Every option can also be set as TRACKINGPROXY_<NAME>."
     )
-    optParameters = [[name, None, None, help_ + (f" [default: {default}]" if default else "")]
-                     for name, default, help_ in PARAMETERS]
+    optParameters = [
+        [name, None, None, help_ + (f" [default: {default}]" if default else "")]
+        for name, default, help_ in PARAMETERS
+    ]
     optFlags = [[name, None, help_] for name, help_ in FLAGS]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -87,7 +114,7 @@ class Options(usage.Options):
         """CIDR of a proxy whose X-Forwarded-For is trusted (repeatable)."""
         self["trusted-proxy"].append(value)
 
-    def postOptions(self) -> None:  # noqa: N802
+    def postOptions(self) -> None:
         """Fill what the command line left unset from the environment, then from defaults."""
         from trackingproxy.errors import ConfigError, exit_with
 

@@ -16,7 +16,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import PotentialDataLoss, ResponseDone
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
@@ -289,7 +290,7 @@ class _Exchange:
 class _Discard(TwistedProtocol):
     """Reads and drops a response body nobody waits for (keeps the connection reusable)."""
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         pass
 
 
@@ -306,7 +307,7 @@ class _Relay(TwistedProtocol):
         self._producing = False
         request.notifyFinish().addErrback(self._client_lost)
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         if self._done:
             return
         self._request.registerProducer(self.transport, True)
@@ -317,11 +318,11 @@ class _Relay(TwistedProtocol):
             self._done = True
             self._upstream.abandon(self._response)
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         if not self._done:
             self._request.write(data)
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]  # noqa: N802
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         if self._done:
             return
         self._done = True

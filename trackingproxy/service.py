@@ -6,6 +6,7 @@ This is the one place where collaborators are wired together; the reactor is pas
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from attrs import define
 from twisted.application.service import MultiService, Service
@@ -24,6 +25,8 @@ from trackingproxy.proxy import TrackingResource, Upstream
 from trackingproxy.site import ProxySite
 from trackingproxy.sni import SNIContextMap
 from trackingproxy.upstream.client import UpstreamClient
+from trackingproxy.upstream.dns import default_resolver
+from trackingproxy.upstream.pool import ConnectionPool, EndpointConnector, make_trust_root
 from trackingproxy.wellknown import WellKnownFile, load_well_known
 
 
@@ -51,7 +54,7 @@ class TrackingProxyService(MultiService):
         self.runtime = runtime
         self.upstream = upstream
 
-    def privilegedStartService(self) -> None:  # noqa: N802
+    def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
         except ConfigError as e:
@@ -62,20 +65,24 @@ class _UpstreamCloser(Service):
     def __init__(self, upstream: UpstreamClient) -> None:
         self._upstream = upstream
 
-    def stopService(self) -> Deferred[None]:  # noqa: N802
+    def stopService(self) -> Deferred[None]:
         super().stopService()
         return self._upstream.close()
 
 
-def build_upstream(config: ProxyConfig, reactor: object) -> UpstreamClient:
-    from trackingproxy.upstream.client import build_upstream_client
-
-    return build_upstream_client(
+def build_upstream(config: ProxyConfig, reactor: Any) -> UpstreamClient:
+    """The upstream client: TTL-cached DNS, a verified-TLS keep-alive pool, the timeout."""
+    connector = EndpointConnector(
+        reactor, config.upstream, make_trust_root(config.upstream_ca_bundle)
+    )
+    pool = ConnectionPool(
         reactor,
         config.upstream,
-        ca_bundle=config.upstream_ca_bundle,
-        response_timeout=config.upstream_timeout,
+        default_resolver(reactor),
+        connector,
+        max_age=config.upstream_max_age,
     )
+    return UpstreamClient(pool, reactor, response_timeout=config.upstream_timeout)
 
 
 def _endpoint(reactor: object, option: str, description: str) -> object:
@@ -97,7 +104,7 @@ def build_service(
     upstream: UpstreamClient | None = None,
 ) -> TrackingProxyService:
     """Build (not start) the service tree for ``config``."""
-    sni = SNIContextMap(config.domains)
+    sni = sni_map = SNIContextMap(config.domains)
     for cert in config.certificates:
         sni.install(cert)
     runtime = Runtime(
@@ -110,9 +117,9 @@ def build_service(
     challenges = challenges or NoChallenges()
     root = TrackingProxyService(sni, runtime, upstream)
 
-    def same_certificate(sni_host: str, host: str) -> bool:
-        cert = sni.certificate_for(sni_host)
-        return cert is not None and cert is sni.certificate_for(host)
+    def same_certificate(sni: str, host: str) -> bool:
+        cert = sni_map.certificate_for(sni)
+        return cert is not None and cert is sni_map.certificate_for(host)
 
     def resource(scheme: bytes, upstream_: Upstream) -> IResource:
         return TrackingResource(

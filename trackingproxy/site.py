@@ -1,4 +1,4 @@
-"""The HTTP server side: request limits, slowloris timeouts and access logging on a twisted.web Site.
+"""The HTTP server side: request limits, slowloris timeouts and access logging (twisted.web Site).
 
 HTTP/1.1 and HTTP/2 (negotiated by ALPN on TLS listeners) share one Site per listener.
 """
@@ -9,6 +9,8 @@ from io import BytesIO
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.resource import IResource
@@ -39,12 +41,12 @@ class ProxyRequest(Request):
     tp_started = 0.0
     _tp_received = 0
 
-    def gotLength(self, length: int | None) -> None:  # noqa: N802
+    def gotLength(self, length: int | None) -> None:
         self.content = BytesIO()
         if length is not None and length > MAX_BODY:
             self._reject_body()
 
-    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802
+    def handleContentChunk(self, data: bytes) -> None:
         if self.tp_too_large:
             return
         self._tp_received += len(data)
@@ -75,17 +77,17 @@ class LimitedHTTPChannel(HTTPChannel):
     _header_deadline: IDelayedCall | None = None
     _awaiting_headers = False
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         if not self._awaiting_headers:
             self._awaiting_headers = True
             self._header_deadline = self.callLater(self.header_timeout, self._headers_too_slow)
         super().dataReceived(data)
 
-    def allHeadersReceived(self) -> None:  # noqa: N802
+    def allHeadersReceived(self) -> None:
         self._awaiting_headers_done()
         super().allHeadersReceived()
 
-    def allContentReceived(self) -> None:  # noqa: N802
+    def allContentReceived(self) -> None:
         super().allContentReceived()
         self._awaiting_headers = False
 
@@ -96,10 +98,11 @@ class LimitedHTTPChannel(HTTPChannel):
 
     def _headers_too_slow(self) -> None:
         self._header_deadline = None
-        if self.transport is not None:
-            self.transport.abortConnection()
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
 
-    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._awaiting_headers_done()
         super().connectionLost(reason)
 
@@ -114,7 +117,7 @@ class ProxySite(Site):
     """One listener's Site: our Request class, limits, and our access log."""
 
     requestFactory = ProxyRequest
-    protocol = _protocol_factory  # type: ignore[assignment]
+    protocol = _protocol_factory
 
     def __init__(
         self,
@@ -131,13 +134,13 @@ class ProxySite(Site):
         self._scheme = scheme
         self.displayTracebacks = False
 
-    def getResourceFor(self, request: Request) -> IResource:  # noqa: N802
+    def getResourceFor(self, request: Request) -> IResource:
         request.tp_started = self.reactor.seconds()  # type: ignore[attr-defined]
         return super().getResourceFor(request)  # type: ignore[no-any-return]
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         addr = request.getClientAddress()
-        client = getattr(request, "tp_client", None) or getattr(addr, "host", "-")
+        client = str(getattr(request, "tp_client", None) or getattr(addr, "host", "-"))
         version = request.clientproto.decode("latin-1") if request.clientproto else "-"
         self._access_log.log(
             AccessEntry(

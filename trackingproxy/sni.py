@@ -46,7 +46,7 @@ class SNIContextMap:
         if ctx is not None:
             connection.set_context(ctx)
 
-    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:  # noqa: N802
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         return SSL.Connection(self._dispatch, None)
 
     # -- management ----------------------------------------------------------------------
@@ -63,7 +63,9 @@ class SNIContextMap:
                 self._contexts.pop(name.encode("ascii"), None)
         self._refresh_default()
 
-    def install(self, cert: LoadedCertificate, names: Iterable[str] | None = None) -> tuple[str, ...]:
+    def install(
+        self, cert: LoadedCertificate, names: Iterable[str] | None = None
+    ) -> tuple[str, ...]:
         """Serve ``cert`` for ``names`` (default: every configured domain it covers).
 
         One new context is built for the certificate and shared by the names it serves; the

@@ -14,7 +14,7 @@ from trackingproxy.options import Options
 __all__ = ["Options", "makeService"]
 
 
-def makeService(options: Options) -> IService:  # noqa: N802
+def makeService(options: Options) -> IService:
     """Validate the options and build the service tree; bad input exits with one line."""
     from twisted.internet import reactor
 

@@ -35,7 +35,9 @@ _OPTIONS = (
 )
 
 
-def _select_alpn(offered: Sequence[bytes], supported: Sequence[bytes]) -> bytes | object:
+def _select_alpn(
+    offered: Sequence[bytes], supported: Sequence[bytes]
+) -> bytes | SSL._NoOverlappingProtocols:
     for proto in supported:
         if proto in offered:
             return proto
@@ -58,7 +60,7 @@ def make_context(
     ctx.set_options(_OPTIONS)
     ctx.set_cipher_list(TLS12_CIPHERS)
     # pyOpenSSL has no wrapper for the groups list; cryptography's binding exports it.
-    if _openssl_lib.SSL_CTX_set1_curves_list(ctx._context, GROUPS) != 1:  # noqa: SLF001
+    if _openssl_lib.SSL_CTX_set1_curves_list(ctx._context, GROUPS) != 1:
         raise RuntimeError("OpenSSL refused the TLS groups list")
     ctx.set_session_id(session_id or os.urandom(16))
     ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)

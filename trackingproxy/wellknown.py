@@ -47,7 +47,9 @@ def load_well_known(directory: Path) -> dict[bytes, WellKnownFile]:
     files: dict[bytes, WellKnownFile] = {}
     try:
         for path in sorted(directory.rglob("*")):
-            if not path.is_file() or any(part.startswith(".") for part in path.relative_to(directory).parts):
+            if not path.is_file() or any(
+                part.startswith(".") for part in path.relative_to(directory).parts
+            ):
                 continue
             rel = path.relative_to(directory).as_posix()
             if path.stat().st_size > MAX_FILE_SIZE:

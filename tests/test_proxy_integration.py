@@ -1,0 +1,427 @@
+"""The proxy end to end on loopback: a real client, the real proxy, a real HTTPS stand-in upstream."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from tests.certs import issue, loaded, make_ca, write_pair
+from tests.harness import DOMAIN, DOMAIN2, client, curl, openssl, start_proxy, stop_proxy
+from tests.standin import GIF
+
+
+class _Raw(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+
+class ProxyTests(TestCase):
+    timeout = 60
+
+    def start(self, *extra: str, **kw: Any):
+        tmp = Path(self.mktemp())
+        tmp.mkdir(parents=True)
+        self.tmp = tmp
+        running = start_proxy(tmp, *extra, **kw)
+        self.addCleanup(stop_proxy, running)
+        self.running = running
+        self.http = client(running)
+        return running
+
+    @inlineCallbacks
+    def test_open_pixel_over_https(self):
+        """An open is forwarded with Host, client IP, proto and UA; the 44-byte GIF comes back."""
+        r = self.start()
+        resp = yield self.http.get(
+            r.url("/q/abc.def?x=1&y=%2F"), headers={"User-Agent": "Mailer/1"}
+        )
+        body = yield resp.content()
+        self.assertEqual((resp.code, body), (200, GIF))
+        self.assertEqual(len(body), 44)
+        self.assertEqual(resp.headers.getRawHeaders("content-type"), ["image/gif"])
+        self.assertEqual(resp.headers.getRawHeaders("cache-control"), ["no-cache, max-age=0"])
+        self.assertIsNone(resp.headers.getRawHeaders("server"))
+        seen = r.standin.seen[0]
+        self.assertEqual(seen.uri, b"/q/abc.def?x=1&y=%2F")
+        self.assertEqual(seen.headers[b"host"], [DOMAIN.encode()])
+        self.assertEqual(seen.headers[b"x-forwarded-for"], [b"127.0.0.1"])
+        self.assertEqual(seen.headers[b"x-forwarded-proto"], [b"https"])
+        self.assertEqual(seen.headers[b"x-forwarded-host"], [DOMAIN.encode()])
+        self.assertEqual(seen.headers[b"user-agent"], [b"Mailer/1"])
+        self.assertTrue(
+            any('GET /q/abc.def?x=1&y=%2F HTTP/1.1" 200 44' in line for line in r.log_lines),
+            r.log_lines,
+        )
+
+    @inlineCallbacks
+    def test_click_over_http_keeps_location(self):
+        """A click over plain HTTP is proxied (never redirected) and the 302 passes unchanged."""
+        r = self.start()
+        resp = yield self.http.get(
+            r.url("/f/tok?target=https%3A%2F%2Fx", scheme="http"), allow_redirects=False
+        )
+        yield resp.content()
+        self.assertEqual(resp.code, 302)
+        self.assertEqual(
+            resp.headers.getRawHeaders("location"), ["https://www.example.com/landing?utm=1"]
+        )
+        self.assertEqual(r.standin.seen[0].headers[b"x-forwarded-proto"], [b"http"])
+
+    @inlineCallbacks
+    def test_spoofed_forwarded_for_is_dropped(self):
+        """A client's own X-Forwarded-For (and Forwarded, X-Real-IP) never reach the upstream."""
+        r = self.start()
+        resp = yield self.http.get(
+            r.url("/q/a"),
+            headers={
+                "X-Forwarded-For": "6.6.6.6",
+                "Forwarded": "for=6.6.6.6",
+                "X-Real-IP": "6.6.6.6",
+                "Connection": "X-Secret",
+                "X-Secret": "1",
+                "Proxy-Authorization": "x",
+            },
+        )
+        yield resp.content()
+        headers = r.standin.seen[0].headers
+        self.assertEqual(headers[b"x-forwarded-for"], [b"127.0.0.1"])
+        for name in (b"forwarded", b"x-real-ip", b"x-secret", b"proxy-authorization"):
+            self.assertNotIn(name, headers)
+
+    @inlineCallbacks
+    def test_trusted_proxy_chain(self):
+        """Behind a trusted proxy, the chain is passed on with the peer appended."""
+        r = self.start("--trusted-proxy", "127.0.0.0/8")
+        resp = yield self.http.get(r.url("/q/a"), headers={"X-Forwarded-For": "198.51.100.4"})
+        yield resp.content()
+        self.assertEqual(
+            r.standin.seen[0].headers[b"x-forwarded-for"], [b"198.51.100.4, 127.0.0.1"]
+        )
+        self.assertTrue(r.log_lines[-1].startswith("198.51.100.4 "), r.log_lines)
+
+    @inlineCallbacks
+    def test_foreign_hosts_get_421_and_are_not_forwarded(self):
+        """Unknown hosts, IP literals, userinfo and absolute-form targets for others: 421."""
+        r = self.start()
+        for args in (
+            ["-H", "Host: other.example.com", f"http://127.0.0.1:{r.http_port}/f/x"],
+            [f"http://127.0.0.1:{r.http_port}/f/x"],
+            ["-H", f"Host: user@{DOMAIN}", f"http://127.0.0.1:{r.http_port}/f/x"],
+            ["--request-target", "http://other.example.com/f/x", f"http://{DOMAIN}:{r.http_port}/"],
+        ):
+            out, err, code = yield curl(r, "-o", "/dev/null", "-w", "%{http_code}", *args)
+            self.assertEqual(out, b"421", (args, err))
+        self.assertEqual(r.standin.seen, [])
+
+    @inlineCallbacks
+    def test_absolute_form_for_our_domain_is_forwarded_in_origin_form(self):
+        """`GET http://click.example.com/f/x` is forwarded as `/f/x`."""
+        r = self.start()
+        out, err, code = yield curl(
+            r,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--request-target",
+            f"http://{DOMAIN}/f/x?y=1",
+            f"http://{DOMAIN}:{r.http_port}/",
+        )
+        self.assertEqual(out, b"302", err)
+        self.assertEqual(r.standin.seen[0].uri, b"/f/x?y=1")
+
+    @inlineCallbacks
+    def test_methods(self):
+        """PUT/DELETE/TRACE get 405 and are not forwarded; POST bodies are; >64 KiB gets 413."""
+        r = self.start()
+        for method in ("PUT", "DELETE", "TRACE", "PATCH"):
+            resp = yield self.http.request(method, r.url("/f/x"))
+            yield resp.content()
+            self.assertEqual(resp.code, 405, method)
+        self.assertEqual(r.standin.seen, [])
+        resp = yield self.http.post(r.url("/echo"), data=b"a=1&b=2")
+        self.assertEqual((yield resp.content()), b"a=1&b=2")
+        resp = yield self.http.request("OPTIONS", r.url("/f/x"))
+        yield resp.content()
+        self.assertEqual(r.standin.seen[-1].method, b"OPTIONS")
+        out, err, code = yield curl(
+            r,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--data-binary",
+            "@-",
+            f"https://{DOMAIN}:{r.https_port}/echo",
+            "-H",
+            "Content-Length: 70000",
+        )
+        self.assertIn(out, (b"413", b"000"), err)
+        self.assertEqual(len(r.standin.seen), 2)
+
+    @inlineCallbacks
+    def test_head_request(self):
+        """HEAD is forwarded as HEAD and answered without a body."""
+        r = self.start()
+        resp = yield self.http.head(r.url("/q/a"))
+        self.assertEqual(resp.code, 200)
+        self.assertEqual(r.standin.seen[0].method, b"HEAD")
+
+    @inlineCallbacks
+    def test_upstream_down_gives_502(self):
+        """A refused upstream connection answers 502 with a small body that leaks no versions."""
+        r = self.start()
+        yield r.standin.port.stopListening()
+        resp = yield self.http.get(r.url("/f/x"))
+        body = yield resp.content()
+        self.assertEqual(resp.code, 502)
+        self.assertEqual(body, b"502 Bad Gateway\n")
+        self.assertIsNone(resp.headers.getRawHeaders("server"))
+
+    @inlineCallbacks
+    def test_upstream_timeout_gives_504_and_no_retry(self):
+        """No upstream headers within --upstream-timeout answers 504; the click was sent once."""
+        r = self.start("--upstream-timeout", "0.5")
+        resp = yield self.http.get(r.url("/stall/f/x"))
+        yield resp.content()
+        self.assertEqual(resp.code, 504)
+        yield deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(len(r.standin.seen), 1)
+
+    @inlineCallbacks
+    def test_upstream_reset_gives_502_without_retry(self):
+        """A reset after a complete request answers 502 and is not resent."""
+        r = self.start()
+        resp = yield self.http.get(r.url("/reset/f/x"))
+        yield resp.content()
+        self.assertEqual(resp.code, 502)
+        self.assertEqual(len(r.standin.seen), 1)
+
+    @inlineCallbacks
+    def test_keepalive_reuse(self):
+        """Twenty sequential clicks travel over one upstream TLS connection."""
+        r = self.start()
+        for i in range(20):
+            resp = yield self.http.get(r.url(f"/f/{i}"), allow_redirects=False)
+            yield resp.content()
+        self.assertEqual(len(r.standin.seen), 20)
+        self.assertEqual(r.standin.connections, 1)
+        self.assertEqual(len({s.connection for s in r.standin.seen}), 1)
+
+    @inlineCallbacks
+    def test_connection_recycled_after_max_age(self):
+        """After --upstream-max-age a new upstream connection is used (DNS changes are followed)."""
+        r = self.start("--upstream-max-age", "0.5")
+        resp = yield self.http.get(r.url("/q/1"))
+        yield resp.content()
+        yield deferLater(reactor, 0.7, lambda: None)
+        resp = yield self.http.get(r.url("/q/2"))
+        yield resp.content()
+        self.assertEqual(r.standin.connections, 2)
+
+    @inlineCallbacks
+    def test_streams_large_bodies(self):
+        """A 1 MiB upstream body arrives complete."""
+        r = self.start()
+        resp = yield self.http.get(r.url("/big"))
+        body = yield resp.content()
+        self.assertEqual(len(body), 64 * 16384)
+
+    @inlineCallbacks
+    def test_http2_via_alpn(self):
+        """curl negotiates h2 by ALPN and gets the pixel over HTTP/2."""
+        r = self.start()
+        out, err, code = yield curl(
+            r,
+            "--http2",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code}",
+            f"https://{DOMAIN}:{r.https_port}/q/h2?z=1",
+        )
+        self.assertEqual(out, b"2 200", err)
+        self.assertEqual(r.standin.seen[0].uri, b"/q/h2?z=1")
+        self.assertEqual(r.standin.seen[0].headers[b"host"], [DOMAIN.encode()])
+
+    @inlineCallbacks
+    def test_tls_policy(self):
+        """TLS 1.1 and a CBC suite are refused; TLS 1.2 with ECDHE-GCM and TLS 1.3 work."""
+        r = self.start()
+        target = f"-connect 127.0.0.1:{r.https_port} -servername {DOMAIN}"
+        out, _, code = yield openssl(
+            "s_client", target, "-tls1_1", "-cipher", "'DEFAULT:@SECLEVEL=0'"
+        )
+        self.assertNotEqual(code, 0)
+        out, _, code = yield openssl(
+            "s_client", target, "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA"
+        )
+        self.assertNotEqual(code, 0)
+        out, _, code = yield openssl(
+            "s_client", target, "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"
+        )
+        self.assertEqual(code, 0, out)
+        self.assertIn(b"TLSv1.2", out)
+        out, _, code = yield openssl("s_client", target, "-tls1_3")
+        self.assertEqual(code, 0, out)
+        self.assertIn(b"TLSv1.3", out)
+
+    @inlineCallbacks
+    def test_sni_selection_and_unknown_names(self):
+        """Each domain gets its own certificate; no SNI gets the first; unknown names fail alone."""
+        ca = make_ca()
+        tmp = Path(self.mktemp())
+        tmp.mkdir(parents=True)
+        c1, k1 = write_pair(issue(ca, DOMAIN), tmp, "one")
+        c2, k2 = write_pair(issue(ca, DOMAIN2), tmp, "two")
+        r = self.start(
+            "--cert", str(c1), "--key", str(k1), "--cert", str(c2), "--key", str(k2), ca=ca
+        )
+        target = f"-connect 127.0.0.1:{r.https_port}"
+        out, _, code = yield openssl("s_client", target, "-servername", DOMAIN2)
+        self.assertIn(f"CN={DOMAIN2}".encode(), out.replace(b" ", b""))
+        out, _, code = yield openssl("s_client", target, "-servername", DOMAIN)
+        self.assertIn(f"CN={DOMAIN}".encode(), out.replace(b" ", b""))
+        out, _, code = yield openssl("s_client", target, "-noservername")
+        self.assertIn(f"CN={DOMAIN}".encode(), out.replace(b" ", b""))
+        out, _, code = yield openssl("s_client", target, "-servername", "unknown.example.com")
+        self.assertNotEqual(code, 0)
+        self.assertNotIn(b"CN=unknown", out.replace(b" ", b""))
+        resp = yield self.http.get(r.url("/q/still-works", host=DOMAIN2))
+        yield resp.content()
+        self.assertEqual(resp.code, 200)
+
+    @inlineCallbacks
+    def test_host_must_match_sni(self):
+        """A request for click2 on a TLS connection made for click (separate certs) gets 421."""
+        ca = make_ca()
+        tmp = Path(self.mktemp())
+        tmp.mkdir(parents=True)
+        c1, k1 = write_pair(issue(ca, DOMAIN), tmp, "one")
+        c2, k2 = write_pair(issue(ca, DOMAIN2), tmp, "two")
+        r = self.start(
+            "--cert", str(c1), "--key", str(k1), "--cert", str(c2), "--key", str(k2), ca=ca
+        )
+        out, err, code = yield curl(
+            r,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            f"Host: {DOMAIN2}",
+            f"https://{DOMAIN}:{r.https_port}/q/x",
+        )
+        self.assertEqual(out, b"421", err)
+        self.assertEqual(r.standin.seen, [])
+
+    @inlineCallbacks
+    def test_runtime_certificate_replacement(self):
+        """A replaced certificate is served to new handshakes; open connections keep working."""
+        r = self.start()
+        pool_client = HTTPClient(client(r)._agent)
+        from twisted.web.client import Agent, HTTPConnectionPool
+
+        from tests.harness import _ToLoopback
+
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(pool.closeCachedConnections)
+        pool_client = HTTPClient(Agent.usingEndpointFactory(reactor, _ToLoopback(reactor, r), pool))
+        resp = yield pool_client.get(r.url("/q/before"))
+        yield resp.content()
+        target = f"-connect 127.0.0.1:{r.https_port} -servername {DOMAIN}"
+        before, _, _ = yield openssl("s_client", target)
+        new = loaded(issue(r.ca, DOMAIN, DOMAIN2))
+        self.assertEqual(r.service.sni.install(new), (DOMAIN, DOMAIN2))
+        after, _, _ = yield openssl("s_client", target, "-showcerts")
+        serial = re.search(rb"serial=?:?\s*([0-9A-Fa-f:]+)", after)
+        out, _, _ = yield openssl("s_client", target)
+        self.assertNotEqual(before, out)
+        self.assertIn(
+            new.leaf.public_bytes(
+                __import__("cryptography").hazmat.primitives.serialization.Encoding.PEM
+            ).split(b"\n")[1],
+            after,
+        )
+        del serial
+        resp = yield pool_client.get(r.url("/q/after"))
+        yield resp.content()
+        self.assertEqual(resp.code, 200)
+        self.assertEqual(r.standin.seen[0].connection, r.standin.seen[1].connection)
+
+    @inlineCallbacks
+    def test_well_known_files(self):
+        """Deep-link files are served locally as JSON on every domain; others are forwarded."""
+        tmp = Path(self.mktemp())
+        (tmp / "wk").mkdir(parents=True)
+        (tmp / "wk" / "apple-app-site-association").write_bytes(b'{"applinks":{}}')
+        r = self.start("--well-known-dir", str(tmp / "wk"))
+        for host in (DOMAIN, DOMAIN2):
+            resp = yield self.http.get(r.url("/.well-known/apple-app-site-association", host=host))
+            self.assertEqual((yield resp.content()), b'{"applinks":{}}')
+            self.assertEqual(resp.headers.getRawHeaders("content-type"), ["application/json"])
+        for path in ("/.well-known/../setup.cfg", "/.well-known/%2e%2e/x"):
+            resp = yield self.http.get(r.url(path))
+            yield resp.content()
+        self.assertEqual(len(r.standin.seen), 2)
+
+    @inlineCallbacks
+    def test_proxy_protocol(self):
+        """Behind haproxy: the PROXY header's source address becomes X-Forwarded-For."""
+        r = self.start("--http-port", "haproxy:tcp:0:interface=127.0.0.1")
+        proto = _Raw()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", r.http_port), proto)
+        proto.transport.write(
+            b"PROXY TCP4 203.0.113.9 127.0.0.1 51000 80\r\n"
+            b"GET /q/pp HTTP/1.1\r\nHost: " + DOMAIN.encode() + b"\r\nConnection: close\r\n\r\n"
+        )
+        for _ in range(100):
+            if b"GIF89a" in proto.data:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertIn(b"200 OK", proto.data)
+        self.assertEqual(r.standin.seen[0].headers[b"x-forwarded-for"], [b"203.0.113.9"])
+
+    @inlineCallbacks
+    def test_redirect_http_option(self):
+        """--redirect-http sends plain-HTTP clicks to HTTPS with a 301 instead of proxying."""
+        r = self.start("--redirect-http")
+        resp = yield self.http.get(r.url("/f/x?y=1", scheme="http"), allow_redirects=False)
+        yield resp.content()
+        self.assertEqual(resp.code, 301)
+        self.assertEqual(resp.headers.getRawHeaders("location"), [f"https://{DOMAIN}/f/x?y=1"])
+        self.assertEqual(r.standin.seen, [])
+
+    @inlineCallbacks
+    def test_slow_headers_are_cut(self):
+        """A client trickling its headers is disconnected after --header-timeout."""
+        r = self.start("--header-timeout", "0.5")
+        proto = _Raw()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", r.http_port), proto)
+        proto.transport.write(b"GET /q/x HTTP/1.1\r\n")
+        lost: list[object] = []
+        orig = proto.connectionLost
+
+        def record(reason: Any) -> None:
+            lost.append(reason)
+            orig(reason)
+
+        proto.connectionLost = record  # type: ignore[method-assign,assignment]
+        for _ in range(10):
+            proto.transport.write(b"X-A: b\r\n")
+            yield deferLater(reactor, 0.1, lambda: None)
+        yield deferLater(reactor, 0.2, lambda: None)
+        self.assertTrue(lost)
+        self.assertEqual(r.standin.seen, [])

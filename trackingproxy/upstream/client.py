@@ -1,0 +1,273 @@
+"""Sending one request upstream: the retry rule, the response timeout and failure mapping.
+
+Every click is an event at SparkPost, so a request that may have reached the upstream is never
+sent twice. The only retry is on a fresh connection after a *reused* pooled connection failed
+with `RequestNotSent` or `RequestTransmissionFailed` (the request provably did not get through).
+`ResponseNeverReceived`, a timeout, or a reset after the request was written are final.
+
+The response is handed over as soon as its headers arrive; its body is streamed by the caller
+(`response.deliverBody`). A caller that stops reading must call `abandon(response)`, which
+closes that connection so a half-read response can never be mistaken for the next one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Protocol
+
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+from twisted.web._newclient import (
+    ParseError,
+    Request,
+    RequestGenerationFailed,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseFailed,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IResponse
+from zope.interface import implementer
+
+from trackingproxy.upstream.errors import (
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamReset,
+    UpstreamTimeout,
+)
+from trackingproxy.upstream.pool import PooledConnection
+
+RESPONSE_TIMEOUT: Final = 10.0
+
+
+class Pool(Protocol):
+    """What the client needs from `trackingproxy.upstream.pool.ConnectionPool`."""
+
+    def acquire(self, fresh: bool = False) -> Deferred[PooledConnection]: ...
+
+    def close(self) -> Deferred[None]: ...
+
+
+@implementer(IBodyProducer)
+class _BytesBody:
+    """A request body that is already in memory: written at once, with a Content-Length."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class UpstreamClient:
+    """Forward requests to the pool's upstream, see the module docstring."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        clock: IReactorTime,
+        *,
+        response_timeout: float = RESPONSE_TIMEOUT,
+    ) -> None:
+        self._pool = pool
+        self._clock = clock
+        self._timeout = response_timeout
+
+    def request(
+        self, method: bytes, path: bytes, headers: Headers, body: bytes | None
+    ) -> Deferred[IResponse]:
+        """Send `method path` with exactly `headers` (which must hold the Host header).
+
+        `path` is sent byte for byte (query string included). Framing is ours: `headers` must not
+        hold Connection, Content-Length or Transfer-Encoding. Fails with an `UpstreamError`;
+        cancelling the Deferred (the client went away) aborts the upstream connection.
+        """
+        return _Exchange(self, method, path, headers, body).start()
+
+    def abandon(self, response: IResponse) -> None:
+        """Stop reading `response`'s body: its connection is closed, never reused.
+
+        Does nothing if the body has already been read completely (the connection is back in
+        the pool by then).
+        """
+        proxy: Any = getattr(response, "_transport", None)
+        transport: Any = getattr(proxy, "_producer", None)
+        if transport is not None:
+            transport.abortConnection()
+
+    def close(self) -> Deferred[None]:
+        """Close all upstream connections (shutdown); in-flight requests fail."""
+        return self._pool.close()
+
+
+class _Exchange:
+    """The state of one `request` call: at most two attempts under one response timeout."""
+
+    __slots__ = (
+        "_body",
+        "_client",
+        "_conn",
+        "_headers",
+        "_method",
+        "_path",
+        "_pending",
+        "_result",
+        "_retried",
+        "_settled",
+        "_timer",
+    )
+
+    def __init__(
+        self,
+        client: UpstreamClient,
+        method: bytes,
+        path: bytes,
+        headers: Headers,
+        body: bytes | None,
+    ) -> None:
+        self._client = client
+        self._method = method
+        self._path = path
+        self._headers = headers
+        self._body = body
+        self._retried = False
+        self._settled = False
+        self._conn: PooledConnection | None = None
+        self._pending: Deferred[Any] | None = None
+        self._result: Deferred[IResponse] = Deferred(self._cancel)
+        self._timer: IDelayedCall | None = None
+
+    def start(self) -> Deferred[IResponse]:
+        client = self._client
+        self._timer = client._clock.callLater(client._timeout, self._timed_out)
+        self._attempt(fresh=False)
+        return self._result
+
+    def _attempt(self, fresh: bool) -> None:
+        self._conn = None
+        d = self._client._pool.acquire(fresh)
+        self._pending = d
+        d.addCallbacks(self._send, self._failed)
+
+    def _send(self, conn: PooledConnection) -> None:
+        if self._settled:  # timed out or cancelled while connecting
+            conn.abort()
+            return
+        self._conn = conn
+        producer = None if self._body is None else _BytesBody(self._body)
+        request = Request(
+            self._method, self._path, self._headers, producer, persistent=True
+        )
+        d = conn.protocol.request(request)
+        self._pending = d
+        d.addCallbacks(self._responded, self._failed)
+
+    def _responded(self, response: IResponse) -> None:
+        self._pending = None
+        if self._settled:
+            return
+        self._settled = True
+        self._stop_timer()
+        self._result.callback(response)
+
+    def _failed(self, failure: Failure) -> None:
+        self._pending = None
+        if self._settled:
+            return  # the timeout or the caller's cancellation already settled the result
+        conn = self._conn
+        if (
+            conn is not None
+            and conn.reused
+            and not self._retried
+            and isinstance(failure.value, RequestNotSent | RequestTransmissionFailed)
+        ):
+            self._retried = True
+            conn.abort()
+            self._attempt(fresh=True)
+            return
+        if conn is not None:
+            conn.abort()
+        self._settled = True
+        self._stop_timer()
+        self._result.errback(_map_failure(failure))
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._settled:
+            return
+        self._settled = True
+        self._abort_pending()
+        seconds = self._client._timeout
+        self._result.errback(
+            UpstreamTimeout(f"no response headers from the upstream within {seconds:g} s")
+        )
+
+    def _cancel(self, _: Deferred[IResponse]) -> None:
+        if self._settled:
+            return
+        self._settled = True  # Deferred.cancel then fails the result with CancelledError
+        self._stop_timer()
+        self._abort_pending()
+
+    def _abort_pending(self) -> None:
+        if self._conn is not None:
+            self._conn.abort()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+
+def _map_failure(failure: Failure) -> BaseException:
+    value = failure.value
+    assert isinstance(value, BaseException)
+    if isinstance(value, UpstreamError | CancelledError):
+        return value
+    if isinstance(value, RequestGenerationFailed):
+        return UpstreamProtocolError(f"the request could not be sent: {_reasons(value)}", value)
+    if isinstance(value, ResponseFailed | RequestTransmissionFailed | RequestNotSent):
+        reasons = getattr(value, "reasons", [])
+        if any(isinstance(r, Failure) and isinstance(r.value, ParseError) for r in reasons):
+            return UpstreamProtocolError(
+                f"the upstream sent an invalid response: {_reasons(value)}", value
+            )
+        what = {
+            RequestNotSent: "before the request could be sent",
+            RequestTransmissionFailed: "while the request was being sent",
+        }.get(type(value), "before a complete response header arrived")
+        return UpstreamReset(f"the upstream closed the connection {what}: {_reasons(value)}", value)
+    return UpstreamProtocolError(f"upstream request failed: {value!r}", value)
+
+
+def _reasons(error: BaseException) -> str:
+    reasons = getattr(error, "reasons", None) or []
+    parts = []
+    for reason in reasons:
+        if isinstance(reason, Failure):
+            if isinstance(reason.value, ConnectionDone):
+                parts.append("connection closed")
+            elif isinstance(reason.value, ConnectionLost):
+                parts.append("connection lost")
+            else:
+                parts.append(f"{type(reason.value).__name__}: {reason.getErrorMessage()}")
+    return "; ".join(parts) or type(error).__name__
+
+
+__all__ = ["RESPONSE_TIMEOUT", "Pool", "UpstreamClient"]

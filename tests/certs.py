@@ -21,7 +21,9 @@ def issue(
     *names: str,
     not_after: datetime.datetime | None = None,
 ) -> trustme.LeafCert:
-    return ca.issue_cert(*names, not_after=not_after, key_type=trustme.KeyType.ECDSA)
+    return ca.issue_cert(
+        *names, common_name=names[0], not_after=not_after, key_type=trustme.KeyType.ECDSA
+    )
 
 
 def loaded(leaf: trustme.LeafCert, source: str = "test") -> LoadedCertificate:

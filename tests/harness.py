@@ -60,6 +60,7 @@ def proxy_args(tmp: Path, ca: trustme.CA, standin: StandIn, *extra: str) -> list
         "tcp:0:interface=127.0.0.1",
         "--https-port",
         "tcp:0:interface=127.0.0.1",
+        "--no-acme",
     ]
     if "--cert" not in extra and "--certs-dir" not in extra:
         cert, key = write_pair(issue(ca, DOMAIN, DOMAIN2), tmp, "proxy")

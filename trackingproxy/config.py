@@ -14,6 +14,7 @@ from typing import Any, cast
 from attrs import frozen
 
 from trackingproxy.accesslog import LogFormat, PathMode
+from trackingproxy.acme.settings import AcmeSettings
 from trackingproxy.certificates import LoadedCertificate, check_usable, load_certs_dir, load_pair
 from trackingproxy.domains import normalise_domain
 from trackingproxy.errors import ConfigError
@@ -39,6 +40,12 @@ class ProxyConfig:
     log_paths: PathMode
     idle_timeout: float
     header_timeout: float
+    acme: AcmeSettings
+
+    @property
+    def user_covered(self) -> tuple[str, ...]:
+        """Configured domains covered by a certificate the user brought (never ordered)."""
+        return tuple(d for d in self.domains if any(c.covers(d) for c in self.certificates))
 
 
 def _positive_seconds(option: str, raw: str) -> float:
@@ -130,4 +137,29 @@ def config_from_options(opts: Mapping[str, Any], now: datetime.datetime) -> Prox
         log_paths=cast(PathMode, _choice("log-paths", opts["log-paths"], ("full", "redacted"))),
         idle_timeout=_positive_seconds("idle-timeout", opts["idle-timeout"]),
         header_timeout=_positive_seconds("header-timeout", opts["header-timeout"]),
+        acme=_acme_settings(opts),
     )
+
+
+def _acme_settings(opts: Mapping[str, Any]) -> AcmeSettings:
+    bundle = opts.get("acme-ca-bundle") or None
+    if bundle is not None and not Path(bundle).is_file():
+        raise ConfigError(
+            f"--acme-ca-bundle {bundle}: no such file; give a PEM file of CA certificates"
+        )
+    state = opts.get("state-dir") or None
+    settings = AcmeSettings(
+        email=opts.get("email") or None,
+        directory=opts["acme-directory"],
+        ca_bundle=Path(bundle) if bundle else None,
+        eab_kid=opts.get("eab-kid") or None,
+        eab_hmac_key=opts.get("eab-hmac-key") or None,
+        profile=opts.get("acme-profile") or None,
+        key_type=opts["key-type"],
+        state_dir=Path(state) if state else None,
+        no_acme=bool(opts["no-acme"]),
+        panic_command=opts.get("panic-command") or None,
+    )
+    if not settings.no_acme:
+        settings.validate()
+    return settings

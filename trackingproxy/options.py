@@ -64,12 +64,30 @@ PARAMETERS: list[tuple[str, str | None, str]] = [
     ),
     ("log-format", "combined", "Access log format: combined or json."),
     ("log-paths", "full", "Paths in the access log: full, or redacted (hash of tracking tokens)."),
+    ("email", None, "ACME account contact address (recommended)."),
+    (
+        "acme-directory",
+        "letsencrypt",
+        "ACME directory URL, or letsencrypt, letsencrypt-staging, zerossl, google, local.",
+    ),
+    ("acme-ca-bundle", None, "PEM CA bundle trusted for the ACME server's own HTTPS."),
+    ("eab-kid", None, "External Account Binding key id (ZeroSSL, Google, private CAs)."),
+    ("eab-hmac-key", None, "External Account Binding HMAC key (base64url)."),
+    ("acme-profile", None, "ACME certificate profile, used if the directory offers it."),
+    ("key-type", "ecdsa-p256", "Certificate key: ecdsa-p256, ecdsa-p384, rsa2048, rsa4096."),
+    (
+        "state-dir",
+        None,
+        "State directory [default: /var/lib/trackingproxy, else ./trackingproxy-state].",
+    ),
+    ("panic-command", None, "Command run when a certificate nears expiry and renewal fails."),
     ("idle-timeout", "60", "Seconds an idle client keep-alive connection is kept open."),
     ("header-timeout", "10", "Seconds a client has to send a request's headers (slowloris)."),
 ]
 
 FLAGS: list[tuple[str, str]] = [
     ("redirect-http", "Redirect plain HTTP to HTTPS (off by default: SparkPost advises against)."),
+    ("no-acme", "Do not obtain certificates over ACME; serve only --cert/--certs-dir ones."),
 ]
 
 

@@ -98,15 +98,15 @@ def _plain(request: Request, code: int, body: bytes, extra: Mapping[bytes, bytes
 
 def sni_name(request: Request) -> str | None:
     """The TLS server name the client sent on this request's connection, if any."""
-    transport = request.channel.transport if request.channel is not None else None
-    for _ in range(3):  # h2 stream -> connection -> TLS transport
-        get_handle = getattr(transport, "getHandle", None)
-        if get_handle is not None:
-            handle = get_handle()
-            name = getattr(handle, "get_servername", lambda: None)()
-            return name.decode("ascii", "replace").lower().rstrip(".") if name else None
-        transport = getattr(transport, "transport", None)
-    return None
+    channel = request.channel
+    # HTTP/1.1: the channel's transport is the TLS protocol; HTTP/2: the stream's connection's.
+    connection = getattr(channel, "_conn", None)  # twisted.web._http2.H2Stream
+    transport = getattr(connection if connection is not None else channel, "transport", None)
+    get_handle = getattr(transport, "getHandle", None)
+    if get_handle is None:
+        return None
+    name = getattr(get_handle(), "get_servername", lambda: None)()
+    return name.decode("ascii", "replace").lower().rstrip(".") if name else None
 
 
 class TrackingResource(Resource):

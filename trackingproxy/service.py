@@ -8,15 +8,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from attrs import define
+from attrs import define, evolve
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IResolver
+from twisted.names import client as names_client
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.resource import IResource
 
 from trackingproxy.accesslog import AccessLog
-from trackingproxy.challenges import ChallengeResponder, NoChallenges
+from trackingproxy.acme.settings import build_acme
+from trackingproxy.challenges import ChallengeResponder
 from trackingproxy.config import ProxyConfig
 from trackingproxy.errors import ConfigError, exit_with
 from trackingproxy.forwarded import ForwardedFor
@@ -25,7 +28,7 @@ from trackingproxy.proxy import TrackingResource, Upstream
 from trackingproxy.site import ProxySite
 from trackingproxy.sni import SNIContextMap
 from trackingproxy.upstream.client import UpstreamClient
-from trackingproxy.upstream.dns import default_resolver
+from trackingproxy.upstream.dns import CachingResolver
 from trackingproxy.upstream.pool import ConnectionPool, EndpointConnector, make_trust_root
 from trackingproxy.wellknown import WellKnownFile, load_well_known
 
@@ -62,15 +65,22 @@ class TrackingProxyService(MultiService):
 
 
 class _UpstreamCloser(Service):
-    def __init__(self, upstream: UpstreamClient) -> None:
+    """Closes upstream connections and stops the DNS client's resolv.conf re-read timer."""
+
+    def __init__(self, upstream: UpstreamClient, names: IResolver | None) -> None:
         self._upstream = upstream
+        self._names = names
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        for resolver in getattr(self._names, "resolvers", ()):
+            call = getattr(resolver, "_parseCall", None)  # twisted.names.client.Resolver
+            if call is not None and call.active():
+                call.cancel()
         return self._upstream.close()
 
 
-def build_upstream(config: ProxyConfig, reactor: Any) -> UpstreamClient:
+def build_upstream(config: ProxyConfig, reactor: Any, names: IResolver) -> UpstreamClient:
     """The upstream client: TTL-cached DNS, a verified-TLS keep-alive pool, the timeout."""
     connector = EndpointConnector(
         reactor, config.upstream, make_trust_root(config.upstream_ca_bundle)
@@ -78,7 +88,7 @@ def build_upstream(config: ProxyConfig, reactor: Any) -> UpstreamClient:
     pool = ConnectionPool(
         reactor,
         config.upstream,
-        default_resolver(reactor),
+        CachingResolver(names, reactor),
         connector,
         max_age=config.upstream_max_age,
     )
@@ -111,10 +121,20 @@ def build_service(
         domains=frozenset(config.domains),
         well_known=load_well_known(config.well_known_dir) if config.well_known_dir else {},
     )
-    upstream = upstream if upstream is not None else build_upstream(config, reactor)
+    names: IResolver | None = None
+    if upstream is None:
+        names = names_client.createResolver()
+        upstream = build_upstream(config, reactor, names)
     access_log = access_log or AccessLog(config.log_format, config.log_paths)
     forwarded = ForwardedFor(config.trusted_proxies)
-    challenges = challenges or NoChallenges()
+    acme_service = None
+    if challenges is None:
+        acme = config.acme
+        if config.https_port is None:
+            acme = evolve(acme, no_acme=True)
+        acme_service, challenges = build_acme(
+            acme, config.domains, config.user_covered, sni, reactor
+        )
     root = TrackingProxyService(sni, runtime, upstream)
 
     def same_certificate(sni: str, host: str) -> bool:
@@ -155,7 +175,10 @@ def build_service(
             "--https-port",
             config.https_port,
             _endpoint(reactor, "https-port", config.https_port),  # type: ignore[arg-type]
-            TLSMemoryBIOFactory(sni, False, site("https")),
+            TLSMemoryBIOFactory(sni, False, site("https"), clock=reactor),
         ).setServiceParent(root)
-    _UpstreamCloser(upstream).setServiceParent(root)
+    _UpstreamCloser(upstream, names).setServiceParent(root)
+    if acme_service is not None:
+        # After the listeners: port 80 must answer HTTP-01 before the first order is placed.
+        acme_service.setServiceParent(root)
     return root

@@ -9,7 +9,6 @@ import trustme
 from attrs import define, field
 from twisted.internet import reactor as global_reactor
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory
 from twisted.internet.ssl import CertificateOptions
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.resource import Resource

@@ -154,3 +154,12 @@ def openssl(*args: str, stdin: bytes = b"") -> Deferred[tuple[bytes, bytes, int]
     return getProcessOutputAndValue(
         "/bin/sh", ["-c", "printf '' | openssl " + " ".join(args)], env=dict(os.environ)
     )
+
+
+def openssl_pipeline(command: str) -> Deferred[tuple[bytes, bytes, int]]:
+    """Run a shell pipeline of openssl commands (stdin closed at once)."""
+    import os
+
+    return getProcessOutputAndValue(
+        "/bin/sh", ["-c", "exec < /dev/null; " + command], env=dict(os.environ)
+    )

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
-import re
+import socket
+import ssl
 from pathlib import Path
 from typing import Any
 
-from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.certs import issue, loaded, make_ca, write_pair
-from tests.harness import DOMAIN, DOMAIN2, client, curl, openssl, start_proxy, stop_proxy
+from tests.harness import (
+    DOMAIN,
+    DOMAIN2,
+    client,
+    curl,
+    openssl,
+    openssl_pipeline,
+    start_proxy,
+    stop_proxy,
+)
 from tests.standin import GIF
 
 
@@ -25,6 +36,24 @@ class _Raw(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.data += data
+
+
+def resumes(port: int, ca_pem: bytes, version: ssl.TLSVersion) -> bool:
+    """Blocking client: a second connection resumes the first one's session (ID or ticket)."""
+    ctx = ssl.create_default_context(cadata=ca_pem.decode())
+    ctx.minimum_version = ctx.maximum_version = version
+    request = f"GET /q/x HTTP/1.1\r\nHost: {DOMAIN}\r\nConnection: close\r\n\r\n".encode()
+    session = None
+    reused = False
+    for _ in range(2):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with ctx.wrap_socket(raw, server_hostname=DOMAIN, session=session) as tls:
+            tls.sendall(request)
+            while tls.recv(65536):
+                pass
+            reused = tls.session_reused
+            session = tls.session
+    return reused
 
 
 class ProxyTests(TestCase):
@@ -263,25 +292,35 @@ class ProxyTests(TestCase):
 
     @inlineCallbacks
     def test_tls_policy(self):
-        """TLS 1.1 and a CBC suite are refused; TLS 1.2 with ECDHE-GCM and TLS 1.3 work."""
+        """Mozilla intermediate: TLS 1.1, CBC suites, X448 and P-521 refused; TLS 1.2 ECDHE-GCM,
+        TLS 1.3 and P-384 work; sessions resume (tickets on) in TLS 1.2 and 1.3."""
         r = self.start()
         target = f"-connect 127.0.0.1:{r.https_port} -servername {DOMAIN}"
-        out, _, code = yield openssl(
+        out, err, code = yield openssl(
             "s_client", target, "-tls1_1", "-cipher", "'DEFAULT:@SECLEVEL=0'"
         )
         self.assertNotEqual(code, 0)
-        out, _, code = yield openssl(
+        self.assertIn(b"alert protocol version", err)
+        out, err, code = yield openssl(
             "s_client", target, "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA"
         )
         self.assertNotEqual(code, 0)
+        self.assertIn(b"handshake failure", err)
+        for group in ("X448", "P-521"):
+            out, err, code = yield openssl("s_client", target, "-groups", group)
+            self.assertNotEqual(code, 0, group)
+        out, _, code = yield openssl("s_client", target, "-groups", "P-384")
+        self.assertEqual(code, 0, out)
+        self.assertIn(b"secp384r1", out)
         out, _, code = yield openssl(
             "s_client", target, "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"
         )
         self.assertEqual(code, 0, out)
-        self.assertIn(b"TLSv1.2", out)
-        out, _, code = yield openssl("s_client", target, "-tls1_3")
-        self.assertEqual(code, 0, out)
-        self.assertIn(b"TLSv1.3", out)
+        self.assertIn(b"New, TLSv1.2, Cipher is ECDHE-ECDSA-AES128-GCM-SHA256", out)
+        self.assertNotIn(b"Compression: zlib", out)
+        for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+            reused = yield deferToThread(resumes, r.https_port, r.ca.cert_pem.bytes(), version)
+            self.assertTrue(reused, version)
 
     @inlineCallbacks
     def test_sni_selection_and_unknown_names(self):
@@ -336,35 +375,41 @@ class ProxyTests(TestCase):
     def test_runtime_certificate_replacement(self):
         """A replaced certificate is served to new handshakes; open connections keep working."""
         r = self.start()
-        pool_client = HTTPClient(client(r)._agent)
-        from twisted.web.client import Agent, HTTPConnectionPool
+        trust = Certificate.loadPEM(r.ca.cert_pem.bytes())
+        endpoint = wrapClientTLS(
+            optionsForClientTLS(DOMAIN, trustRoot=trust),
+            TCP4ClientEndpoint(reactor, "127.0.0.1", r.https_port),
+        )
+        proto = _Raw()
+        yield connectProtocol(endpoint, proto)
+        request = b"GET /q/%d HTTP/1.1\r\nHost: " + DOMAIN.encode() + b"\r\n\r\n"
+        proto.transport.write(request % 1)
+        yield self.wait_for(proto, b"GIF89a")
+        old_serial = proto.transport.getPeerCertificate().get_serial_number()
 
-        from tests.harness import _ToLoopback
-
-        pool = HTTPConnectionPool(reactor, persistent=True)
-        self.addCleanup(pool.closeCachedConnections)
-        pool_client = HTTPClient(Agent.usingEndpointFactory(reactor, _ToLoopback(reactor, r), pool))
-        resp = yield pool_client.get(r.url("/q/before"))
-        yield resp.content()
-        target = f"-connect 127.0.0.1:{r.https_port} -servername {DOMAIN}"
-        before, _, _ = yield openssl("s_client", target)
+        serial = f"openssl s_client -connect 127.0.0.1:{r.https_port} -servername {DOMAIN}"
+        serial += " 2>/dev/null | openssl x509 -noout -serial"
+        before, _, _ = yield openssl_pipeline(serial)
+        self.assertEqual(int(before.strip().split(b"=")[1], 16), old_serial)
         new = loaded(issue(r.ca, DOMAIN, DOMAIN2))
         self.assertEqual(r.service.sni.install(new), (DOMAIN, DOMAIN2))
-        after, _, _ = yield openssl("s_client", target, "-showcerts")
-        serial = re.search(rb"serial=?:?\s*([0-9A-Fa-f:]+)", after)
-        out, _, _ = yield openssl("s_client", target)
-        self.assertNotEqual(before, out)
-        self.assertIn(
-            new.leaf.public_bytes(
-                __import__("cryptography").hazmat.primitives.serialization.Encoding.PEM
-            ).split(b"\n")[1],
-            after,
-        )
-        del serial
-        resp = yield pool_client.get(r.url("/q/after"))
-        yield resp.content()
-        self.assertEqual(resp.code, 200)
-        self.assertEqual(r.standin.seen[0].connection, r.standin.seen[1].connection)
+        after, _, _ = yield openssl_pipeline(serial)
+        self.assertEqual(int(after.strip().split(b"=")[1], 16), new.leaf.serial_number)
+
+        proto.data = b""
+        proto.transport.write(request % 2)
+        yield self.wait_for(proto, b"GIF89a")
+        self.assertTrue(proto.data.startswith(b"HTTP/1.1 200 "))
+        self.assertEqual(proto.transport.getPeerCertificate().get_serial_number(), old_serial)
+        proto.transport.loseConnection()
+
+    @inlineCallbacks
+    def wait_for(self, proto: _Raw, marker: bytes):
+        for _ in range(200):
+            if marker in proto.data:
+                return
+            yield deferLater(reactor, 0.02, lambda: None)
+        self.fail(f"{marker!r} not received: {proto.data!r}")
 
     @inlineCallbacks
     def test_well_known_files(self):

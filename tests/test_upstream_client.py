@@ -80,6 +80,12 @@ class ClientOverPool(SynchronousTestCase):
         self.assertNotIn(b"Content-Length", sent)
         self.assertTrue(sent.endswith(b"\r\n\r\n"))
 
+    def test_unsendable_path_fails_at_once(self) -> None:
+        """A path that cannot go on the wire fails with 'protocol' before any connection is made."""
+        d = self.client.request(b"GET", b"/a b", HEADERS, None)
+        self.assertEqual(self.failureResultOf(d, UpstreamError).value.cause, "protocol")
+        self.assertEqual(self.connector.attempts, [])
+
     def test_post_body_is_framed_by_content_length(self) -> None:
         """A body is written after the headers with a Content-Length."""
         self.send(b"POST", b"/f", b"a=1")

@@ -68,10 +68,11 @@ class UpstreamIntegration(TestCase):
         host: str = HOST,
         clock: Any = reactor,
         response_timeout: float = 5.0,
+        addresses: list[str] | None = None,
         **pool_kwargs: Any,
     ) -> tuple[UpstreamClient, ConnectionPool]:
         target = UpstreamTarget(scheme, host, port)
-        resolver = CachingResolver(StaticDNS({HOST: ["127.0.0.1"]}), reactor)
+        resolver = CachingResolver(StaticDNS({HOST: addresses or ["127.0.0.1"]}), reactor)
         bundle = None
         if ca_pem is not None:
             directory = tempfile.mkdtemp()
@@ -159,6 +160,13 @@ class UpstreamIntegration(TestCase):
         client, _ = self.client(standin.port, scheme="http", host="127.0.0.1")
         _, body = await self.get(client, b"/plain")
         self.assertEqual(body, b"seen GET /plain")
+
+    async def test_ipv6_upstream(self) -> None:
+        """An upstream name resolving to an IPv6 address is reached over TCP6 with verified TLS."""
+        standin = self.standin(interface="::1")
+        client, _ = self.trusted_client(standin, addresses=["::1"])
+        _, body = await self.get(client, b"/six")
+        self.assertEqual(body, b"seen GET /six")
 
     async def test_connection_refused_is_a_connect_error(self) -> None:
         """Nothing listening on the port: the request fails with cause 'connect'."""

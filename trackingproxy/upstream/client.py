@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Final, Protocol
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
@@ -94,7 +94,12 @@ class UpstreamClient:
         hold Connection, Content-Length or Transfer-Encoding. Fails with an `UpstreamError`;
         cancelling the Deferred (the client went away) aborts the upstream connection.
         """
-        return _Exchange(self, method, path, headers, body).start()
+        producer = None if body is None else _BytesBody(body)
+        try:
+            request = Request(method, path, headers, producer, persistent=True)
+        except ValueError as e:  # a method or path that cannot go on the wire
+            return fail(UpstreamProtocolError(f"the request cannot be sent: {e}", e))
+        return _Exchange(self, request).start()
 
     def abandon(self, response: IResponse) -> None:
         """Stop reading `response`'s body: its connection is closed, never reused.
@@ -116,32 +121,19 @@ class _Exchange:
     """The state of one `request` call: at most two attempts under one response timeout."""
 
     __slots__ = (
-        "_body",
         "_client",
         "_conn",
-        "_headers",
-        "_method",
-        "_path",
         "_pending",
+        "_request",
         "_result",
         "_retried",
         "_settled",
         "_timer",
     )
 
-    def __init__(
-        self,
-        client: UpstreamClient,
-        method: bytes,
-        path: bytes,
-        headers: Headers,
-        body: bytes | None,
-    ) -> None:
+    def __init__(self, client: UpstreamClient, request: Request) -> None:
         self._client = client
-        self._method = method
-        self._path = path
-        self._headers = headers
-        self._body = body
+        self._request = request  # reusable: writing it again writes the same bytes
         self._retried = False
         self._settled = False
         self._conn: PooledConnection | None = None
@@ -159,18 +151,15 @@ class _Exchange:
         self._conn = None
         d = self._client._pool.acquire(fresh)
         self._pending = d
-        d.addCallbacks(self._send, self._failed)
+        d.addCallback(self._send)
+        d.addErrback(self._failed)  # also catches an exception raised by _send
 
     def _send(self, conn: PooledConnection) -> None:
         if self._settled:  # timed out or cancelled while connecting
             conn.abort()
             return
         self._conn = conn
-        producer = None if self._body is None else _BytesBody(self._body)
-        request = Request(
-            self._method, self._path, self._headers, producer, persistent=True
-        )
-        d = conn.protocol.request(request)
+        d = conn.protocol.request(self._request)
         self._pending = d
         d.addCallbacks(self._responded, self._failed)
 

@@ -304,6 +304,8 @@ class ConnectionPool:
         raise DNSLookupFailed(f"DNS lookup of {host} failed: {failure.getErrorMessage()}")
 
     def _connect_any(self, addresses: list[str]) -> Deferred[PooledConnection]:
+        if not addresses:
+            raise DNSLookupFailed(f"{self._target.host} has no address")
         start = self._next_address
         self._next_address += 1
         order = [addresses[(start + i) % len(addresses)] for i in range(len(addresses))]

@@ -8,7 +8,7 @@ import tempfile
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -49,6 +49,13 @@ def headers(host: bytes = b"click.example.com", **extra: bytes) -> Headers:
     for name, value in extra.items():
         h.addRawHeader(name.replace("_", "-").encode(), value)
     return h
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 class UpstreamIntegration(TestCase):
@@ -140,6 +147,36 @@ class UpstreamIntegration(TestCase):
         self.assertEqual({r.connection for r in standin.requests}, {1})
         self.assertEqual(standin.connections_opened, 1)
         self.assertEqual(pool.open_count, 1)
+
+    async def test_concurrent_requests_then_reuse(self) -> None:
+        """Concurrent requests each get a connection; afterwards those connections are reused."""
+        standin = self.standin()
+        client, pool = self.trusted_client(standin)
+        paths = [b"/c/%d" % i for i in range(12)]
+        bodies = await gatherResults([self.body_of(client, p) for p in paths])
+        self.assertEqual(bodies, [b"seen GET " + p for p in paths])
+        opened = standin.connections_opened
+        self.assertEqual(pool.idle_count, opened)
+        await gatherResults([self.body_of(client, p) for p in paths[:opened]])
+        self.assertEqual(standin.connections_opened, opened)
+        self.assertEqual(sorted(standin.uris()), sorted(paths + paths[:opened]))
+
+    def body_of(self, client: UpstreamClient, path: bytes) -> Deferred[bytes]:
+        return Deferred.fromCoroutine(self.get(client, path)).addCallback(lambda r: r[1])
+
+    async def test_system_store_and_bundle_are_both_trusted(self) -> None:
+        """With a CA bundle, CAs from the system store (here via SSL_CERT_FILE) still verify."""
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        standin = self.standin()
+        system_file = standin.write_ca(os.path.join(directory, "system.pem"))
+        old = os.environ.get("SSL_CERT_FILE")
+        os.environ["SSL_CERT_FILE"] = system_file
+        self.addCleanup(_restore_env, "SSL_CERT_FILE", old)
+        other = UpstreamStandIn()  # never started: only its CA goes into the bundle
+        client, _ = self.client(standin.port, ca_pem=other.ca_pem)
+        _, body = await self.get(client, b"/both")
+        self.assertEqual(body, b"seen GET /both")
 
     async def test_connection_older_than_max_age_is_replaced(self) -> None:
         """A connection is reused until max_age, then a new one is opened."""

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from typing import Any
 
+import trustme
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -12,9 +16,10 @@ from twisted.web._newclient import Request
 from twisted.web.http_headers import Headers
 
 from tests.upstream_standin import MemoryConnector, StaticDNS
+from trackingproxy.errors import ConfigError
 from trackingproxy.upstream.dns import CachingResolver
 from trackingproxy.upstream.errors import DNSLookupFailed, UpstreamConnectFailed, UpstreamTLSFailed
-from trackingproxy.upstream.pool import ConnectionPool, PooledConnection
+from trackingproxy.upstream.pool import ConnectionPool, PooledConnection, make_trust_root
 from trackingproxy.upstream.target import UpstreamTarget
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
@@ -222,3 +227,55 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual(aborted, [])
         self.clock.advance(5)
         self.assertEqual(aborted, [True])
+
+
+class TrustRoot(SynchronousTestCase):
+    def tempfile(self, content: bytes) -> str:
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "ca.pem")
+        with open(path, "wb") as f:
+            f.write(content)
+        return path
+
+    def test_unreadable_bundle(self) -> None:
+        """A CA bundle that cannot be read is a one-line ConfigError naming the option."""
+        with self.assertRaises(ConfigError) as caught:
+            make_trust_root("/nonexistent/ca.pem")
+        self.assertEqual(
+            str(caught.exception),
+            "--upstream-ca-bundle '/nonexistent/ca.pem': cannot read it (No such file or directory);"
+            " give a readable PEM file",
+        )
+
+    def test_bundle_without_certificates(self) -> None:
+        """A file with no PEM certificate in it is a ConfigError."""
+        path = self.tempfile(b"not a certificate\n")
+        with self.assertRaises(ConfigError) as caught:
+            make_trust_root(path)
+        self.assertIn("no PEM certificate in it", str(caught.exception))
+        self.assertNotIn("\n", str(caught.exception))
+
+    def test_bundle_certificates_are_added_to_the_context(self) -> None:
+        """Every certificate of a bundle is added to the context's store (beside the defaults)."""
+        path = self.tempfile(trustme.CA().cert_pem.bytes() + trustme.CA().cert_pem.bytes())
+        root = make_trust_root(path)
+        added: list[Any] = []
+
+        class Store:
+            def add_cert(self, cert: Any) -> None:
+                added.append(cert)
+
+        class Context:
+            defaults = False
+
+            def set_default_verify_paths(self) -> None:
+                self.defaults = True
+
+            def get_cert_store(self) -> Store:
+                return Store()
+
+        context = Context()
+        root._addCACertsToContext(context)
+        self.assertTrue(context.defaults)
+        self.assertEqual(len(added), 2)

@@ -75,6 +75,17 @@ class _Root(Resource):
             request.setHeader(b"location", b"https://www.example.com/landing?utm=1")
             request.setHeader(b"content-type", b"text/html")
             return b"<a href='https://www.example.com/landing?utm=1'>moved</a>"
+        if path.startswith(b"/delay"):
+            from twisted.internet import reactor
+
+            def answer() -> None:
+                if not request._disconnected:
+                    request.setHeader(b"content-type", b"image/gif")
+                    request.write(GIF)
+                    request.finish()
+
+            reactor.callLater(1.0, answer)
+            return NOT_DONE_YET
         if path.startswith(b"/big"):
             request.setHeader(b"content-type", b"application/octet-stream")
             for _ in range(64):

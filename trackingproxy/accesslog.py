@@ -89,26 +89,27 @@ class AccessLog:
             return redact_target(target)
         return target.decode("latin-1")
 
+    def record(self, e: AccessEntry) -> dict[str, object]:
+        """The entry as JSON-able fields (the ``json`` format, and the JSON log observer)."""
+        return {
+            "time": e.when,
+            "target": self.shown_target(e.target),
+            "client": e.client,
+            "host": e.host,
+            "method": e.method,
+            "protocol": e.protocol,
+            "scheme": e.scheme,
+            "status": e.status,
+            "bytes": e.sent,
+            "referer": e.referer,
+            "user_agent": e.user_agent,
+            "duration_ms": round(e.duration * 1000, 3),
+        }
+
     def format(self, e: AccessEntry) -> str:
-        target = self.shown_target(e.target)
         if self._fmt == "json":
-            return json.dumps(
-                {
-                    "time": e.when,
-                    "client": e.client,
-                    "host": e.host,
-                    "method": e.method,
-                    "target": target,
-                    "protocol": e.protocol,
-                    "scheme": e.scheme,
-                    "status": e.status,
-                    "bytes": e.sent,
-                    "referer": e.referer,
-                    "user_agent": e.user_agent,
-                    "duration_ms": round(e.duration * 1000, 3),
-                },
-                separators=(",", ":"),
-            )
+            return json.dumps(self.record(e), separators=(",", ":"))
+        target = self.shown_target(e.target)
         return (
             f'{e.client} - - [{_clf_time(e.when)}] "{_quote(e.method)} {_quote(target)} '
             f'{e.protocol}" {e.status} {e.sent} "{_quote(e.referer or "-")}" '
@@ -117,4 +118,8 @@ class AccessLog:
         )
 
     def log(self, entry: AccessEntry) -> None:
-        self._write(self.format(entry))
+        if self._write is _log_line and self._fmt == "json":
+            # The JSON log observer writes these fields as the line itself.
+            _log.info("{line}", line=self.format(entry), access=self.record(entry))
+        else:
+            self._write(self.format(entry))

@@ -16,7 +16,7 @@ from attrs import frozen
 from trackingproxy.accesslog import LogFormat, PathMode
 from trackingproxy.acme.settings import AcmeSettings
 from trackingproxy.certificates import LoadedCertificate, check_usable, load_certs_dir, load_pair
-from trackingproxy.domains import normalise_domain
+from trackingproxy.domains import normalise_domain, read_domains_file
 from trackingproxy.errors import ConfigError
 from trackingproxy.forwarded import IPNetwork, parse_networks
 from trackingproxy.upstream.target import UpstreamTarget, parse_upstream
@@ -25,6 +25,10 @@ from trackingproxy.upstream.target import UpstreamTarget, parse_upstream
 @frozen
 class ProxyConfig:
     domains: tuple[str, ...]
+    command_line_domains: tuple[str, ...]  # as given (--domain / env), before the domains file
+    domains_file: Path | None
+    cert_files: tuple[tuple[Path, Path], ...]  # --cert/--key pairs, re-read on SIGHUP
+    shutdown_timeout: float
     upstream: UpstreamTarget
     upstream_ca_bundle: str | None
     upstream_timeout: float
@@ -81,7 +85,9 @@ def _dir(option: str, raw: str | None) -> Path | None:
     return path
 
 
-def _domains(raw: list[str]) -> tuple[str, ...]:
+def _domains(raw: list[str], domains_file: Path | None) -> tuple[str, ...]:
+    if domains_file is not None:
+        raw = raw + read_domains_file(domains_file)
     if not raw:
         raise ConfigError(
             "no domain configured; pass --domain click.example.com "
@@ -113,7 +119,8 @@ def _user_certificates(
 
 def config_from_options(opts: Mapping[str, Any], now: datetime.datetime) -> ProxyConfig:
     """Validate parsed options (after environment defaults were applied)."""
-    domains = _domains(list(opts["domain"]))
+    domains_file = Path(opts["domains-file"]) if opts.get("domains-file") else None
+    domains = _domains(list(opts["domain"]), domains_file)
     certificates, certs_dir = _user_certificates(opts, domains, now)
     ca_bundle = opts.get("upstream-ca-bundle") or None
     if ca_bundle is not None and not Path(ca_bundle).is_file():
@@ -122,6 +129,12 @@ def config_from_options(opts: Mapping[str, Any], now: datetime.datetime) -> Prox
         )
     return ProxyConfig(
         domains=domains,
+        command_line_domains=tuple(opts["domain"]),
+        domains_file=domains_file,
+        cert_files=tuple(
+            (Path(c), Path(k)) for c, k in zip(opts["cert"], opts["key"], strict=True)
+        ),
+        shutdown_timeout=_positive_seconds("shutdown-timeout", opts["shutdown-timeout"]),
         upstream=parse_upstream(opts["upstream"]),
         upstream_ca_bundle=ca_bundle,
         upstream_timeout=_positive_seconds("upstream-timeout", opts["upstream-timeout"]),

@@ -56,6 +56,8 @@ PARAMETERS: list[tuple[str, str | None, str]] = [
         "tcp:443",
         "Twisted endpoint for HTTPS, e.g. tcp:443:interface=::; 'none' disables.",
     ),
+    ("domains-file", None, "File of tracking domains, one per line (re-read on SIGHUP)."),
+    ("shutdown-timeout", "10", "Seconds in-flight requests get to finish on SIGTERM."),
     ("certs-dir", None, "Directory of NAME.pem files, each holding a private key and its chain."),
     (
         "well-known-dir",

@@ -5,16 +5,20 @@ This is the one place where collaborators are wired together; the reactor is pas
 
 from __future__ import annotations
 
+import signal
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 from attrs import define, evolve
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IResolver
+from twisted.logger import ILogObserver, Logger
 from twisted.names import client as names_client
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.components import Componentized
 from twisted.web.resource import IResource
 
 from trackingproxy.accesslog import AccessLog
@@ -23,14 +27,19 @@ from trackingproxy.challenges import ChallengeResponder
 from trackingproxy.config import ProxyConfig
 from trackingproxy.errors import ConfigError, exit_with
 from trackingproxy.forwarded import ForwardedFor
+from trackingproxy.jsonlog import JSONLinesObserver
+from trackingproxy.lifecycle import ActiveRequests
 from trackingproxy.listeners import ListenerService
 from trackingproxy.proxy import TrackingResource, Upstream
+from trackingproxy.reload import Reloader
 from trackingproxy.site import ProxySite
 from trackingproxy.sni import SNIContextMap
 from trackingproxy.upstream.client import UpstreamClient
 from trackingproxy.upstream.dns import CachingResolver
 from trackingproxy.upstream.pool import ConnectionPool, EndpointConnector, make_trust_root
 from trackingproxy.wellknown import WellKnownFile, load_well_known
+
+log = Logger(namespace="trackingproxy.service")
 
 
 @define
@@ -48,20 +57,81 @@ class Runtime:
 
 
 class TrackingProxyService(MultiService):
-    """The root service. Start-up problems (a port that cannot be bound) end the process with one
-    line and exit status 1 instead of a traceback."""
+    """The root service.
 
-    def __init__(self, sni: SNIContextMap, runtime: Runtime, upstream: UpstreamClient) -> None:
+    Start-up problems (a port that cannot be bound) end the process with one line and exit
+    status 1 instead of a traceback. Stopping (SIGTERM) first stops the listeners, then waits for
+    the requests in flight (up to the shutdown timeout), then stops everything else. SIGHUP
+    reloads certificates, well-known files and the domains file (when ``install_signals``).
+    """
+
+    def __init__(
+        self,
+        sni: SNIContextMap,
+        runtime: Runtime,
+        upstream: UpstreamClient,
+        active: ActiveRequests,
+        shutdown_timeout: float,
+        json_log: bool = False,
+    ) -> None:
         super().__init__()
         self.sni = sni
         self.runtime = runtime
         self.upstream = upstream
+        self.active = active
+        self.shutdown_timeout = shutdown_timeout
+        self.reloader: Reloader | None = None
+        self.install_signals = False
+        self._json_log = json_log
+        self._previous_sighup: Any = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        """Under twistd the parent is the application: with ``--log-format json`` give it our
+        JSON log observer, which twistd then uses instead of its text one."""
+        super().setServiceParent(parent)
+        if self._json_log and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, JSONLinesObserver(sys.stdout))
 
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
         except ConfigError as e:
             exit_with(e.message)
+
+    def startService(self) -> None:
+        super().startService()
+        if self.install_signals and self.reloader is not None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor: Any = global_reactor
+            reloader = self.reloader
+
+            def on_sighup(signum: int, frame: object) -> None:
+                reactor.callFromThread(reloader.reload)
+
+            self._previous_sighup = signal.signal(signal.SIGHUP, on_sighup)
+
+    def stopService(self) -> Deferred[None]:
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
+        listeners = [s for s in self if isinstance(s, ListenerService)]
+        stopped = DeferredList([maybeDeferred(s.stopService) for s in listeners])
+
+        def drain(_: object) -> Deferred[bool]:
+            if self.active.count:
+                log.info(
+                    "Stopped accepting; waiting for {count} request(s) in flight",
+                    count=self.active.count,
+                )
+            return self.active.wait_idle(self.shutdown_timeout)
+
+        def stop_rest(_: object) -> Deferred[None]:
+            if self.install_signals:
+                _exit_zero_after_sigterm()
+            return maybeDeferred(MultiService.stopService, self)
+
+        return stopped.addCallback(drain).addCallback(stop_rest)
 
 
 class _UpstreamCloser(Service):
@@ -107,7 +177,7 @@ def _endpoint(reactor: object, option: str, description: str) -> object:
 
 def build_service(
     config: ProxyConfig,
-    reactor: object,
+    reactor: Any,
     *,
     challenges: ChallengeResponder | None = None,
     access_log: AccessLog | None = None,
@@ -135,7 +205,15 @@ def build_service(
         acme_service, challenges = build_acme(
             acme, config.domains, config.user_covered, sni, reactor
         )
-    root = TrackingProxyService(sni, runtime, upstream)
+    active = ActiveRequests(reactor)
+    root = TrackingProxyService(
+        sni,
+        runtime,
+        upstream,
+        active,
+        config.shutdown_timeout,
+        json_log=config.log_format == "json",
+    )
 
     def same_certificate(sni: str, host: str) -> bool:
         cert = sni_map.certificate_for(sni)
@@ -158,9 +236,10 @@ def build_service(
             resource(scheme.encode(), upstream),
             access_log,
             scheme,
-            reactor,  # type: ignore[arg-type]
+            reactor,
             idle_timeout=config.idle_timeout,
             header_timeout=config.header_timeout,
+            active=active,
         )
 
     if config.http_port is not None:
@@ -178,7 +257,32 @@ def build_service(
             TLSMemoryBIOFactory(sni, False, site("https"), clock=reactor),
         ).setServiceParent(root)
     _UpstreamCloser(upstream, names).setServiceParent(root)
+    acme_parts: list[Any] = []
     if acme_service is not None:
         # After the listeners: port 80 must answer HTTP-01 before the first order is placed.
         acme_service.setServiceParent(root)
+        issuer = _named_child(acme_service, "acme-issuer")
+        acme_parts = [p for p in (issuer, challenges) if hasattr(p, "set_domains")]
+
+    def apply_runtime(domains: frozenset[str], well_known: dict[bytes, WellKnownFile]) -> None:
+        runtime.domains = domains
+        runtime.well_known = well_known
+
+    root.reloader = Reloader(config, reactor, sni, apply_runtime, acme_parts)
     return root
+
+
+def _exit_zero_after_sigterm() -> None:
+    """twistd re-raises the signal that stopped it once shut down (exit status 143); a SIGTERM
+    that we handled gracefully is a normal stop, so make twistd exit with status 0 instead."""
+    from twisted.internet import reactor
+
+    if getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
+        reactor._exitSignal = None  # type: ignore[attr-defined]
+
+
+def _named_child(service: Any, name: str) -> Any:
+    try:
+        return service.getServiceNamed(name)
+    except (KeyError, AttributeError):
+        return None

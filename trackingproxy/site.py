@@ -17,6 +17,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from trackingproxy.accesslog import AccessEntry, AccessLog
+from trackingproxy.lifecycle import ActiveRequests
 from trackingproxy.proxy import MAX_BODY
 
 HEADER_TIMEOUT = 10.0
@@ -127,15 +128,19 @@ class ProxySite(Site):
         reactor: IReactorTime,
         idle_timeout: float = IDLE_TIMEOUT,
         header_timeout: float = HEADER_TIMEOUT,
+        active: ActiveRequests | None = None,
     ) -> None:
         super().__init__(resource, timeout=idle_timeout, reactor=reactor)
         self.header_timeout = header_timeout
         self._access_log = access_log
+        self._active = active
         self._scheme = scheme
         self.displayTracebacks = False
 
     def getResourceFor(self, request: Request) -> IResource:
         request.tp_started = self.reactor.seconds()  # type: ignore[attr-defined]
+        if self._active is not None:
+            self._active.started(request)
         return super().getResourceFor(request)  # type: ignore[no-any-return]
 
     def log(self, request: http.Request) -> None:

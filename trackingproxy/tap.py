@@ -24,7 +24,9 @@ def makeService(options: Options) -> IService:
         config = config_from_options(
             options, datetime.datetime.fromtimestamp(reactor.seconds(), datetime.UTC)
         )
-        return build_service(config, reactor)
+        service = build_service(config, reactor)
+        service.install_signals = True
+        return service
     except ConfigError as e:
         exit_with(e.message)
         raise  # unreachable: exit_with raises SystemExit

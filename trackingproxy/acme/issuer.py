@@ -15,7 +15,7 @@ import random
 from collections.abc import Callable, Generator, Iterable
 from typing import Any
 
-from attrs import define
+from attrs import define, field, frozen
 from cryptography.hazmat.primitives import serialization
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
@@ -37,7 +37,7 @@ from trackingproxy.certificates import LoadedCertificate, PrivateKey, parse_pem
 from trackingproxy.errors import ConfigError
 from trackingproxy.sni import SNIContextMap
 
-__all__ = ["IssuingService", "PanicCallback"]
+__all__ = ["IssuingService", "PanicCallback", "RenewalState"]
 
 log = Logger()
 PanicCallback = Callable[[str, str], object]
@@ -57,6 +57,21 @@ class _Domain:
     failures: int = 0
     retry_at: datetime.datetime | None = None
     last_panic: datetime.datetime | None = None
+    last_error: str | None = None
+    last_error_at: datetime.datetime | None = None
+    orders: dict[str, int] = field(factory=dict)  # outcome -> count (admin metrics)
+
+
+@frozen
+class RenewalState:
+    """What the issuer knows about one domain, for the admin status page and metrics."""
+
+    next_attempt: datetime.datetime | None  # None: at the next check (no certificate yet)
+    ordering: bool
+    failures: int
+    last_error: str | None
+    last_error_at: datetime.datetime | None
+    orders: dict[str, int]  # outcome (issued, failed, rate_limited, busy) -> count
 
 
 class IssuingService(Service):
@@ -99,9 +114,30 @@ class IssuingService(Service):
         self._timer: IDelayedCall | None = None
         self._checking: Deferred[None] | None = None
 
+    def set_domains(self, domains: Iterable[str]) -> None:
+        """Manage exactly ``domains`` from now on (SIGHUP reload); new ones are ordered soon."""
+        self.domains = tuple(domains)
+        self._state = {d: self._state.get(d) or _Domain() for d in self.domains}
+        if self.running:
+            self._clock.callLater(0, self._run_check)
+
+    def renewal_states(self) -> dict[str, RenewalState]:
+        """Per managed domain: next attempt, failures, last error, orders by outcome."""
+        return {
+            name: RenewalState(
+                next_attempt=self._due_at(st),
+                ordering=name in self._inflight,
+                failures=st.failures,
+                last_error=st.last_error,
+                last_error_at=st.last_error_at,
+                orders=dict(st.orders),
+            )
+            for name, st in self._state.items()
+        }
+
     # -- lifecycle ------------------------------------------------------------------------
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
+        super().startService()
         self._obtainer.start()
         log.info(
             "Certificates for {domains} come from {ca}",
@@ -111,7 +147,7 @@ class IssuingService(Service):
         self._run_check()
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()  # type: ignore[no-untyped-call]
+        super().stopService()
         self._cancel_timer()
         pending = [d for d in (self._checking, *self._inflight.values()) if d is not None]
         waits = DeferredList([_quiet(d) for d in pending])
@@ -261,6 +297,7 @@ class IssuingService(Service):
         lock: Lock | None = yield self._store.acquire(name, self._lock_ttl)
         if lock is None:
             log.info("{name}: another process is ordering it; checking again later", name=name)
+            st.orders["busy"] = st.orders.get("busy", 0) + 1
             st.retry_at = self._now() + self._busy_retry
             return
         try:
@@ -305,6 +342,8 @@ class IssuingService(Service):
             raise ObtainFailed(f"{name}: the CA sent a certificate for {', '.join(cert.names)}")
         yield self._store.save(lock, StoredCertificate(cert))
         st.failures = 0
+        st.last_error = st.last_error_at = None
+        st.orders["issued"] = st.orders.get("issued", 0) + 1
         st.retry_at = None
         self._adopt(name, cert, None, install=True)
 
@@ -319,6 +358,12 @@ class IssuingService(Service):
         else:
             message, retry_after = f"{name}: {type(error).__name__}: {error}", None
         st.failures += 1
+        st.last_error, st.last_error_at = message, now
+        limited = isinstance(error, ObtainFailed) and (error.problem_type or "").endswith(
+            "rateLimited"
+        )
+        outcome = "rate_limited" if limited else "failed"
+        st.orders[outcome] = st.orders.get(outcome, 0) + 1
         st.retry_at = next_attempt(st.failures, now, self._rng, retry_after, self._backoff_base)
         log.error(
             "{problem} (failure {n}; next attempt at {when}{serving})",

@@ -63,6 +63,10 @@ class HTTP01Responder:
         return 0.0 if self._dir is None else self._interval * 1.5
 
     # -- the ChallengeResponder seam (hot path, never blocks) -----------------------------
+    def set_domains(self, domains: Iterable[str]) -> None:
+        """Answer for exactly these domains from now on (SIGHUP reload)."""
+        self._domains = frozenset(domains)
+
     def key_authorization(self, host: str, token: str) -> bytes | None:
         host = host.lower().rstrip(".")
         if host not in self._domains or not valid_token(token):

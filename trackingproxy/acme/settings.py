@@ -212,11 +212,11 @@ class _ResponderService(Service):
         self._responder = responder
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
+        super().startService()
         self._responder.start()
 
     def stopService(self) -> None:
-        super().stopService()  # type: ignore[no-untyped-call]
+        super().stopService()
         self._responder.stop()
 
 
@@ -232,8 +232,8 @@ def build_acme(
     With ``no_acme`` the service is empty and the responder answers nothing. ``reactor`` must
     also provide IReactorFromThreads and IReactorProcess (the global reactor does).
     """
-    top = MultiService()  # type: ignore[no-untyped-call]
-    top.setName("acme")  # type: ignore[no-untyped-call]
+    top = MultiService()
+    top.setName("acme")
     if settings.no_acme:
         return top, NoChallenges()
     settings.validate()
@@ -271,6 +271,6 @@ def build_acme(
         panic=panic,
         check_interval=settings.check_interval,
     )
-    _ResponderService(responder).setServiceParent(top)  # type: ignore[no-untyped-call]
-    issuer.setServiceParent(top)  # type: ignore[no-untyped-call]
+    _ResponderService(responder).setServiceParent(top)
+    issuer.setServiceParent(top)
     return top, responder

@@ -199,3 +199,39 @@ def test_twistd_prints_one_line_and_exits_1(tmp_path: Path):
     assert result.stderr.strip().splitlines() == [
         "trackingproxy: error: --log-format 'xml': choose one of combined, json"
     ]
+
+
+def _twistd(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--nodaemon",
+         "--pidfile=", "trackingproxy", *args],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+
+
+def test_bad_endpoint_string_is_one_line(tmp_path: Path):
+    """An endpoint string Twisted cannot parse stops start-up with one line naming the option."""
+    result = _twistd(tmp_path, "--domain", "click.example.com", "--no-acme",
+                     "--http-port", "bogus:80", "--https-port", "none")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("trackingproxy: error: --http-port 'bogus:80' is not a valid endpoint")
+
+
+def test_port_in_use_is_one_line(tmp_path: Path):
+    """A port that cannot be bound stops start-up with one line naming the fix, status 1."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = _twistd(tmp_path, "--domain", "click.example.com", "--no-acme",
+                         "--http-port", f"tcp:{port}:interface=127.0.0.1", "--https-port", "none")
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert f"--http-port tcp:{port}:interface=127.0.0.1: cannot listen" in line
+    assert "free the port" in line

@@ -4,6 +4,7 @@ the tracking domain's name (SNI + Host) without DNS."""
 from __future__ import annotations
 
 import datetime
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,12 @@ from trackingproxy.config import config_from_options
 from trackingproxy.options import Options
 from trackingproxy.service import TrackingProxyService, build_service
 
+# curl arguments that print only the status code
+STATUS = ("-o", "/dev/null", "-w", "%{http_code}")
+TWISTD = (
+    sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+    "--nodaemon", "--pidfile=", "trackingproxy",
+)  # fmt: skip
 DOMAIN = "click.example.com"
 DOMAIN2 = "click2.example.com"
 
@@ -38,6 +45,7 @@ class Running:
     http_port: int
     https_port: int
     log_lines: list[str] = field(factory=list)
+    admin_port: int = 0  # --admin-port (tcp:0 on loopback unless the test passes its own)
 
     def url(self, path: str, scheme: str = "https", host: str = DOMAIN) -> str:
         return f"{scheme}://{host}{path}"
@@ -62,6 +70,8 @@ def proxy_args(tmp: Path, ca: trustme.CA, standin: StandIn, *extra: str) -> list
         "tcp:0:interface=127.0.0.1",
         "--no-acme",
     ]
+    if "--admin-port" not in extra:
+        args += ["--admin-port", "tcp:0:interface=127.0.0.1"]
     if "--cert" not in extra and "--certs-dir" not in extra:
         cert, key = write_pair(issue(ca, DOMAIN, DOMAIN2), tmp, "proxy")
         args += ["--cert", str(cert), "--key", str(key)]
@@ -90,8 +100,16 @@ def start_proxy(
         port = getattr(child, "port", None)
         if port is not None:
             ports[child.option] = port.getHost().port  # type: ignore[attr-defined]
+    admin = service.namedServices.get("admin")
+    admin_port = admin.listener.port.getHost().port if admin and admin.listener.port else 0
     return Running(
-        service, standin, ca, ports.get("--http-port", 0), ports.get("--https-port", 0), lines
+        service,
+        standin,
+        ca,
+        ports.get("--http-port", 0),
+        ports.get("--https-port", 0),
+        lines,
+        admin_port,
     )
 
 
@@ -145,6 +163,13 @@ def curl(running: Running, *args: str) -> Deferred[tuple[bytes, bytes, int]]:
         "/usr/bin/curl",
         ["-sS", "--max-time", "20", "--cacert", f.name, *resolve, *args],
         env={"PATH": "/usr/bin:/bin"},
+    )
+
+
+def plain_curl(*args: str) -> Deferred[tuple[bytes, bytes, int]]:
+    """curl without the test CA or name overrides (for requests to 127.0.0.1)."""
+    return getProcessOutputAndValue(
+        "/usr/bin/curl", ["-sS", "--max-time", "20", *args], env={"PATH": "/usr/bin:/bin"}
     )
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import datetime
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.certs import issue, make_ca, other_key_pem, write_combined, write_pair
+from tests.harness import TWISTD
 from trackingproxy.config import ProxyConfig, config_from_options
 from trackingproxy.errors import ConfigError
 from trackingproxy.options import Options
@@ -175,25 +175,7 @@ def test_certs_dir_and_wildcards(tmp_path: Path):
 
 def test_twistd_prints_one_line_and_exits_1(tmp_path: Path):
     """Through the real twistd command, a bad option prints one line, no traceback, status 1."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from twisted.scripts.twistd import run; run()",
-            "--nodaemon",
-            "--pidfile=",
-            "trackingproxy",
-            "--domain",
-            "click.example.com",
-            "--log-format",
-            "xml",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parent.parent)},
-    )
+    result = _twistd(tmp_path, "--domain", "click.example.com", "--log-format", "xml")
     assert result.returncode == 1, result
     assert "Traceback" not in result.stdout + result.stderr
     assert result.stderr.strip().splitlines() == [
@@ -203,17 +185,27 @@ def test_twistd_prints_one_line_and_exits_1(tmp_path: Path):
 
 def _twistd(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--nodaemon",
-         "--pidfile=", "trackingproxy", *args],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        [*TWISTD, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parent.parent)},
     )
 
 
 def test_bad_endpoint_string_is_one_line(tmp_path: Path):
     """An endpoint string Twisted cannot parse stops start-up with one line naming the option."""
-    result = _twistd(tmp_path, "--domain", "click.example.com", "--no-acme",
-                     "--http-port", "bogus:80", "--https-port", "none")
+    result = _twistd(
+        tmp_path,
+        "--domain",
+        "click.example.com",
+        "--no-acme",
+        "--http-port",
+        "bogus:80",
+        "--https-port",
+        "none",
+    )
     assert result.returncode == 1
     assert "Traceback" not in result.stdout + result.stderr
     (line,) = result.stderr.strip().splitlines()
@@ -228,8 +220,16 @@ def test_port_in_use_is_one_line(tmp_path: Path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = _twistd(tmp_path, "--domain", "click.example.com", "--no-acme",
-                         "--http-port", f"tcp:{port}:interface=127.0.0.1", "--https-port", "none")
+        result = _twistd(
+            tmp_path,
+            "--domain",
+            "click.example.com",
+            "--no-acme",
+            "--http-port",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--https-port",
+            "none",
+        )
     assert result.returncode == 1, result
     assert "Traceback" not in result.stdout + result.stderr
     (line,) = result.stderr.strip().splitlines()

@@ -19,7 +19,17 @@ from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.certs import issue, make_ca, write_combined, write_pair
-from tests.harness import DOMAIN, DOMAIN2, curl, proxy_args, start_proxy, stop_proxy
+from tests.harness import (
+    DOMAIN,
+    DOMAIN2,
+    STATUS,
+    TWISTD,
+    curl,
+    plain_curl,
+    proxy_args,
+    start_proxy,
+    stop_proxy,
+)
 from tests.standin import start_standin
 from trackingproxy.jsonlog import JSONLinesObserver
 from trackingproxy.lifecycle import ActiveRequests
@@ -199,15 +209,7 @@ class TwistdTests(TestCase):
         reactor.spawnProcess(
             proto,
             sys.executable,
-            [
-                sys.executable,
-                "-c",
-                "from twisted.scripts.twistd import run; run()",
-                "--nodaemon",
-                "--pidfile=",
-                "trackingproxy",
-                *args,
-            ],
+            [*TWISTD, *args],
             env=env,
             path=str(tmp),
         )
@@ -238,23 +240,8 @@ class TwistdTests(TestCase):
         self.addCleanup(standin.port.stopListening)
         proto, http_port, _ = self.spawn(tmp, ca, standin, "--no-acme")
         yield self.wait_listening(proto)
-        from twisted.internet.utils import getProcessOutputAndValue
-
-        pending = getProcessOutputAndValue(
-            "/usr/bin/curl",
-            [
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--max-time",
-                "20",
-                "-H",
-                f"Host: {DOMAIN}",
-                f"http://127.0.0.1:{http_port}/delay/q/1",
-            ],
-            env={"PATH": "/usr/bin:/bin"},
+        pending = plain_curl(
+            *STATUS, "-H", f"Host: {DOMAIN}", f"http://127.0.0.1:{http_port}/delay/q/1"
         )
         for _ in range(100):
             if standin.seen:
@@ -295,23 +282,9 @@ class TwistdTests(TestCase):
             "json",
         )
         yield self.wait_listening(proto, b'"--https-port listening')
-        from twisted.internet.utils import getProcessOutputAndValue
 
         def get(host: str) -> Deferred[tuple[bytes, bytes, int]]:
-            return getProcessOutputAndValue(
-                "/usr/bin/curl",
-                [
-                    "-sS",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "-H",
-                    f"Host: {host}",
-                    f"http://127.0.0.1:{http_port}/q/1",
-                ],
-                env={"PATH": "/usr/bin:/bin"},
-            )
+            return plain_curl(*STATUS, "-H", f"Host: {host}", f"http://127.0.0.1:{http_port}/q/1")
 
         out, _, _ = yield get(DOMAIN3)
         self.assertEqual(out, b"421")

@@ -20,6 +20,7 @@ from tests.certs import issue, loaded, make_ca, write_pair
 from tests.harness import (
     DOMAIN,
     DOMAIN2,
+    STATUS,
     client,
     curl,
     openssl,
@@ -150,7 +151,7 @@ class ProxyTests(TestCase):
             ["-H", f"Host: user@{DOMAIN}", f"http://127.0.0.1:{r.http_port}/f/x"],
             ["--request-target", "http://other.example.com/f/x", f"http://{DOMAIN}:{r.http_port}/"],
         ):
-            out, err, code = yield curl(r, "-o", "/dev/null", "-w", "%{http_code}", *args)
+            out, err, code = yield curl(r, *STATUS, *args)
             self.assertEqual(out, b"421", (args, err))
         self.assertEqual(r.standin.seen, [])
 
@@ -160,10 +161,7 @@ class ProxyTests(TestCase):
         r = self.start()
         out, err, code = yield curl(
             r,
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
+            *STATUS,
             "--request-target",
             f"http://{DOMAIN}/f/x?y=1",
             f"http://{DOMAIN}:{r.http_port}/",
@@ -360,10 +358,7 @@ class ProxyTests(TestCase):
         )
         out, err, code = yield curl(
             r,
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
+            *STATUS,
             "-H",
             f"Host: {DOMAIN2}",
             f"https://{DOMAIN}:{r.https_port}/q/x",

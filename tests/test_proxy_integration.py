@@ -52,7 +52,7 @@ def resumes(port: int, ca_pem: bytes, version: ssl.TLSVersion) -> bool:
             tls.sendall(request)
             while tls.recv(65536):
                 pass
-            reused = tls.session_reused
+            reused = bool(tls.session_reused)
             session = tls.session
     return reused
 

@@ -51,3 +51,15 @@ test: debs $(STAMP) lint
 
 clean:
 	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache
+
+# trackingproxy against nginx (SparkPost's recipe, and tuned) and Caddy, on loopback; writes
+# bench/RESULTS.md and bench/results/latest.json (see bench/README.md). bench-quick: ~3 minutes.
+BENCH_DEBS := nginx caddy wrk nghttp2-client util-linux
+.PHONY: bench bench-quick
+bench: $(STAMP)
+	@$(MAKE) --no-print-directory debs APT_PACKAGES="$(BENCH_DEBS)"
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	@$(MAKE) --no-print-directory debs APT_PACKAGES="$(BENCH_DEBS)"
+	$(BIN)/python -m bench.run --quick $(BENCH_ARGS)

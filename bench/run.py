@@ -226,11 +226,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             from bench.profile import profile
 
-            return profile(args.profile, workdir, certs, up, clients, REPO, extra)
+            status = profile(args.profile, workdir, certs, up, clients, REPO, extra)
+            shutil.rmtree(workdir, ignore_errors=True)
+            return status
         command = "make bench-quick" if args.quick else "make bench"
         meta = metadata(args, command)
         rounds = [one_round(i, args, workdir, certs, up, clients, extra)
                   for i in range(args.rounds)]
+    except BaseException:
+        log(f"failed; logs and configuration kept in {workdir}")
+        raise
     finally:
         up.stop()
     summary = report.summarise(rounds)

@@ -20,6 +20,10 @@ def makeService(options: Options) -> IService:
 
     from trackingproxy.service import build_service
 
+    if options.get("check"):
+        from trackingproxy.check import run_from_twistd
+
+        run_from_twistd(options)  # runs the checks, then raises SystemExit(0 or 1)
     try:
         config = config_from_options(
             options, datetime.datetime.fromtimestamp(reactor.seconds(), datetime.UTC)

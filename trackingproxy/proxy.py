@@ -176,6 +176,10 @@ class TrackingResource(Resource):
             return _plain(
                 request, 405, b"405 Method Not Allowed\n", {b"allow": b"GET, HEAD, POST, OPTIONS"}
             )
+        if request.clientproto == b"HTTP/1.0" and request.requestHeaders.hasHeader(
+            b"transfer-encoding"
+        ):  # RFC 9112 6.1: faulty framing
+            return _plain(request, 400, b"400 Bad Request\n", {b"connection": b"close"})
         if getattr(request, "tp_too_large", False):
             return _plain(request, 413, b"413 Content Too Large\n", {b"connection": b"close"})
         return self._proxy(request, host, target)

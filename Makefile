@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-APT_PACKAGES := pebble curl openssl ca-certificates
+APT_PACKAGES := pebble curl openssl ca-certificates chromium
 ARGS ?=
 
 .PHONY: run test lint unit debs venv clean plugin-cache

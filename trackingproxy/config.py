@@ -45,6 +45,7 @@ class ProxyConfig:
     idle_timeout: float
     header_timeout: float
     acme: AcmeSettings
+    admin_port: str | None = None  # --admin-port (None: no admin listener, no metrics)
 
     @property
     def user_covered(self) -> tuple[str, ...]:
@@ -151,6 +152,7 @@ def config_from_options(opts: Mapping[str, Any], now: datetime.datetime) -> Prox
         idle_timeout=_positive_seconds("idle-timeout", opts["idle-timeout"]),
         header_timeout=_positive_seconds("header-timeout", opts["header-timeout"]),
         acme=_acme_settings(opts),
+        admin_port=_endpoint("admin-port", opts.get("admin-port", "none")),
     )
 
 

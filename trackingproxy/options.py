@@ -56,6 +56,11 @@ PARAMETERS: list[tuple[str, str | None, str]] = [
         "tcp:443",
         "Twisted endpoint for HTTPS, e.g. tcp:443:interface=::; 'none' disables.",
     ),
+    (
+        "admin-port",
+        "tcp:9180:interface=127.0.0.1",
+        "Endpoint for /healthz, /readyz, /metrics, /status and the status page; 'none' disables.",
+    ),
     ("domains-file", None, "File of tracking domains, one per line (re-read on SIGHUP)."),
     ("shutdown-timeout", "10", "Seconds in-flight requests get to finish on SIGTERM."),
     ("certs-dir", None, "Directory of NAME.pem files, each holding a private key and its chain."),

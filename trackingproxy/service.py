@@ -23,6 +23,7 @@ from twisted.web.resource import IResource
 
 from trackingproxy.accesslog import AccessLog
 from trackingproxy.acme.settings import build_acme
+from trackingproxy.admin import build_admin
 from trackingproxy.challenges import ChallengeResponder
 from trackingproxy.config import ProxyConfig
 from trackingproxy.errors import ConfigError, exit_with
@@ -197,6 +198,7 @@ def build_service(
         upstream = build_upstream(config, reactor, names)
     access_log = access_log or AccessLog(config.log_format, config.log_paths)
     forwarded = ForwardedFor(config.trusted_proxies)
+    admin = build_admin(config.admin_port, reactor, runtime.current_domains)
     acme_service = None
     if challenges is None:
         acme = config.acme
@@ -233,13 +235,14 @@ def build_service(
 
     def site(scheme: str) -> ProxySite:
         return ProxySite(
-            resource(scheme.encode(), upstream),
+            resource(scheme.encode(), admin.instrument(upstream) if admin else upstream),
             access_log,
             scheme,
             reactor,
             idle_timeout=config.idle_timeout,
             header_timeout=config.header_timeout,
             active=active,
+            observer=admin.site(scheme) if admin else None,
         )
 
     if config.http_port is not None:
@@ -263,6 +266,8 @@ def build_service(
         acme_service.setServiceParent(root)
         issuer = _named_child(acme_service, "acme-issuer")
         acme_parts = [p for p in (issuer, challenges) if hasattr(p, "set_domains")]
+    if admin is not None:  # last: it reports on the listeners and the issuer above
+        admin.service(root, sni, config.https_port is not None, acme_service).setServiceParent(root)
 
     def apply_runtime(domains: frozenset[str], well_known: dict[bytes, WellKnownFile]) -> None:
         runtime.domains = domains

@@ -6,7 +6,7 @@ HTTP/1.1 and HTTP/2 (negotiated by ALPN on TLS listeners) share one Site per lis
 from __future__ import annotations
 
 from io import BytesIO
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
@@ -108,10 +108,37 @@ class LimitedHTTPChannel(HTTPChannel):
         super().connectionLost(reason)
 
 
+class SiteObserver(Protocol):
+    """Metric hooks of a listener (``trackingproxy.admin.metrics.SiteMetrics``)."""
+
+    def request_done(self, request: Any) -> None: ...
+    def connection_opened(self) -> None: ...
+    def connection_closed(self) -> None: ...
+
+
+class _ObservedChannelProtocol(_GenericHTTPChannelProtocol):
+    """Tells the observer when a client connection opens and closes (HTTP/1.1 or HTTP/2)."""
+
+    observer: SiteObserver
+
+    def makeConnection(self, transport: Any) -> None:
+        self.observer.connection_opened()
+        super().makeConnection(transport)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.observer.connection_closed()
+        super().connectionLost(reason)
+
+
 def _protocol_factory(site: http.HTTPFactory) -> _GenericHTTPChannelProtocol:
     channel = LimitedHTTPChannel()
     channel.header_timeout = getattr(site, "header_timeout", HEADER_TIMEOUT)
-    return _GenericHTTPChannelProtocol(channel)
+    observer = getattr(site, "observer", None)
+    if observer is None:
+        return _GenericHTTPChannelProtocol(channel)
+    protocol = _ObservedChannelProtocol(channel)
+    protocol.observer = observer
+    return protocol
 
 
 class ProxySite(Site):
@@ -129,11 +156,13 @@ class ProxySite(Site):
         idle_timeout: float = IDLE_TIMEOUT,
         header_timeout: float = HEADER_TIMEOUT,
         active: ActiveRequests | None = None,
+        observer: SiteObserver | None = None,
     ) -> None:
         super().__init__(resource, timeout=idle_timeout, reactor=reactor)
         self.header_timeout = header_timeout
         self._access_log = access_log
         self._active = active
+        self.observer = observer
         self._scheme = scheme
         self.displayTracebacks = False
 
@@ -163,3 +192,5 @@ class ProxySite(Site):
                 scheme=self._scheme,
             )
         )
+        if self.observer is not None:
+            self.observer.request_done(request)

@@ -1,0 +1,126 @@
+"""The admin listener (``--admin-port``): health, readiness, Prometheus metrics, JSON status
+and an HTML status page, plus the metric hooks the proxy's sites and upstream call.
+
+``build_admin`` (from ``service.build_service``) returns None when the admin port is ``none``:
+then no metric is kept at all. Otherwise ``Admin.site`` gives each listener's Site its hooks,
+``Admin.instrument`` wraps the upstream client, and ``Admin.service`` is the admin listener
+(added last to the service tree, so it reports on the proxy's listeners).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Container
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorTime
+
+from trackingproxy.admin.collector import StatusCollector
+from trackingproxy.admin.metrics import InstrumentedUpstream, ProxyMetrics, SiteMetrics
+from trackingproxy.admin.resources import AdminSite, admin_resource
+from trackingproxy.admin.status import CertificateSource, RateTracker, StatusSource
+from trackingproxy.errors import ConfigError
+from trackingproxy.listeners import ListenerService
+from trackingproxy.proxy import Upstream
+
+__all__ = [
+    "DEFAULT_ADMIN_PORT",
+    "Admin",
+    "AdminService",
+    "ProxyMetrics",
+    "SiteMetrics",
+    "StatusSource",
+    "build_admin",
+]
+
+DEFAULT_ADMIN_PORT = "tcp:9180:interface=127.0.0.1"
+
+
+class AdminService(MultiService):
+    """The admin listener plus the sampler behind the page's request rates. Not a direct
+    ListenerService child of the root, so on SIGTERM it keeps answering (``/readyz`` says 503)
+    while the proxy's listeners drain."""
+
+    name = "admin"
+
+    def __init__(self, listener: ListenerService, rates: RateTracker) -> None:
+        super().__init__()
+        self.listener = listener
+        self._rates = rates
+        listener.setServiceParent(self)
+
+    def startService(self) -> None:
+        super().startService()
+        self._rates.start()
+
+    def stopService(self) -> Deferred[None]:
+        self._rates.stop()
+        return super().stopService()  # type: ignore[no-any-return]
+
+
+class Admin:
+    """The metrics of one proxy process and the builder of its admin listener."""
+
+    def __init__(self, endpoint: str, clock: IReactorTime, metrics: ProxyMetrics) -> None:
+        self.endpoint = endpoint
+        self.clock = clock
+        self.metrics = metrics
+
+    def site(self, scheme: str) -> SiteMetrics:
+        return self.metrics.site(scheme)
+
+    def instrument(self, upstream: Upstream) -> InstrumentedUpstream:
+        return self.metrics.instrument(upstream, self.clock)
+
+    def service(
+        self,
+        root: MultiService,
+        certificates: CertificateSource,
+        https_enabled: bool,
+        acme: object | None,
+    ) -> AdminService:
+        """The admin listener reporting on ``root``'s listeners and ``acme``'s issuer."""
+
+        def listeners() -> list[ListenerService]:
+            return [s for s in root if isinstance(s, ListenerService)]
+
+        def issuer() -> Any:
+            try:
+                return getattr(acme, "getServiceNamed", lambda name: None)("acme-issuer")
+            except KeyError:  # --no-acme: the ACME service has no issuer
+                return None
+
+        active = getattr(root, "active", None)
+        rates = RateTracker(self.clock, self.metrics.totals_by_kind)
+        source = StatusSource(
+            clock=self.clock,
+            certificates=certificates,
+            https_enabled=https_enabled,
+            listeners=listeners,
+            renewals=issuer,
+            metrics=self.metrics,
+            rates=rates,
+            in_flight=(lambda: active.count) if active is not None else None,
+        )
+        self.metrics.registry.register(StatusCollector(source))
+        self.source = source
+        site = AdminSite(admin_resource(source, self.metrics.registry), self.clock)
+        try:
+            endpoint = serverFromString(self.clock, self.endpoint)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(
+                f"--admin-port {self.endpoint!r} is not a valid endpoint ({e}); use e.g. "
+                f"{DEFAULT_ADMIN_PORT} or none"
+            ) from None
+        return AdminService(ListenerService("--admin-port", self.endpoint, endpoint, site), rates)
+
+
+def build_admin(
+    endpoint: str | None, clock: IReactorTime, domains: Callable[[], Container[str]]
+) -> Admin | None:
+    """The admin parts for ``--admin-port endpoint`` (None when it is ``none``)."""
+    if endpoint is None:
+        return None
+    return Admin(endpoint, clock, ProxyMetrics(domains))

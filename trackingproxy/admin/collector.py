@@ -1,0 +1,109 @@
+"""Certificate, renewal and readiness metrics, computed at scrape time from ``StatusSource``.
+
+Neither Caddy nor nginx exports certificate expiry; here every configured domain has its
+certificate's validity as epoch seconds, the seconds to the next renewal attempt, ACME orders
+by outcome and the last renewal error as a labelled gauge (present only while failing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from trackingproxy.admin.status import StatusSource
+
+__all__ = ["ERROR_LABEL_LIMIT", "StatusCollector"]
+
+ERROR_LABEL_LIMIT = 200  # characters of the error message kept in the ``error`` label
+
+
+class StatusCollector(Collector):
+    """A prometheus_client collector over the live status (register it with the registry)."""
+
+    def __init__(self, source: StatusSource) -> None:
+        self._source = source
+
+    def describe(self) -> list[Metric]:
+        return []  # names are not checked for duplicates; collect() is only run on scrapes
+
+    def collect(self) -> Iterator[Metric]:
+        source = self._source
+        now = source.now().timestamp()
+        domains = source.domains()
+        ready, _ = source.ready(domains)
+        yield GaugeMetricFamily(
+            "trackingproxy_ready",
+            "1 when every listener is up and every domain has a valid certificate (/readyz).",
+            value=1.0 if ready else 0.0,
+        )
+        info = GaugeMetricFamily(
+            "trackingproxy_certificate_info",
+            "The certificate served for a domain (always 1), with its issuer and serial.",
+            labels=("domain", "issuer", "serial", "source"),
+        )
+        not_before = GaugeMetricFamily(
+            "trackingproxy_certificate_not_before_timestamp_seconds",
+            "Start of the served certificate's validity (seconds since the epoch).",
+            labels=("domain",),
+        )
+        not_after = GaugeMetricFamily(
+            "trackingproxy_certificate_not_after_timestamp_seconds",
+            "End of the served certificate's validity (seconds since the epoch).",
+            labels=("domain",),
+        )
+        present = GaugeMetricFamily(
+            "trackingproxy_certificate_present",
+            "1 when a certificate is served for the domain, else 0.",
+            labels=("domain",),
+        )
+        next_attempt = GaugeMetricFamily(
+            "trackingproxy_acme_next_attempt_seconds",
+            "Seconds until the next ACME order (renewal or retry) for the domain; 0: due now.",
+            labels=("domain",),
+        )
+        failures = GaugeMetricFamily(
+            "trackingproxy_acme_consecutive_failures",
+            "Failed ACME orders for the domain since its last success.",
+            labels=("domain",),
+        )
+        orders = CounterMetricFamily(
+            "trackingproxy_acme_orders",
+            "ACME orders by outcome (issued, failed, rate_limited, busy: another process held "
+            "the order lock).",
+            labels=("domain", "outcome"),
+        )
+        last_error = GaugeMetricFamily(
+            "trackingproxy_acme_last_error_timestamp_seconds",
+            "When the last ACME order for the domain failed, with the error message as a label; "
+            "absent once an order succeeds.",
+            labels=("domain", "error"),
+        )
+        for d in domains:
+            cert = d.certificate
+            present.add_metric((d.name,), 0.0 if cert is None else 1.0)
+            if cert is not None:
+                info.add_metric((d.name, cert.issuer, cert.serial, cert.source), 1.0)
+                not_before.add_metric((d.name,), cert.not_before.timestamp())
+                not_after.add_metric((d.name,), cert.not_after.timestamp())
+            r = d.renewal
+            if r is None:
+                continue
+            due = 0.0 if r.next_attempt is None else max(0.0, r.next_attempt.timestamp() - now)
+            next_attempt.add_metric((d.name,), due)
+            failures.add_metric((d.name,), float(r.failures))
+            for outcome in ("issued", "failed", "rate_limited", "busy"):
+                orders.add_metric((d.name, outcome), float(r.orders.get(outcome, 0)))
+            if r.last_error is not None and r.last_error_at is not None:
+                message = " ".join(r.last_error.split())[:ERROR_LABEL_LIMIT]
+                last_error.add_metric((d.name, message), r.last_error_at.timestamp())
+        yield from (info, present, not_before, not_after, next_attempt, failures, orders)
+        yield last_error
+        in_flight = source.requests_in_flight()
+        if in_flight is not None:
+            yield GaugeMetricFamily(
+                "trackingproxy_requests_in_flight",
+                "Requests accepted and not yet finished.",
+                value=float(in_flight),
+            )

@@ -1,0 +1,143 @@
+"""The admin listener's resources: /healthz, /readyz, /metrics, /status and the page at /.
+
+Only GET and HEAD; nothing is cached (``Cache-Control: no-store``); the HTML page may load
+nothing from anywhere (``Content-Security-Policy``). Admin requests are not access-logged
+(probes and scrapes every few seconds would drown the tracking traffic).
+"""
+
+from __future__ import annotations
+
+import json
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import CollectorRegistry
+from twisted.internet.interfaces import IReactorTime
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from trackingproxy.admin.page import render_page
+from trackingproxy.admin.status import StatusSource
+
+__all__ = ["AdminSite", "admin_resource"]
+
+_CSP = b"default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'"
+
+
+def _send(request: Request, code: int, content_type: bytes, body: bytes) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", content_type)
+    request.setHeader(b"cache-control", b"no-store")
+    request.setHeader(b"x-content-type-options", b"nosniff")
+    request.setHeader(b"content-length", str(len(body)).encode())
+    return b"" if request.method == b"HEAD" else body
+
+
+_TEXT = b"text/plain; charset=utf-8"
+
+
+class _Endpoint(Resource):
+    """A leaf answering GET and HEAD; other methods get 405."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            return _send(request, http.NOT_ALLOWED, _TEXT, b"405 Method Not Allowed\n")
+        return super().render(request)  # type: ignore[no-any-return]
+
+
+class _Root(Resource):
+    """The admin root: the page at /, the endpoints below it, 404 for anything else."""
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return _NotFound()
+
+
+class _NotFound(_Endpoint):
+    def render_GET(self, request: Request) -> bytes:
+        return _send(request, http.NOT_FOUND, _TEXT, b"404 Not Found\n")
+
+
+class Healthz(_Endpoint):
+    """200 while the process serves requests at all."""
+
+    def render_GET(self, request: Request) -> bytes:
+        return _send(request, 200, _TEXT, b"ok\n")
+
+
+class Readyz(_Endpoint):
+    """200 once every listener is up and every domain has a valid certificate; else 503 with
+    one reason per line."""
+
+    def __init__(self, source: StatusSource) -> None:
+        super().__init__()
+        self._source = source
+
+    def render_GET(self, request: Request) -> bytes:
+        ready, reasons = self._source.ready()
+        if ready:
+            return _send(request, 200, _TEXT, b"ready\n")
+        text = "not ready:\n" + "".join(f"{r}\n" for r in reasons)
+        return _send(request, http.SERVICE_UNAVAILABLE, _TEXT, text.encode("utf-8"))
+
+
+class Metrics(_Endpoint):
+    """The registry in Prometheus text format."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        body = generate_latest(self._registry)
+        return _send(request, 200, CONTENT_TYPE_LATEST.encode("ascii"), body)
+
+
+class Status(_Endpoint):
+    """The snapshot as JSON (for scripts)."""
+
+    def __init__(self, source: StatusSource) -> None:
+        super().__init__()
+        self._source = source
+
+    def render_GET(self, request: Request) -> bytes:
+        body = json.dumps(self._source.snapshot(), indent=2, sort_keys=True).encode() + b"\n"
+        return _send(request, 200, b"application/json", body)
+
+
+class Page(_Endpoint):
+    """The HTML status page (for people)."""
+
+    def __init__(self, source: StatusSource) -> None:
+        super().__init__()
+        self._source = source
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-security-policy", _CSP)
+        body = render_page(self._source.snapshot())
+        return _send(request, 200, b"text/html; charset=utf-8", body)
+
+
+def admin_resource(source: StatusSource, registry: CollectorRegistry) -> Resource:
+    root = _Root()
+    root.putChild(b"", Page(source))
+    root.putChild(b"healthz", Healthz())
+    root.putChild(b"readyz", Readyz(source))
+    root.putChild(b"metrics", Metrics(registry))
+    root.putChild(b"status", Status(source))
+    return root
+
+
+class AdminSite(Site):
+    """A Site that does not write an access log line per probe or scrape."""
+
+    noisy = False
+
+    def __init__(self, resource: Resource, reactor: IReactorTime) -> None:
+        super().__init__(resource, reactor=reactor)
+        self.displayTracebacks = False
+
+    def log(self, request: http.Request) -> None:
+        pass

@@ -1,0 +1,289 @@
+"""The facts the admin endpoints report, gathered from the live objects on demand.
+
+``StatusSource`` reads the served certificates (the SNI map), the issuing service's renewal
+state, the listeners and the request counters, and turns them into readiness (``ready``), typed
+per-domain facts (``domains``, used by the Prometheus collector) and one JSON-able snapshot
+(``snapshot``, served as /status and rendered as the HTML page). ``RateTracker`` samples the
+request totals on the clock so the page can show recent rates. Nothing here runs per request.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+from attrs import frozen
+from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.task import LoopingCall
+
+from trackingproxy.acme.issuer import RenewalState
+from trackingproxy.admin.metrics import KINDS, ProxyMetrics
+from trackingproxy.certificates import LoadedCertificate
+
+__all__ = [
+    "CertificateFacts",
+    "CertificateSource",
+    "DomainFacts",
+    "Listener",
+    "RateTracker",
+    "RenewalSource",
+    "StatusSource",
+]
+
+
+class CertificateSource(Protocol):
+    """What is served per domain (``trackingproxy.sni.SNIContextMap``)."""
+
+    @property
+    def domains(self) -> tuple[str, ...]: ...
+
+    def certificate_for(self, name: str) -> LoadedCertificate | None: ...
+
+
+class RenewalSource(Protocol):
+    """The issuing service (``trackingproxy.acme.issuer.IssuingService``)."""
+
+    def renewal_states(self) -> Mapping[str, RenewalState]: ...
+
+
+class Listener(Protocol):
+    """A listening service (``trackingproxy.listeners.ListenerService``)."""
+
+    option: str
+    description: str
+    port: IListeningPort | None
+
+
+@frozen
+class CertificateFacts:
+    issuer: str
+    serial: str
+    names: tuple[str, ...]
+    source: str
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+
+    @classmethod
+    def of(cls, cert: LoadedCertificate) -> CertificateFacts:
+        return cls(
+            issuer=cert.issuer,
+            serial=cert.serial_hex,
+            names=cert.names,
+            source=cert.source,
+            not_before=cert.not_before,
+            not_after=cert.not_after,
+        )
+
+
+@frozen
+class DomainFacts:
+    name: str
+    certificate: CertificateFacts | None
+    renewal: RenewalState | None  # None: not managed by ACME (a certificate you brought)
+
+
+def _iso(when: datetime.datetime | None) -> str | None:
+    return None if when is None else when.isoformat(timespec="seconds")
+
+
+def _ts(when: datetime.datetime | None) -> float | None:
+    return None if when is None else when.timestamp()
+
+
+def _address(port: IListeningPort | None) -> str | None:
+    if port is None:
+        return None
+    addr = port.getHost()
+    host, number = getattr(addr, "host", None), getattr(addr, "port", None)
+    if host is None or number is None:
+        return str(addr)
+    return f"[{host}]:{number}" if ":" in host else f"{host}:{number}"
+
+
+class RateTracker:
+    """Samples the request totals by kind every ``interval`` seconds, keeping ``window``
+    seconds of history, and answers per-second rates over the last minute / five minutes."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        totals: Callable[[], Mapping[str, int]],
+        interval: float = 10.0,
+        window: float = 300.0,
+    ) -> None:
+        self._clock = clock
+        self._totals = totals
+        self._interval = interval
+        self._samples: deque[tuple[float, dict[str, int]]] = deque(
+            maxlen=int(window / interval) + 2
+        )
+        self._loop = LoopingCall(self.sample)
+        self._loop.clock = clock
+
+    def start(self) -> None:
+        self._loop.start(self._interval, now=True)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def sample(self) -> None:
+        self._samples.append((self._clock.seconds(), dict(self._totals())))
+
+    def rates(self, seconds: float) -> dict[str, float]:
+        """Requests per second by kind over (about) the last ``seconds``."""
+        now = self._clock.seconds()
+        current = self._totals()
+        base: tuple[float, Mapping[str, int]] | None = None
+        for when, totals in self._samples:  # oldest first: the last one at least `seconds` old
+            if now - when >= seconds or base is None:
+                base = (when, totals)
+        if base is None or now <= base[0]:
+            return dict.fromkeys(KINDS, 0.0)
+        span = now - base[0]
+        return {k: round((current.get(k, 0) - base[1].get(k, 0)) / span, 4) for k in KINDS}
+
+
+class StatusSource:
+    """Readiness, per-domain facts and the JSON snapshot, read from the running objects."""
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        certificates: CertificateSource,
+        https_enabled: bool,
+        listeners: Callable[[], Iterable[Listener]],
+        renewals: Callable[[], RenewalSource | None],
+        metrics: ProxyMetrics,
+        rates: RateTracker | None = None,
+        in_flight: Callable[[], int] | None = None,
+        started: float | None = None,
+    ) -> None:
+        self._clock = clock
+        self._certificates = certificates
+        self._https = https_enabled
+        self._listeners = listeners
+        self._renewals = renewals
+        self.metrics = metrics
+        self._rates = rates
+        self._in_flight = in_flight
+        self._started = clock.seconds() if started is None else started
+
+    def requests_in_flight(self) -> int | None:
+        return self._in_flight() if self._in_flight is not None else None
+
+    def now(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self._clock.seconds(), datetime.UTC)
+
+    def domains(self) -> list[DomainFacts]:
+        renewals = self._renewals()
+        states = renewals.renewal_states() if renewals is not None else {}
+        out = []
+        for name in self._certificates.domains:
+            cert = self._certificates.certificate_for(name)
+            out.append(
+                DomainFacts(name, CertificateFacts.of(cert) if cert else None, states.get(name))
+            )
+        return out
+
+    def ready(self, domains: list[DomainFacts] | None = None) -> tuple[bool, list[str]]:
+        """Ready: every listener is listening and (with HTTPS) every domain has a certificate
+        that has not expired. The reasons say what is missing, one per line."""
+        reasons = [
+            f"{listener.option} {listener.description} is not listening"
+            for listener in self._listeners()
+            if listener.port is None
+        ]
+        if self._https:
+            now = self.now()
+            for facts in self.domains() if domains is None else domains:
+                cert = facts.certificate
+                if cert is None:
+                    reasons.append(f"{facts.name}: no certificate yet")
+                elif cert.not_after <= now:
+                    reasons.append(
+                        f"{facts.name}: the certificate expired at {_iso(cert.not_after)}"
+                    )
+                elif cert.not_before > now:
+                    reasons.append(
+                        f"{facts.name}: the certificate is valid only from {_iso(cert.not_before)}"
+                    )
+        return not reasons, reasons
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything as JSON-able values (times as ISO 8601 UTC and as epoch seconds)."""
+        now = self._clock.seconds()
+        domains = self.domains()
+        ready, reasons = self.ready(domains)
+        by_domain = self.metrics.totals_by_domain()
+        m = self.metrics
+        return {
+            "time": now,
+            "uptime_seconds": round(now - self._started, 3),
+            "ready": ready,
+            "not_ready_reasons": reasons,
+            "https": self._https,
+            "listeners": [
+                {
+                    "option": listener.option,
+                    "endpoint": listener.description,
+                    "listening": listener.port is not None,
+                    "address": _address(listener.port),
+                }
+                for listener in self._listeners()
+            ],
+            "domains": [self._domain_json(d, now, by_domain) for d in domains],
+            "requests": {
+                "total": m.totals_by_kind(),
+                "per_second_1m": self._rates.rates(60) if self._rates else None,
+                "per_second_5m": self._rates.rates(300) if self._rates else None,
+                "unknown_hosts": by_domain.get("other", dict.fromkeys(KINDS, 0)),
+                "in_flight": self.requests_in_flight(),
+            },
+            "connections": m.open_connections(),
+            "upstream": {
+                "requests": m.upstream_count,
+                "errors": dict(m.error_counts),
+            },
+        }
+
+    @staticmethod
+    def _domain_json(
+        d: DomainFacts, now: float, by_domain: Mapping[str, Mapping[str, int]]
+    ) -> dict[str, Any]:
+        cert = d.certificate
+        renewal = d.renewal
+        return {
+            "name": d.name,
+            "certificate": None
+            if cert is None
+            else {
+                "issuer": cert.issuer,
+                "serial": cert.serial,
+                "names": list(cert.names),
+                "source": cert.source,
+                "not_before": _iso(cert.not_before),
+                "not_after": _iso(cert.not_after),
+                "not_before_ts": _ts(cert.not_before),
+                "not_after_ts": _ts(cert.not_after),
+                "expires_in_seconds": round(cert.not_after.timestamp() - now, 3),
+            },
+            "renewal": None
+            if renewal is None
+            else {
+                "next_attempt": _iso(renewal.next_attempt),
+                "next_attempt_ts": _ts(renewal.next_attempt),
+                "next_attempt_in_seconds": None
+                if renewal.next_attempt is None
+                else max(0.0, round(renewal.next_attempt.timestamp() - now, 3)),
+                "ordering": renewal.ordering,
+                "consecutive_failures": renewal.failures,
+                "last_error": renewal.last_error,
+                "last_error_at": _iso(renewal.last_error_at),
+                "orders": dict(renewal.orders),
+            },
+            "requests": dict(by_domain.get(d.name, dict.fromkeys(KINDS, 0))),
+        }

@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True)
     certs = servers.make_certs(workdir)
     extra = ["--no-acme"] if servers.trackingproxy_supports("--no-acme", REPO) else []
+    if servers.trackingproxy_supports("--access-log", REPO):
+        extra += ["--access-log", "off"]  # like every other proxy in the benchmark
     up = servers.start_upstream(workdir, certs)
     try:
         servers.wait_ready(up)

@@ -128,3 +128,32 @@ def test_well_known_loading(tmp_path: Path):
     (tmp_path / "big").write_bytes(b"x" * (1024 * 1024 + 1))
     with pytest.raises(ConfigError, match="larger than 1 MiB"):
         load_well_known(tmp_path)
+
+
+def test_buffered_access_log_lines(tmp_path: Path):
+    """Access lines are written together on the clock's flush, or at once when 64 KiB pile up."""
+    from twisted.internet.task import Clock
+
+    from trackingproxy.logwriter import open_access_log
+
+    clock = Clock()
+    path = tmp_path / "access.log"
+    writer = open_access_log(str(path), clock)
+    writer("one")
+    writer("two")
+    assert path.read_bytes() == b""
+    clock.advance(0.1)
+    assert path.read_bytes() == b"one\ntwo\n"
+    writer("x" * 70000)
+    assert path.stat().st_size == 8 + 70001
+    writer("last")
+    writer.close()
+    assert path.read_bytes().endswith(b"\nlast\n")
+    assert clock.getDelayedCalls() == []
+
+
+def test_access_log_off():
+    """--access-log off: nothing is formatted or written."""
+    log = AccessLog("combined", "full", None)
+    assert not log.enabled
+    log.log(_entry())

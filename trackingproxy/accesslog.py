@@ -78,11 +78,16 @@ class AccessLog:
         self,
         fmt: LogFormat = "combined",
         paths: PathMode = "full",
-        write: Callable[[str], None] = _log_line,
+        write: Callable[[str], None] | None = _log_line,
     ) -> None:
+        """``write`` None turns the access log off."""
         self._fmt = fmt
         self._paths = paths
         self._write = write
+
+    @property
+    def enabled(self) -> bool:
+        return self._write is not None
 
     def shown_target(self, target: bytes) -> str:
         if self._paths == "redacted":
@@ -92,6 +97,7 @@ class AccessLog:
     def record(self, e: AccessEntry) -> dict[str, object]:
         """The entry as JSON-able fields (the ``json`` format, and the JSON log observer)."""
         return {
+            "type": "access",
             "time": e.when,
             "target": self.shown_target(e.target),
             "client": e.client,
@@ -118,6 +124,8 @@ class AccessLog:
         )
 
     def log(self, entry: AccessEntry) -> None:
+        if self._write is None:
+            return
         if self._write is _log_line and self._fmt == "json":
             # The JSON log observer writes these fields as the line itself.
             _log.info("{line}", line=self.format(entry), access=self.record(entry))

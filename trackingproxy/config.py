@@ -41,6 +41,7 @@ class ProxyConfig:
     well_known_dir: Path | None
     redirect_http: bool
     log_format: LogFormat
+    access_log: str  # "stdout", "log", "off" or a file path
     log_paths: PathMode
     idle_timeout: float
     header_timeout: float
@@ -148,6 +149,7 @@ def config_from_options(opts: Mapping[str, Any], now: datetime.datetime) -> Prox
         well_known_dir=_dir("well-known-dir", opts.get("well-known-dir")),
         redirect_http=bool(opts["redirect-http"]),
         log_format=cast(LogFormat, _choice("log-format", opts["log-format"], ("combined", "json"))),
+        access_log=(opts.get("access-log") or "stdout").strip(),
         log_paths=cast(PathMode, _choice("log-paths", opts["log-paths"], ("full", "redacted"))),
         idle_timeout=_positive_seconds("idle-timeout", opts["idle-timeout"]),
         header_timeout=_positive_seconds("header-timeout", opts["header-timeout"]),

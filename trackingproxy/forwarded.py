@@ -69,6 +69,10 @@ class ForwardedFor:
         return any(addr.version == net.version and addr in net for net in self._trusted)
 
     def resolve(self, peer: str, header_values: Sequence[bytes] | None) -> ClientAddress:
+        if not self._trusted:  # the common case: no parsing at all
+            if peer.startswith("::ffff:"):
+                peer = normalise_peer(peer)
+            return ClientAddress(peer, peer.encode("ascii", "replace"))
         peer = normalise_peer(peer)
         peer_ip = _parse_ip(peer)
         if (

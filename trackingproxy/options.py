@@ -69,6 +69,11 @@ PARAMETERS: list[tuple[str, str | None, str]] = [
         None,
         "Directory of files served as-is under /.well-known/ on every domain.",
     ),
+    (
+        "access-log",
+        "stdout",
+        "Access log destination: stdout, log (the twistd log), off, or a file path.",
+    ),
     ("log-format", "combined", "Access log format: combined or json."),
     ("log-paths", "full", "Paths in the access log: full, or redacted (hash of tracking tokens)."),
     ("email", None, "ACME account contact address (recommended)."),

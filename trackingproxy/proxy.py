@@ -33,6 +33,7 @@ log = Logger(namespace="trackingproxy.proxy")
 
 ALLOWED_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"OPTIONS"})
 MAX_BODY = 64 * 1024
+SMALL_BODY = 64 * 1024  # responses up to this size are written without flow control
 CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
 _TOKEN = re.compile(rb"^[A-Za-z0-9_-]{1,256}$")
 
@@ -314,6 +315,9 @@ class _Relay(TwistedProtocol):
     def connectionMade(self) -> None:
         if self._done:
             return
+        length = self._response.length
+        if isinstance(length, int) and length <= SMALL_BODY:
+            return  # pixels and redirects: back-pressure would only cost epoll calls
         self._request.registerProducer(self.transport, True)
         self._producing = True
 

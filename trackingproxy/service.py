@@ -31,6 +31,7 @@ from trackingproxy.forwarded import ForwardedFor
 from trackingproxy.jsonlog import JSONLinesObserver
 from trackingproxy.lifecycle import ActiveRequests
 from trackingproxy.listeners import ListenerService
+from trackingproxy.logwriter import open_access_log
 from trackingproxy.proxy import TrackingResource, Upstream
 from trackingproxy.reload import Reloader
 from trackingproxy.site import ProxySite
@@ -196,7 +197,8 @@ def build_service(
     if upstream is None:
         names = names_client.createResolver()
         upstream = build_upstream(config, reactor, names)
-    access_log = access_log or AccessLog(config.log_format, config.log_paths)
+    if access_log is None:
+        access_log = build_access_log(config, reactor)
     forwarded = ForwardedFor(config.trusted_proxies)
     admin = build_admin(config.admin_port, reactor, runtime.current_domains)
     acme_service = None
@@ -275,6 +277,17 @@ def build_service(
 
     root.reloader = Reloader(config, reactor, sni, apply_runtime, acme_parts)
     return root
+
+
+def build_access_log(config: ProxyConfig, reactor: Any) -> AccessLog:
+    """The access log of ``--access-log``: buffered to stdout or a file, the twistd log, or off."""
+    if config.access_log == "off":
+        return AccessLog(config.log_format, config.log_paths, write=None)
+    if config.access_log == "log":
+        return AccessLog(config.log_format, config.log_paths)
+    writer = open_access_log(config.access_log, reactor)
+    reactor.addSystemEventTrigger("after", "shutdown", writer.close)
+    return AccessLog(config.log_format, config.log_paths, write=writer)
 
 
 def _exit_zero_after_sigterm() -> None:

@@ -12,7 +12,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http
-from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol, datetimeToString
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
@@ -41,6 +41,29 @@ class ProxyRequest(Request):
 
     tp_started = 0.0
     _tp_received = 0
+
+    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        # Bodies are forwarded as bytes: never parse form posts into request.args.
+        kwargs.setdefault("parsePOSTFormSubmission", False)
+        super().__init__(channel, *args, **kwargs)
+
+    def process(self) -> None:
+        """twisted.web's Request.process without the ``Server: TwistedWeb/<version>`` header,
+        the per-request path splitting (our root resource is a leaf) and the special answer to
+        ``OPTIONS *`` (which is not a tracking request: 400)."""
+        self.site = self.channel.site  # type: ignore[attr-defined]
+        self.setHeader(b"date", datetimeToString())
+        self.prepath = []
+        self.postpath = []
+        if self.path == b"*":
+            self.setResponseCode(400)
+            self.setHeader(b"content-length", b"0")
+            self.finish()
+            return
+        try:
+            self.render(self.site.getResourceFor(self))
+        except BaseException:
+            self.processingFailed(Failure())
 
     def gotLength(self, length: int | None) -> None:
         self.content = BytesIO()
@@ -77,12 +100,27 @@ class LimitedHTTPChannel(HTTPChannel):
     header_timeout = HEADER_TIMEOUT
     _header_deadline: IDelayedCall | None = None
     _awaiting_headers = False
+    _local_address: Any = None
+
+    def getHost(self) -> Any:
+        # Every Request asks for it; once per connection is enough (it is a getsockname call).
+        if self._local_address is None:
+            self._local_address = super().getHost()
+        return self._local_address
 
     def dataReceived(self, data: bytes) -> None:
         if not self._awaiting_headers:
             self._awaiting_headers = True
             self._header_deadline = self.callLater(self.header_timeout, self._headers_too_slow)
         super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        # obs-fold (a header line starting with white space) is refused, not merged (RFC 9112
+        # 5.2): intermediaries disagree on how to unfold, which is what smuggling feeds on.
+        if line[:1] in (b" ", b"\t"):
+            self._respondToBadRequestAndDisconnect()
+            return
+        super().lineReceived(line)
 
     def allHeadersReceived(self) -> None:
         self._awaiting_headers_done()
@@ -173,6 +211,10 @@ class ProxySite(Site):
         return super().getResourceFor(request)  # type: ignore[no-any-return]
 
     def log(self, request: http.Request) -> None:
+        if self.observer is not None:
+            self.observer.request_done(request)
+        if not self._access_log.enabled:
+            return
         addr = request.getClientAddress()
         client = str(getattr(request, "tp_client", None) or getattr(addr, "host", "-"))
         version = request.clientproto.decode("latin-1") if request.clientproto else "-"
@@ -192,5 +234,3 @@ class ProxySite(Site):
                 scheme=self._scheme,
             )
         )
-        if self.observer is not None:
-            self.observer.request_done(request)

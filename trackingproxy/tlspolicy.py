@@ -58,6 +58,9 @@ def make_context(
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_options(_OPTIONS)
+    # Free a connection's TLS read/write buffers while it is idle (what nginx does): most tracking
+    # connections sit idle in keep-alive between a few requests.
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     ctx.set_cipher_list(TLS12_CIPHERS)
     # pyOpenSSL has no wrapper for the groups list; cryptography's binding exports it.
     if _openssl_lib.SSL_CTX_set1_curves_list(ctx._context, GROUPS) != 1:

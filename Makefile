@@ -63,3 +63,13 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	@$(MAKE) --no-print-directory debs APT_PACKAGES="$(BENCH_DEBS)"
 	$(BIN)/python -m bench.run --quick $(BENCH_ARGS)
+
+# Build deploy/Dockerfile with podman and run the image for real (3 to 5 minutes the first time,
+# then about 1): pebble, a stand-in for spgo.io and the container on the host network get a
+# certificate, proxy an open and a click over HTTPS, restart and keep the certificate. Needs root
+# (rootful podman) and free ports 80, 443, 9180; installs podman, runc and debootstrap when
+# missing and makes the base image debian:bookworm-slim with debootstrap (no registry needed).
+# CONTAINER_TEST_ARGS="--source head" builds the last commit instead of the working tree.
+.PHONY: container-test
+container-test: debs $(STAMP)
+	$(BIN)/python tests/deploy/container_run.py $(CONTAINER_TEST_ARGS)

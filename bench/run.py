@@ -221,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = ["--no-acme"] if servers.trackingproxy_supports("--no-acme", REPO) else []
     if servers.trackingproxy_supports("--access-log", REPO):
         extra += ["--access-log", "off"]  # like every other proxy in the benchmark
+    if servers.trackingproxy_supports("--admin-port", REPO):
+        extra += ["--admin-port", "none"]  # no metrics work: the others keep none either
     up = servers.start_upstream(workdir, certs)
     try:
         servers.wait_ready(up)

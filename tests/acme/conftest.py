@@ -66,6 +66,7 @@ class Pebble:
         validity: int | None = None,
         nonce_reject: int = 0,
         strict: bool = False,
+        eab_keys: dict[str, str] | None = None,
     ) -> None:
         self.binaries = binaries
         self.workdir = workdir
@@ -89,8 +90,10 @@ class Pebble:
             "httpPort": http_port,
             "tlsPort": _free_port(),
             "ocspResponderURL": "",
-            "externalAccountBindingRequired": False,
+            "externalAccountBindingRequired": eab_keys is not None,
         }
+        if eab_keys is not None:
+            config["externalAccountMACKeys"] = eab_keys
         if validity is not None:
             config["certificateValidityPeriod"] = validity
         self.config = workdir / "pebble-config.json"

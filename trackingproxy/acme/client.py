@@ -4,12 +4,16 @@ Every blocking ACME call runs in ONE dedicated thread (``ClientNetwork`` is not 
 and its one-second poll sleeps must stay out of the reactor's default pool); the Deferred
 chain that sequences the steps, the store and the challenge responder stay on the reactor
 thread. Each step is retried a few times on ``badNonce`` before the attempt fails.
+The thread is a daemon: a call abandoned at shutdown never keeps the process alive.
+The account is loaded or registered under the store lock ``account-<hash>``, so processes
+sharing the state directory and starting together register one account, not one each.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import math
 import threading
 from collections.abc import Callable, Generator
@@ -35,15 +39,31 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from trackingproxy.acme.obtainer import ObtainFailed, ObtainRequest
-from trackingproxy.acme.problems import explain, problem_code
+from trackingproxy.acme.problems import RegistrationFailed, explain, problem_code
 from trackingproxy.acme.responder import HTTP01Responder
 from trackingproxy.acme.schedule import parse_retry_after
-from trackingproxy.acme.store import AccountRecord, AriWindow, CertificateStore, PendingOrder
+from trackingproxy.acme.store import (
+    AccountRecord,
+    AriWindow,
+    CertificateStore,
+    Lock,
+    PendingOrder,
+)
 
 __all__ = ["AcmeObtainer", "ari_cert_id"]
 
 log = Logger()
 _T = TypeVar("_T")
+
+
+class _DaemonThread(threading.Thread):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.daemon = True
+
+
+class _DaemonThreadPool(ThreadPool):
+    threadFactory = _DaemonThread
 
 
 class NewOrderWithReplaces(messages.NewOrder):
@@ -64,6 +84,15 @@ class _Network(acme_client.ClientNetwork):
         except messages.Error as e:
             e.retry_after_header = response.headers.get("Retry-After")
             raise
+
+
+def _profiles(directory: messages.Directory) -> dict[str, str]:
+    """The profiles a directory advertises (its ``meta`` is optional)."""
+    try:
+        meta = directory.meta
+    except AttributeError:
+        return {}
+    return getattr(meta, "profiles", None) or {}
 
 
 def ari_cert_id(cert: x509.Certificate) -> str:
@@ -98,6 +127,8 @@ class AcmeObtainer:
         poll_timeout: float = 90.0,
         network_timeout: int = 30,
         user_agent: str = "trackingproxy",
+        account_lock_ttl: float = 300.0,
+        account_lock_poll: float = 1.0,
     ) -> None:
         self._reactor = reactor
         self._clock = clock
@@ -112,7 +143,9 @@ class AcmeObtainer:
         self._poll_timeout = poll_timeout
         self._network_timeout = network_timeout
         self._user_agent = user_agent
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="trackingproxy-acme")
+        self._account_lock_ttl = account_lock_ttl
+        self._account_lock_poll = account_lock_poll
+        self._pool = _DaemonThreadPool(minthreads=1, maxthreads=1, name="trackingproxy-acme")
         self._client: acme_client.ClientV2 | None = None
         self._account_key: JWK | None = None
         self._account_waiters: list[Deferred[None]] = []
@@ -178,15 +211,47 @@ class AcmeObtainer:
             else:
                 waiter.callback(None)
 
+    @property
+    def account_lock_name(self) -> str:
+        """The store lock held while loading or registering the account of this directory."""
+        return "account-" + hashlib.sha256(self.directory_url.encode("utf-8")).hexdigest()[:16]
+
     @inlineCallbacks
     def _setup_account(self) -> Generator[Deferred[Any], Any, None]:
         url = self.directory_url
         record: AccountRecord | None = yield self._store.load_account(url)
-        if record is None:
-            new_key = JWKEC(key=ec.generate_private_key(ec.SECP256R1()))
-            record = AccountRecord(key_json=new_key.json_dumps())
-            # The key is stored before registering: a crash never leads to a second account.
-            yield self._store.save_account(url, record)
+        if record is not None and record.registration_json is not None:
+            yield self._use_account(record)
+            return
+        # Load or register under a lock: another process may be registering right now.
+        lock: Lock | None = yield self._store.acquire(self.account_lock_name,
+                                                      self._account_lock_ttl)
+        while lock is None:
+            yield deferLater(self._clock, self._account_lock_poll)
+            record = yield self._store.load_account(url)
+            if record is not None and record.registration_json is not None:
+                yield self._use_account(record)
+                return
+            lock = yield self._store.acquire(self.account_lock_name, self._account_lock_ttl)
+        try:
+            record = yield self._store.load_account(url)
+            if record is None:
+                new_key = JWKEC(key=ec.generate_private_key(ec.SECP256R1()))
+                record = AccountRecord(key_json=new_key.json_dumps())
+                # The key is stored before registering: a crash never leads to a second account.
+                yield self._store.save_account(url, record)
+            yield self._use_account(record)
+        except BaseException:
+            self._store.release(lock).addErrback(
+                lambda f: log.failure("Cannot release the account lock", f)
+            )
+            raise
+        yield self._store.release(lock)
+
+    @inlineCallbacks
+    def _use_account(self, record: AccountRecord) -> Generator[Deferred[Any], Any, None]:
+        """Build the client for ``record``, registering it first when it has no registration."""
+        url = self.directory_url
         key = JWK.json_loads(record.key_json)
         alg = ES256 if isinstance(key, JWKEC) else RS256
         net = _Network(key=key, alg=alg, verify_ssl=cast(bool, self._verify),
@@ -196,12 +261,19 @@ class AcmeObtainer:
         if record.registration_json is not None:
             net.account = messages.RegistrationResource.json_loads(record.registration_json)
         else:
-            regr = yield self._call(self._register, client, key)
+            try:
+                regr = yield self._call(self._register, client, key)
+            except messages.Error as e:
+                raise RegistrationFailed(e, eab=self._eab is not None) from e
+            # The CA echoes the EAB JWS in the account object; it is not ours to keep (and
+            # acme cannot serialize it back).
+            regr = regr.update(body=regr.body.update(external_account_binding=None))
+            net.account = regr
             yield self._store.save_account(
                 url, AccountRecord(key_json=record.key_json, registration_json=regr.json_dumps())
             )
             log.info("Registered ACME account {uri} at {url}", uri=regr.uri, url=url)
-        profiles = getattr(directory.meta, "profiles", None) or {}
+        profiles = _profiles(directory)
         if self._profile and self._profile not in profiles and not self._profile_warned:
             self._profile_warned = True
             log.warn(
@@ -281,7 +353,7 @@ class AcmeObtainer:
         return cast(str, orderr.fullchain_pem).encode("ascii")
 
     def _profile_to_use(self, client: acme_client.ClientV2) -> str | None:
-        profiles = getattr(client.directory.meta, "profiles", None) or {}
+        profiles = _profiles(client.directory)
         return self._profile if self._profile and self._profile in profiles else None
 
     def _new_order(

@@ -2,9 +2,12 @@
 
 At start it serves what the store holds, then orders what is missing or due. A check runs on
 a jittered timer and exactly at the earliest renewal / retry time. Orders hold the store's
-per-name lock (so processes sharing the state directory never order the same name at once),
-are de-duplicated per name, and failures keep the served certificate, back off and are
-logged once each; near expiry they are logged at CRITICAL and passed to ``panic``.
+per-name lock (so processes sharing the state directory never order the same name at once;
+it is refreshed while the order runs), are de-duplicated per name, and failures keep the
+served certificate, back off and are logged once each; near expiry they are logged at
+CRITICAL and passed to ``panic``. Stopping waits at most ``stop_timeout`` for running
+orders: after that they are abandoned (their lock released, their late result ignored) and
+resume from the stored order at the next start.
 The store is the single source of truth: every check reloads it and serves what changed.
 """
 
@@ -23,6 +26,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from trackingproxy.acme.locks import LockKeeper
 from trackingproxy.acme.obtainer import Obtainer, ObtainFailed, ObtainRequest
 from trackingproxy.acme.schedule import jittered, next_attempt, renewal_time
 from trackingproxy.acme.store import (
@@ -95,6 +99,7 @@ class IssuingService(Service):
         lock_ttl: float = 1800.0,
         busy_retry: float = 60.0,
         backoff_base: float = 60.0,
+        stop_timeout: float = 5.0,
     ) -> None:
         skip = set(skip_domains)
         self._clock = clock
@@ -108,6 +113,8 @@ class IssuingService(Service):
         self._lock_ttl = lock_ttl
         self._busy_retry = datetime.timedelta(seconds=busy_retry)
         self._backoff_base = datetime.timedelta(seconds=backoff_base)
+        self._stop_timeout = stop_timeout
+        self._held: dict[str, LockKeeper] = {}
         self.domains: tuple[str, ...] = tuple(d for d in domains if d not in skip)
         self._state = {d: _Domain() for d in self.domains}
         self._inflight: dict[str, Deferred[None]] = {}
@@ -147,11 +154,53 @@ class IssuingService(Service):
         self._run_check()
 
     def stopService(self) -> Deferred[None]:
+        """Wait for running orders and the obtainer, but never longer than ``stop_timeout``."""
         super().stopService()
         self._cancel_timer()
         pending = [d for d in (self._checking, *self._inflight.values()) if d is not None]
-        waits = DeferredList([_quiet(d) for d in pending])
-        return waits.addCallback(lambda _: self._obtainer.stop())
+        stopped: Deferred[None] = Deferred()
+        asked: list[bool] = []
+
+        def fire(_: object = None) -> None:
+            if not stopped.called:
+                stopped.callback(None)
+
+        def stop_obtainer(_: object = None) -> None:
+            if not asked:
+                asked.append(True)
+                d = self._obtainer.stop()
+                d.addErrback(_log_failure, "Stopping the certificate obtainer failed", "")
+                d.addBoth(fire)
+
+        def too_slow() -> None:
+            self._abandon()
+            stop_obtainer()
+            fire()
+
+        timer = self._clock.callLater(self._stop_timeout, too_slow)
+        DeferredList([_quiet(d) for d in pending]).addCallback(stop_obtainer)
+
+        def cancel_timer(_: None) -> None:
+            if timer.active():
+                timer.cancel()
+
+        return stopped.addCallback(cancel_timer)
+
+    def _abandon(self) -> None:
+        """Give up the running orders: release their locks, ignore what they produce later."""
+        if not self._held:
+            log.warn("Stopping without waiting any longer for the certificate obtainer")
+        for name, keeper in sorted(self._held.items()):
+            log.warn(
+                "{name}: stopping without waiting for the running order; it is resumed from "
+                "the stored order at the next start", name=name,
+            )
+            keeper.abandoned = True
+            keeper.stop()
+            self._store.release(keeper.lock).addErrback(
+                _log_failure, "{name}: cannot release the lock", name
+            )
+        self._held.clear()
 
     # -- timer ----------------------------------------------------------------------------
     def _now(self) -> datetime.datetime:
@@ -300,19 +349,28 @@ class IssuingService(Service):
             st.orders["busy"] = st.orders.get("busy", 0) + 1
             st.retry_at = self._now() + self._busy_retry
             return
+        keeper = LockKeeper(self._clock, self._store, lock, self._lock_ttl)
+        self._held[name] = keeper
         try:
             yield self._reload(name)  # someone may have renewed it meanwhile
             if st.current is None or st.renew_at is None or st.renew_at <= self._now():
-                yield self._obtain_locked(name, lock)
+                yield self._obtain_locked(name, keeper)
             else:
                 st.retry_at = None
         except Exception as e:
-            self._failed(name, e)
+            if not keeper.abandoned:
+                self._failed(name, e)
+        keeper.stop()
+        if keeper.abandoned:  # stopService released the lock already
+            return
+        del self._held[name]
         # Not in a ``finally``: a generator abandoned at shutdown must not yield again.
-        yield self._store.release(lock)
+        yield self._store.release(keeper.lock)
 
     @inlineCallbacks
-    def _obtain_locked(self, name: str, lock: Lock) -> Generator[Deferred[Any], Any, None]:
+    def _obtain_locked(
+        self, name: str, keeper: LockKeeper
+    ) -> Generator[Deferred[Any], Any, None]:
         st = self._state[name]
         pending: PendingOrder | None = yield self._store.load_order(name)
         key: PrivateKey | None = None
@@ -329,18 +387,22 @@ class IssuingService(Service):
         request = ObtainRequest(
             name=name,
             key=key,
-            save_order=lambda order: self._store.save_order(lock, order),
+            save_order=lambda order: self._store.save_order(keeper.lock, order),
             replaces=st.current.fullchain_pem() if st.current is not None else None,
             resume=pending,
         )
         fullchain: bytes = yield self._obtainer.obtain(request)
+        if keeper.abandoned:
+            log.info("{name}: an order abandoned at shutdown finished; its result is ignored",
+                     name=name)
+            return
         try:
             cert = parse_pem(fullchain, key_pem, f"{self._obtainer.description} for {name}")
         except ConfigError as e:
             raise ObtainFailed(f"{name}: the CA sent an unusable certificate: {e}") from None
         if not cert.covers(name):
             raise ObtainFailed(f"{name}: the CA sent a certificate for {', '.join(cert.names)}")
-        yield self._store.save(lock, StoredCertificate(cert))
+        yield self._store.save(keeper.lock, StoredCertificate(cert))
         st.failures = 0
         st.last_error = st.last_error_at = None
         st.orders["issued"] = st.orders.get("issued", 0) + 1
@@ -403,6 +465,10 @@ def _load_key(pem: bytes) -> PrivateKey | None:
     except (ValueError, TypeError):
         return None
     return key if isinstance(key, PrivateKey) else None
+
+
+def _log_failure(failure: Failure, message: str, name: str) -> None:
+    log.failure(message, failure, name=name)
 
 
 def _quiet(d: Deferred[None]) -> Deferred[None]:

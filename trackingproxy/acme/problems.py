@@ -11,9 +11,18 @@ from acme import messages
 from trackingproxy.acme.obtainer import ObtainFailed
 from trackingproxy.acme.schedule import parse_retry_after
 
-__all__ = ["describe_problem", "explain", "problem_code"]
+__all__ = ["RegistrationFailed", "describe_problem", "explain", "problem_code"]
 
 _PREFIX = "urn:ietf:params:acme:error:"
+
+
+class RegistrationFailed(Exception):
+    """The CA refused to register the account (``eab``: External Account Binding was sent)."""
+
+    def __init__(self, error: messages.Error, eab: bool) -> None:
+        super().__init__(f"account registration refused: {describe_problem(error)}")
+        self.error = error
+        self.eab = eab
 
 
 def problem_code(error: messages.Error) -> str:
@@ -33,8 +42,11 @@ def describe_problem(error: messages.Error) -> str:
     return " ".join(text.split())
 
 
+_VALIDATION = ("connection", "dns", "unknownHost", "incorrectResponse", "unauthorized", "tls")
+
+
 def _fix(code: str, name: str) -> str:
-    if code in ("connection", "dns", "unknownHost", "incorrectResponse", "unauthorized", "tls"):
+    if code in _VALIDATION:
         return (
             f"make sure DNS for {name} points to this host and that port 80 reaches "
             "trackingproxy (no redirect to HTTPS in front of it)"
@@ -64,6 +76,23 @@ def explain(
     """An ``ObtainFailed`` whose message names the problem and the likely fix."""
     if isinstance(failure, ObtainFailed):
         return failure
+    if isinstance(failure, RegistrationFailed):
+        code = problem_code(failure.error)
+        if code == "externalAccountRequired":
+            fix = _fix(code, name)
+        elif failure.eab and code in ("unauthorized", "malformed", "badSignatureAlgorithm"):
+            fix = (
+                "the CA refused the External Account Binding: check --eab-kid and "
+                "--eab-hmac-key (copy both from your CA's account page)"
+            )
+        else:
+            fix = _fix(code, name) if code not in _VALIDATION else "retrying later"
+        return ObtainFailed(
+            f"{name}: registering an ACME account at {directory_url} failed: "
+            f"{describe_problem(failure.error)}; {fix}",
+            retry_after=parse_retry_after(getattr(failure.error, "retry_after_header", None), now),
+            problem_type=code,
+        )
     if isinstance(failure, messages.Error):
         code = problem_code(failure)
         retry_after = parse_retry_after(getattr(failure, "retry_after_header", None), now)

@@ -365,6 +365,11 @@ def main(argv: list[str]) -> int:
                 say(f"GET http://127.0.0.1:9180/healthz -> {code}")
                 if code != "200":
                     raise Failed(f"/healthz answered {code}")
+                ready = run(["curl", "-sS", "-w", " %{http_code}", "--max-time", "5",
+                             "http://127.0.0.1:9180/readyz"], timeout=15).stdout.strip()
+                say(f"GET http://127.0.0.1:9180/readyz -> {ready[-3:]} {ready[:-4].strip()[:80]}")
+                if not ready.endswith("200"):
+                    raise Failed(f"/readyz with a certificate served: {ready}")
                 health = podman("healthcheck", "run", name, check=False, timeout=30)
                 say(f"podman healthcheck run (the image's HEALTHCHECK) -> exit "
                     f"{health.returncode} {health.stdout.strip()}")

@@ -52,6 +52,13 @@ test: debs $(STAMP) lint
 clean:
 	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache
 
+# The whole flow on one machine, offline, in about a minute: pebble, a stand-in for spgo.io and
+# the proxy on loopback ports; an open, a click and a certificate renewal over HTTPS.
+# `make demo DEMO_ARGS=--keep-running` leaves everything up afterwards to try the curl commands.
+.PHONY: demo
+demo: debs $(STAMP)
+	$(BIN)/python demo/run_demo.py $(DEMO_ARGS)
+
 # trackingproxy against nginx (SparkPost's recipe, and tuned) and Caddy, on loopback; writes
 # bench/RESULTS.md and bench/results/latest.json (see bench/README.md). bench-quick: ~3 minutes.
 BENCH_DEBS := nginx caddy wrk nghttp2-client util-linux

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 import trustme  # noqa: E402
 from cryptography import x509  # noqa: E402
 
-from tests.acme.conftest import Pebble, _find_pebble  # noqa: E402
+from tests.acme.conftest import Pebble, _find_pebble, _free_port  # noqa: E402
 
 BASE_IMAGE = "debian:bookworm-slim"
 IMAGE = "localhost/trackingproxy:container-test"
@@ -246,6 +246,86 @@ def pebble_issued(pebble: Pebble) -> list[str]:
     return re.findall(r"Issued certificate serial (\S+)", pebble.log.read_text(errors="replace"))
 
 
+def scenario(
+    name: str, logs: Callable[[], str], certificate_while_running: Callable[[], Any],
+    pebble: Pebble, root_pem: Path, upstream: Any, https_port: int, admin_port: int | None,
+    volume: str, podman: Podman,
+) -> None:
+    """Certificate, open, click, admin endpoints, restart with the certificate kept."""
+    leaf = wait_for("a pebble certificate served on :443", certificate_while_running,
+                    timeout=120)
+    serial = format(leaf.serial_number, "x")
+    say(f"certificate from pebble: serial {serial}, issuer {leaf.issuer.rfc4514_string()}, "
+        f"not after {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+    issued = pebble_issued(pebble)
+    if len(issued) != 1:
+        raise Failed(f"pebble issued {len(issued)} certificates, expected 1: {issued}")
+
+    facts, headers = curl(f"https://{DOMAIN}/q/open-token", https_port, root_pem)
+    say(f"curl https://{DOMAIN}/q/open-token -> {facts}")
+    if not facts.startswith("200 image/gif 44"):
+        raise Failed(f"open pixel: {facts}\n{headers}")
+    facts, headers = curl(f"https://{DOMAIN}/f/click-token", https_port, root_pem)
+    location = next((h for h in headers.splitlines() if h.lower().startswith("location:")),
+                    "")
+    say(f"curl https://{DOMAIN}/f/click-token -> {facts}; {location.strip()}")
+    if not facts.startswith("302") or "www.example.com/landing" not in location:
+        raise Failed(f"click: {facts}\n{headers}")
+    uris = [s.uri.decode() for s in upstream.seen]
+    say(f"upstream stand-in saw: {uris}")
+    if "/q/open-token" not in uris or "/f/click-token" not in uris:
+        raise Failed(f"the upstream did not see both requests: {uris}")
+
+    if admin_port is not None:
+        code = run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time",
+                    "5", f"http://127.0.0.1:{admin_port}/healthz"], timeout=15).stdout
+        say(f"GET http://127.0.0.1:{admin_port}/healthz -> {code}")
+        if code != "200":
+            raise Failed(f"/healthz answered {code}")
+        ready = run(["curl", "-sS", "-w", " %{http_code}", "--max-time", "5",
+                     f"http://127.0.0.1:{admin_port}/readyz"], timeout=15).stdout.strip()
+        say(f"GET http://127.0.0.1:{admin_port}/readyz -> {ready[-3:]} {ready[:-4].strip()[:80]}")
+        if not ready.endswith("200"):
+            raise Failed(f"/readyz with a certificate served: {ready}")
+        health = podman("healthcheck", "run", name, check=False, timeout=30)
+        say(f"podman healthcheck run (the image's HEALTHCHECK) -> exit "
+            f"{health.returncode} {health.stdout.strip()}")
+        if health.returncode != 0:
+            raise Failed(f"HEALTHCHECK failed: {health.stdout}{health.stderr}")
+
+    stored = podman("run", "--rm", "--network", "none", "-v",
+                    f"{volume}:/var/lib/trackingproxy", "--entrypoint", "ls", IMAGE,
+                    "-ln", f"/var/lib/trackingproxy/certificates/{DOMAIN}", timeout=60)
+    say("in the volume:\n    " + "\n    ".join(stored.stdout.strip().splitlines()))
+
+    t0 = time.monotonic()
+    podman("stop", "--time", "20", name, timeout=60)
+    stopped = podman("inspect", name, "--format", "{{.State.ExitCode}}").stdout.strip()
+    say(f"podman stop (SIGTERM): stopped in {time.monotonic() - t0:.1f}s, exit code "
+        f"{stopped}")
+    if stopped != "0":
+        print(logs()[-3000:], file=sys.stderr)
+        raise Failed(f"the proxy exited {stopped} on SIGTERM, expected 0")
+    before = len(logs().splitlines())
+    podman("start", name, timeout=60)
+    again = wait_for("HTTPS again after the restart",
+                     lambda: served_certificate(https_port, root_pem), timeout=60)
+    serial2 = format(again.serial_number, "x")
+    say(f"after restart: serial {serial2} ({'same' if serial2 == serial else 'DIFFERENT'})")
+    facts, _ = curl(f"https://{DOMAIN}/q/after-restart", https_port, root_pem)
+    say(f"curl https://{DOMAIN}/q/after-restart -> {facts}")
+    time.sleep(3)  # let an (unwanted) order show up in pebble's log if there were one
+    issued = pebble_issued(pebble)
+    new_lines = logs().splitlines()[before:]
+    ordering = [ln for ln in new_lines if re.search(r"order", ln, re.I)]
+    say(f"pebble issued {len(issued)} certificate(s) in total; proxy log lines after the "
+        f"restart mentioning an order: {len(ordering)}")
+    if serial2 != serial or len(issued) != 1 or not facts.startswith("200"):
+        raise Failed(f"the certificate did not survive the restart: {serial} -> "
+                     f"{serial2}, pebble issued {issued}, {facts}")
+    say("proxy log after the restart:\n    " + "\n    ".join(new_lines[-12:]))
+
+
 def main(argv: list[str]) -> int:
     source = "worktree"
     if argv[1:2] == ["--source"] and argv[2:3] in (["head"], ["worktree"]):
@@ -256,7 +336,7 @@ def main(argv: list[str]) -> int:
     if os.geteuid() != 0 and not shutil.which("sudo"):
         print("container-test needs root (rootful podman) or passwordless sudo", file=sys.stderr)
         return 1
-    ensure_debs(["podman", "runc", "debootstrap", "curl", "pebble", "uidmap"])
+    ensure_debs(["podman", "runc", "debootstrap", "curl", "pebble"])
     binaries = _find_pebble()
     if binaries is None:
         raise Failed("pebble and pebble-challtestsrv are not on PATH after installing pebble")
@@ -279,10 +359,11 @@ def main(argv: list[str]) -> int:
             "no, so the HTTPS listener is probed instead of /healthz"))
 
         http_port, https_port = 80, 443
-        for p in (80, 443, 9180):
+        for p in (http_port, https_port):
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", p)) == 0:
-                    raise Failed(f"port {p} on this host is in use; the test binds 80, 443, 9180")
+                    raise Failed(f"port {p} on this host is in use; the test binds 80 and 443")
+        admin_port = _free_port()
 
         pebble = Pebble(binaries, workdir, http_port=http_port)
         pebble.start()
@@ -310,7 +391,7 @@ def main(argv: list[str]) -> int:
                 "TRACKINGPROXY_HTTP_PORT": f"tcp:{http_port}",
                 "TRACKINGPROXY_HTTPS_PORT": f"tcp:{https_port}",
                 # on the host network: keep the admin listener on loopback
-                "TRACKINGPROXY_ADMIN_PORT": "tcp:9180:interface=127.0.0.1",
+                "TRACKINGPROXY_ADMIN_PORT": f"tcp:{admin_port}:interface=127.0.0.1",
             }
             env_args = [a for k, v in env.items() for a in ("-e", f"{k}={v}")]
             podman("run", "-d", "--name", name, "--network", "host",
@@ -332,81 +413,11 @@ def main(argv: list[str]) -> int:
                 return served_certificate(https_port, root_pem)
 
             try:
-                leaf = wait_for("a pebble certificate served on :443",
-                                certificate_while_running, timeout=120)
+                scenario(name, logs, certificate_while_running, pebble, root_pem, upstream,
+                         https_port, admin_port if has_admin else None, volume, podman)
             except Failed:
-                print(logs()[-4000:], file=sys.stderr)
+                print("container log (tail):\n" + logs()[-4000:], file=sys.stderr)
                 raise
-            serial = format(leaf.serial_number, "x")
-            say(f"certificate from pebble: serial {serial}, issuer {leaf.issuer.rfc4514_string()}, "
-                f"not after {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
-            issued = pebble_issued(pebble)
-            if len(issued) != 1:
-                raise Failed(f"pebble issued {len(issued)} certificates, expected 1: {issued}")
-
-            facts, headers = curl(f"https://{DOMAIN}/q/open-token", https_port, root_pem)
-            say(f"curl https://{DOMAIN}/q/open-token -> {facts}")
-            if not facts.startswith("200 image/gif 44"):
-                raise Failed(f"open pixel: {facts}\n{headers}")
-            facts, headers = curl(f"https://{DOMAIN}/f/click-token", https_port, root_pem)
-            location = next((h for h in headers.splitlines() if h.lower().startswith("location:")),
-                            "")
-            say(f"curl https://{DOMAIN}/f/click-token -> {facts}; {location.strip()}")
-            if not facts.startswith("302") or "www.example.com/landing" not in location:
-                raise Failed(f"click: {facts}\n{headers}")
-            uris = [s.uri.decode() for s in upstream.seen]
-            say(f"upstream stand-in saw: {uris}")
-            if "/q/open-token" not in uris or "/f/click-token" not in uris:
-                raise Failed(f"the upstream did not see both requests: {uris}")
-
-            if has_admin:
-                code = run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time",
-                            "5", "http://127.0.0.1:9180/healthz"], timeout=15).stdout
-                say(f"GET http://127.0.0.1:9180/healthz -> {code}")
-                if code != "200":
-                    raise Failed(f"/healthz answered {code}")
-                ready = run(["curl", "-sS", "-w", " %{http_code}", "--max-time", "5",
-                             "http://127.0.0.1:9180/readyz"], timeout=15).stdout.strip()
-                say(f"GET http://127.0.0.1:9180/readyz -> {ready[-3:]} {ready[:-4].strip()[:80]}")
-                if not ready.endswith("200"):
-                    raise Failed(f"/readyz with a certificate served: {ready}")
-                health = podman("healthcheck", "run", name, check=False, timeout=30)
-                say(f"podman healthcheck run (the image's HEALTHCHECK) -> exit "
-                    f"{health.returncode} {health.stdout.strip()}")
-                if health.returncode != 0:
-                    raise Failed(f"HEALTHCHECK failed: {health.stdout}{health.stderr}")
-
-            stored = podman("run", "--rm", "--network", "none", "-v",
-                            f"{volume}:/var/lib/trackingproxy", "--entrypoint", "ls", IMAGE,
-                            "-ln", f"/var/lib/trackingproxy/certificates/{DOMAIN}", timeout=60)
-            say("in the volume:\n    " + "\n    ".join(stored.stdout.strip().splitlines()))
-
-            t0 = time.monotonic()
-            podman("stop", "--time", "20", name, timeout=60)
-            stopped = podman("inspect", name, "--format", "{{.State.ExitCode}}").stdout.strip()
-            say(f"podman stop (SIGTERM): stopped in {time.monotonic() - t0:.1f}s, exit code "
-                f"{stopped}")
-            if stopped != "0":
-                print(logs()[-3000:], file=sys.stderr)
-                raise Failed(f"the proxy exited {stopped} on SIGTERM, expected 0")
-            before = len(logs().splitlines())
-            podman("start", name, timeout=60)
-            again = wait_for("HTTPS again after the restart",
-                             lambda: served_certificate(https_port, root_pem), timeout=60)
-            serial2 = format(again.serial_number, "x")
-            say(f"after restart: serial {serial2} ({'same' if serial2 == serial else 'DIFFERENT'})")
-            facts, _ = curl(f"https://{DOMAIN}/q/after-restart", https_port, root_pem)
-            say(f"curl https://{DOMAIN}/q/after-restart -> {facts}")
-            time.sleep(3)  # let an (unwanted) order show up in pebble's log if there were one
-            issued = pebble_issued(pebble)
-            new_lines = logs().splitlines()[before:]
-            ordering = [ln for ln in new_lines if re.search(r"order", ln, re.I)]
-            say(f"pebble issued {len(issued)} certificate(s) in total; proxy log lines after the "
-                f"restart mentioning an order: {len(ordering)}")
-            if serial2 != serial or len(issued) != 1 or not facts.startswith("200"):
-                raise Failed(f"the certificate did not survive the restart: {serial} -> "
-                             f"{serial2}, pebble issued {issued}, {facts}")
-            say("proxy log after the restart:\n    " + "\n    ".join(new_lines[-12:]))
 
         # The worst case of deploy/kubernetes/deployment.yaml's security context: no new
         # privileges, so the kernel ignores the interpreter's file capability, and no ambient

@@ -225,7 +225,7 @@ def test_dockerfile_facts() -> None:
     assert "STOPSIGNAL SIGTERM" in lines
     assert "USER 10001:10001" in lines
     text = "\n".join(lines)
-    assert re.search(r"HEALTHCHECK .*\n.*http://127\.0\.0\.1:9180/healthz", text)
+    assert re.search(r"HEALTHCHECK .*\n.*TRACKINGPROXY_ADMIN_PORT.*/healthz", text)
     assert "TRACKINGPROXY_ADMIN_PORT=tcp:9180" in text
     assert "setcap cap_net_bind_service=+ep" in text
 

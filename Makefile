@@ -74,7 +74,7 @@ bench-quick: $(STAMP)
 # Build deploy/Dockerfile with podman and run the image for real (3 to 5 minutes the first time,
 # then about 1): pebble, a stand-in for spgo.io and the container on the host network get a
 # certificate, proxy an open and a click over HTTPS, restart and keep the certificate. Needs root
-# (rootful podman) and free ports 80, 443, 9180; installs podman, runc and debootstrap when
+# (rootful podman) and free ports 80 and 443; installs podman, runc and debootstrap when
 # missing and makes the base image debian:bookworm-slim with debootstrap (no registry needed).
 # CONTAINER_TEST_ARGS="--source head" builds the last commit instead of the working tree.
 .PHONY: container-test

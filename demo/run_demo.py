@@ -295,7 +295,7 @@ def run_curl(args: list[str], workdir: Path, expect: str) -> str:
 def demo(workdir: Path, children: Children) -> None:
     if shutil.which("curl") is None:
         raise MissingTool("curl is not installed; install it with `sudo apt-get install curl`")
-    http_port, https_port = free_ports(2)
+    http_port, https_port, admin_port = free_ports(3)
     proxy_log = workdir / "trackingproxy.log"
     shown: set[str] = set()
     say(f"Working directory: {workdir}")
@@ -321,8 +321,10 @@ def demo(workdir: Path, children: Children) -> None:
         "--upstream", f"https://127.0.0.1:{standin_port}", "--upstream-ca-bundle", standin_ca.name,
         "--http-port", f"tcp:{http_port}:interface=127.0.0.1",
         "--https-port", f"tcp:{https_port}:interface=127.0.0.1",
+        "--admin-port", f"tcp:{admin_port}:interface=127.0.0.1",
     ]
     say("    $ " + shlex.join(["twistd", *args]))
+    say(f"    (its status page: http://127.0.0.1:{admin_port}/, metrics at /metrics)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     children.start("trackingproxy", [*twistd_command(), *args], env=env)

@@ -196,11 +196,16 @@ class Podman:
             extra = ["-v", f"{HOST_CA_BUNDLE}:/run/host-ca.crt:ro",
                      "-v", f"{pip_conf}:/etc/pip.conf:ro"]
         say(f"building {IMAGE} from deploy/Dockerfile ({source}: {context})")
+        previous = self("image", "inspect", IMAGE, "--format", "{{.Id}}", check=False)
         t0 = time.monotonic()
         done = self("build", "--pull=never", "--format", "docker", *extra,
                      "-f", str(ROOT / "deploy" / "Dockerfile"), "-t", IMAGE, str(context),
                      timeout=900)
-        say(f"built in {time.monotonic() - t0:.0f}s: {done.stdout.strip().splitlines()[-1]}")
+        built = done.stdout.strip().splitlines()[-1]
+        say(f"built in {time.monotonic() - t0:.0f}s: {built}")
+        old = previous.stdout.strip()
+        if previous.returncode == 0 and old and old != built:
+            self("rmi", old, check=False)  # the previous build of this test, now untagged
 
 
 # -- the upstream stand-in, on a reactor thread -------------------------------------------

@@ -29,7 +29,7 @@ from trackingproxy.config import ProxyConfig
 from trackingproxy.errors import ConfigError, exit_with
 from trackingproxy.forwarded import ForwardedFor
 from trackingproxy.jsonlog import JSONLinesObserver
-from trackingproxy.lifecycle import ActiveRequests
+from trackingproxy.lifecycle import ActiveRequests, tune_gc
 from trackingproxy.listeners import ListenerService
 from trackingproxy.logwriter import open_access_log
 from trackingproxy.proxy import TrackingResource, Upstream
@@ -112,6 +112,7 @@ class TrackingProxyService(MultiService):
                 reactor.callFromThread(reloader.reload)
 
             self._previous_sighup = signal.signal(signal.SIGHUP, on_sighup)
+            reactor.callWhenRunning(tune_gc)
 
     def stopService(self) -> Deferred[None]:
         if self._previous_sighup is not None:

@@ -102,3 +102,20 @@ def test_wheel_contains_plugin_and_fresh_venv_lists_it(tmp_path: Path):
     )
     assert "--upstream" in helptext.stdout and "TRACKINGPROXY_" in helptext.stdout
     assert "dropin.cache" not in helptext.stderr
+
+
+def test_editable_compat_install_lists_the_plugin(tmp_path: Path):
+    """The development install (`pip install -e . --config-settings editable_mode=compat`, what
+    `make` does) lets `twistd --help` list trackingproxy from any directory, without PYTHONPATH."""
+    result = subprocess.run(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert "trackingproxy" in result.stdout, (
+        "the test environment's install does not expose the plugin: install with "
+        "--config-settings editable_mode=compat (setuptools' default editable mode hides it)"
+    )

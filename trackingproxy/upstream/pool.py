@@ -41,7 +41,6 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import ClientFactory
 from twisted.internet.ssl import optionsForClientTLS, platformTrust
 from twisted.python.failure import Failure
-from twisted.web._newclient import HTTP11ClientProtocol
 from zope.interface import implementer
 
 from trackingproxy.errors import ConfigError
@@ -52,6 +51,7 @@ from trackingproxy.upstream.errors import (
     UpstreamError,
     UpstreamTLSFailed,
 )
+from trackingproxy.upstream.http1 import LeanHTTP11ClientProtocol
 from trackingproxy.upstream.target import UpstreamTarget
 
 MAX_IDLE: Final = 64
@@ -94,52 +94,9 @@ class _SystemPlusBundle:
             store.add_cert(cert)
 
 
-class _LazyPause:
-    """A transport proxy that makes a pause followed by a resume within one ``dataReceived`` free.
-
-    HTTP11ClientProtocol pauses the transport when a response's headers arrive and resumes it
-    as soon as the body has a reader, which the proxy gives it at once: two epoll_ctl calls per
-    response for nothing. Here the pause only takes effect if it still stands when the
-    protocol's ``dataReceived`` returns (``settle``).
-    """
-
-    def __init__(self, transport: Any) -> None:
-        self._transport = transport
-        self._pause_pending = False
-        self._paused = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-    def pauseProducing(self) -> None:
-        self._pause_pending = True
-
-    def resumeProducing(self) -> None:
-        self._pause_pending = False
-        if self._paused:
-            self._paused = False
-            self._transport.resumeProducing()
-
-    def settle(self) -> None:
-        if self._pause_pending:
-            self._pause_pending = False
-            if not self._paused:
-                self._paused = True
-                self._transport.pauseProducing()
-
-
 @implementer(IHandshakeListener)
-class UpstreamProtocol(HTTP11ClientProtocol):
+class UpstreamProtocol(LeanHTTP11ClientProtocol):
     """An HTTP/1.1 client connection that reports readiness (after TLS) and loss to its pool."""
-
-    def makeConnection(self, transport: Any) -> None:
-        super().makeConnection(_LazyPause(transport))
-
-    def dataReceived(self, data: bytes) -> None:
-        super().dataReceived(data)
-        transport = self.transport
-        if isinstance(transport, _LazyPause):
-            transport.settle()
 
     def __init__(self, tls: bool, on_quiescent: Callable[[], None], on_lost: Callable[[], None]):
         super().__init__(lambda _protocol: on_quiescent())
@@ -161,7 +118,7 @@ class UpstreamProtocol(HTTP11ClientProtocol):
             self.ready.callback(self)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        HTTP11ClientProtocol.connectionLost(self, reason)
+        LeanHTTP11ClientProtocol.connectionLost(self, reason)
         if not self.ready.called:
             self.ready.errback(reason)
         self._on_lost()

@@ -1,0 +1,253 @@
+"""A lean HTTP/1.1 client connection for the upstream leg: one request at a time, the response
+parsed by httptools (llhttp, in C), the request written in one ``write``.
+
+It is a drop-in for the subset of ``twisted.web._newclient.HTTP11ClientProtocol`` the pool and
+the client use: ``request(Request) -> Deferred[IResponse]``, the ``state`` attribute
+(``QUIESCENT`` when reusable), the quiescent callback, and the same failure types
+(``RequestNotSent``, ``ResponseNeverReceived``, ``ResponseFailed`` with a ``ParseError`` for
+garbage), so the retry rule of ``client.py`` keeps its meaning. What it saves per request:
+Twisted's line-by-line Python parser, the per-response pause/resume of the transport, and
+several Deferred hops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import httptools
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web._newclient import (
+    ParseError,
+    Request,
+    RequestNotSent,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+    TransportProxyProducer,
+)
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from zope.interface import implementer
+
+QUIESCENT = "QUIESCENT"
+WAITING = "WAITING"
+CONNECTION_LOST = "CONNECTION_LOST"
+
+_HTTP11 = (b"HTTP", 1, 1)
+
+
+class _HeadDone(Exception):
+    """Raised from the parser callback to end a HEAD response at its headers."""
+
+
+@implementer(IResponse)
+class LeanResponse:
+    """The response handed to the proxy: status, headers, and the body on ``deliverBody``."""
+
+    previousResponse = None
+
+    def __init__(
+        self,
+        code: int,
+        phrase: bytes,
+        headers: Headers,
+        length: int | object,
+        transport: TransportProxyProducer,
+        request: Request,
+    ) -> None:
+        self.version = _HTTP11
+        self.code = code
+        self.phrase = phrase
+        self.headers = headers
+        self.length = length
+        self.request = request
+        self._transport = transport  # client.abandon() reaches the connection through this
+        self._protocol: Protocol | None = None
+        self._buffer: list[bytes] = []
+        self._end: Failure | None = None
+
+    def setPreviousResponse(self, response: IResponse) -> None:
+        self.previousResponse = response
+
+    def deliverBody(self, protocol: Any) -> None:
+        if self._protocol is not None:
+            raise RuntimeError("the body of this response is already being delivered")
+        self._protocol = protocol
+        protocol.makeConnection(self._transport)
+        for chunk in self._buffer:
+            protocol.dataReceived(chunk)
+        self._buffer = []
+        if self._end is not None:
+            self._transport.stopProxying()
+            protocol.connectionLost(self._end)
+
+    def _body(self, data: bytes) -> None:
+        if self._protocol is not None:
+            self._protocol.dataReceived(data)
+        else:
+            self._buffer.append(data)
+
+    def _finish(self, reason: Failure) -> None:
+        if self._end is not None:
+            return
+        self._end = reason
+        if self._protocol is not None:
+            self._transport.stopProxying()
+            self._protocol.connectionLost(reason)
+
+
+class LeanHTTP11ClientProtocol(Protocol):
+    """One persistent upstream connection; see the module docstring."""
+
+    def __init__(self, quiescentCallback: Callable[[Any], None] = lambda _: None) -> None:
+        self._quiescent = quiescentCallback
+        self.state = QUIESCENT
+        self._parser = httptools.HttpResponseParser(self)
+        self._request: Request | None = None
+        self._result: Deferred[IResponse] | None = None
+        self._response: LeanResponse | None = None
+        self._header_list: list[tuple[bytes, bytes]] = []
+        self._phrase = b""
+        self._received = False
+        self._head_done = False
+
+    # -- sending --------------------------------------------------------------------------
+    def request(self, request: Request) -> Deferred[IResponse]:
+        transport = self.transport
+        if self.state != QUIESCENT or transport is None:
+            return fail(RequestNotSent())
+        lines = [request.method, b" ", request.uri, b" HTTP/1.1\r\n"]
+        for name, values in request.headers.getAllRawHeaders():
+            for value in values:
+                lines += [name, b": ", value, b"\r\n"]
+        if not request.persistent:
+            lines.append(b"Connection: close\r\n")
+        body = request.bodyProducer
+        if body is not None:
+            data: bytes = body._body  # client._BytesBody
+            lines += [b"Content-Length: ", str(len(data)).encode("ascii"), b"\r\n\r\n", data]
+        else:
+            lines.append(b"\r\n")
+        self.state = WAITING
+        self._request = request
+        self._received = False
+        self._result = Deferred(self._cancel)
+        transport.write(b"".join(lines))
+        return self._result
+
+    def _cancel(self, _: Deferred[IResponse]) -> None:
+        self._result = None
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    # -- receiving ------------------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        if self.state != WAITING:
+            # Bytes nobody asked for (an idle connection): the connection is unusable.
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        self._received = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError:
+            if not self._head_done:
+                raise
+            self._head_done = False
+            self._parser = httptools.HttpResponseParser(self)
+            self.on_message_complete()
+        except httptools.HttpParserError as e:
+            self._protocol_error(str(e))
+
+    def _protocol_error(self, message: str) -> None:
+        reason = Failure(ResponseFailed([Failure(ParseError(message, b""))]))
+        self._fail(reason)
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def on_status(self, status: bytes) -> None:
+        self._phrase += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_list.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        code = self._parser.get_status_code()
+        header_list, self._header_list = self._header_list, []
+        phrase, self._phrase = self._phrase, b""
+        if 100 <= code < 200:
+            return  # an interim response: the real one follows
+        headers = Headers()
+        length: int | object = UNKNOWN_LENGTH
+        for name, value in header_list:
+            headers.addRawHeader(name, value)
+            if name.lower() == b"content-length" and value.isdigit():
+                length = int(value)
+        request = self._request
+        assert request is not None
+        if request.method == b"HEAD" or code in (204, 304):
+            length = 0
+        response = LeanResponse(
+            code, phrase, headers, length, TransportProxyProducer(self.transport), request
+        )
+        self._response = response
+        result, self._result = self._result, None
+        if result is not None:
+            result.callback(response)
+        if request.method == b"HEAD":
+            self._head_done = True
+            raise _HeadDone()
+
+    def on_body(self, body: bytes) -> None:
+        if self._response is not None:
+            self._response._body(body)
+
+    def on_message_complete(self) -> None:
+        response, self._response = self._response, None
+        if response is None:
+            return  # the end of an interim (1xx) response
+        keep = (
+            self._parser.should_keep_alive()
+            and self._request is not None
+            and self._request.persistent
+        )
+        self._request = None
+        if keep:
+            # Back to the pool before the reader hears of the end (as HTTP11ClientProtocol
+            # does), and detached from this response so its reader cannot pause the next one.
+            self.state = QUIESCENT
+            response._transport.stopProxying()
+            self._quiescent(self)
+        else:
+            self.state = CONNECTION_LOST
+            if self.transport is not None:
+                self.transport.loseConnection()
+        response._finish(Failure(ResponseDone()))
+
+    # -- failure --------------------------------------------------------------------------
+    def _fail(self, reason: Failure) -> None:
+        result, self._result = self._result, None
+        if result is not None:
+            result.errback(reason)
+        response, self._response = self._response, None
+        if response is not None:
+            response._finish(reason)
+        self.state = CONNECTION_LOST
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        if self.state == WAITING:
+            if self._result is not None:
+                error = ResponseFailed if self._received else ResponseNeverReceived
+                self._fail(Failure(error([reason])))
+            elif self._response is not None:
+                response = self._response
+                self._response = None
+                if response.length is UNKNOWN_LENGTH and not response.headers.hasHeader(
+                    b"transfer-encoding"
+                ):
+                    response._finish(Failure(PotentialDataLoss()))  # read until close: done
+                else:
+                    response._finish(Failure(ResponseFailed([reason])))
+        self.state = CONNECTION_LOST

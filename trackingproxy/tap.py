@@ -7,6 +7,7 @@ import datetime
 
 from twisted.application.service import IService
 
+from trackingproxy import fastwrite
 from trackingproxy.config import config_from_options
 from trackingproxy.errors import ConfigError, exit_with
 from trackingproxy.options import Options
@@ -28,6 +29,7 @@ def makeService(options: Options) -> IService:
         config = config_from_options(
             options, datetime.datetime.fromtimestamp(reactor.seconds(), datetime.UTC)
         )
+        fastwrite.install()
         service = build_service(config, reactor)
         service.install_signals = True
         return service

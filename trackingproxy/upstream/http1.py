@@ -40,6 +40,9 @@ CONNECTION_LOST = "CONNECTION_LOST"
 _HTTP11 = (b"HTTP", 1, 1)
 
 
+_DONE = Failure(ResponseDone())  # shared: making a Failure per response is not free
+
+
 class _HeadDone(Exception):
     """Raised from the parser callback to end a HEAD response at its headers."""
 
@@ -224,7 +227,7 @@ class LeanHTTP11ClientProtocol(Protocol):
             self.state = CONNECTION_LOST
             if self.transport is not None:
                 self.transport.loseConnection()
-        response._finish(Failure(ResponseDone()))
+        response._finish(_DONE)
 
     # -- failure --------------------------------------------------------------------------
     def _fail(self, reason: Failure) -> None:

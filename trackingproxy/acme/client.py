@@ -367,9 +367,13 @@ class AcmeObtainer:
         )
         try:
             response = client._post(client.directory["newOrder"], order)
-        except messages.Error as e:
-            if replaces is None or problem_code(e) in ("badNonce", "rateLimited"):
+        except (messages.Error, acme_errors.ConflictError) as e:
+            # acme turns every 409 (alreadyReplaced, RFC 9773) into a bare ConflictError.
+            code = problem_code(e) if isinstance(e, messages.Error) else "conflict"
+            if replaces is None or code in ("badNonce", "rateLimited"):
                 raise
+            log.info("{names}: the CA refused to replace {cert_id} ({code}); ordering without "
+                     "'replaces'", names=", ".join(names), cert_id=replaces, code=code)
             # The CA says the certificate was already replaced or is not ours: order plainly.
             return self._new_order(client, csr_pem, None)
         body = messages.Order.from_json(response.json())

@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
@@ -188,3 +189,30 @@ def openssl_pipeline(command: str) -> Deferred[tuple[bytes, bytes, int]]:
     return getProcessOutputAndValue(
         "/bin/sh", ["-c", "exec < /dev/null; " + command], env=dict(os.environ)
     )
+
+
+class ProxyTestCase(TestCase):
+    """A trial TestCase that starts the real proxy (``self.start``) and stops it afterwards."""
+
+    timeout = 60
+
+    def start(self, *extra: str, **kw: Any) -> Running:
+        tmp = Path(self.mktemp())
+        tmp.mkdir(parents=True)
+        self.tmp = tmp
+        running = start_proxy(tmp, *extra, **kw)
+        self.addCleanup(stop_proxy, running)
+        self.running = running
+        self.http = client(running)
+        return running
+
+    def start_with_two_certificates(self) -> Running:
+        """The proxy serving a separate certificate for each of DOMAIN and DOMAIN2."""
+        ca = make_ca()
+        tmp = Path(self.mktemp())
+        tmp.mkdir(parents=True)
+        c1, k1 = write_pair(issue(ca, DOMAIN), tmp, "one")
+        c2, k2 = write_pair(issue(ca, DOMAIN2), tmp, "two")
+        return self.start(
+            "--cert", str(c1), "--key", str(k1), "--cert", str(c2), "--key", str(k2), ca=ca
+        )

@@ -6,17 +6,15 @@ from __future__ import annotations
 import datetime
 import json
 from pathlib import Path
-from typing import Any
 
 import treq
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
 
 from tests.certs import issue, loaded, make_ca, write_pair
-from tests.harness import DOMAIN, DOMAIN2, Running, client, proxy_args, start_proxy, stop_proxy
+from tests.harness import DOMAIN, DOMAIN2, ProxyTestCase, Running, proxy_args, stop_proxy
 from tests.standin import start_standin
 from trackingproxy.accesslog import AccessLog
 from trackingproxy.config import config_from_options
@@ -33,19 +31,7 @@ def sample(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
-class AdminTests(TestCase):
-    timeout = 60
-
-    def start(self, *extra: str, **kw: Any) -> Running:
-        tmp = Path(self.mktemp())
-        tmp.mkdir(parents=True)
-        self.tmp = tmp
-        running = start_proxy(tmp, *extra, **kw)
-        self.addCleanup(stop_proxy, running)
-        self.running = running
-        self.http = client(running)
-        return running
-
+class AdminTests(ProxyTestCase):
     @inlineCallbacks
     def admin(self, path: str, port: int | None = None):
         port = port or self.running.admin_port

@@ -183,6 +183,9 @@ def test_twistd_prints_one_line_and_exits_1(tmp_path: Path):
     ]
 
 
+NO_ACME = ("--domain", "click.example.com", "--no-acme")
+
+
 def _twistd(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*TWISTD, *args],
@@ -198,9 +201,7 @@ def test_bad_endpoint_string_is_one_line(tmp_path: Path):
     """An endpoint string Twisted cannot parse stops start-up with one line naming the option."""
     result = _twistd(
         tmp_path,
-        "--domain",
-        "click.example.com",
-        "--no-acme",
+        *NO_ACME,
         "--http-port",
         "bogus:80",
         "--https-port",
@@ -222,9 +223,7 @@ def test_port_in_use_is_one_line(tmp_path: Path):
         port = busy.getsockname()[1]
         result = _twistd(
             tmp_path,
-            "--domain",
-            "click.example.com",
-            "--no-acme",
+            *NO_ACME,
             "--http-port",
             f"tcp:{port}:interface=127.0.0.1",
             "--https-port",

@@ -14,19 +14,16 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
 
-from tests.certs import issue, loaded, make_ca, write_pair
+from tests.certs import issue, loaded
 from tests.harness import (
     DOMAIN,
     DOMAIN2,
     STATUS,
-    client,
+    ProxyTestCase,
     curl,
     openssl,
     openssl_pipeline,
-    start_proxy,
-    stop_proxy,
 )
 from tests.standin import GIF
 
@@ -57,19 +54,7 @@ def resumes(port: int, ca_pem: bytes, version: ssl.TLSVersion) -> bool:
     return reused
 
 
-class ProxyTests(TestCase):
-    timeout = 60
-
-    def start(self, *extra: str, **kw: Any):
-        tmp = Path(self.mktemp())
-        tmp.mkdir(parents=True)
-        self.tmp = tmp
-        running = start_proxy(tmp, *extra, **kw)
-        self.addCleanup(stop_proxy, running)
-        self.running = running
-        self.http = client(running)
-        return running
-
+class ProxyTests(ProxyTestCase):
     @inlineCallbacks
     def test_open_pixel_over_https(self):
         """An open is forwarded with Host, client IP, proto and UA; the 44-byte GIF comes back."""
@@ -323,14 +308,7 @@ class ProxyTests(TestCase):
     @inlineCallbacks
     def test_sni_selection_and_unknown_names(self):
         """Each domain gets its own certificate; no SNI gets the first; unknown names fail alone."""
-        ca = make_ca()
-        tmp = Path(self.mktemp())
-        tmp.mkdir(parents=True)
-        c1, k1 = write_pair(issue(ca, DOMAIN), tmp, "one")
-        c2, k2 = write_pair(issue(ca, DOMAIN2), tmp, "two")
-        r = self.start(
-            "--cert", str(c1), "--key", str(k1), "--cert", str(c2), "--key", str(k2), ca=ca
-        )
+        r = self.start_with_two_certificates()
         target = f"-connect 127.0.0.1:{r.https_port}"
         out, _, code = yield openssl("s_client", target, "-servername", DOMAIN2)
         self.assertIn(f"CN={DOMAIN2}".encode(), out.replace(b" ", b""))
@@ -348,14 +326,7 @@ class ProxyTests(TestCase):
     @inlineCallbacks
     def test_host_must_match_sni(self):
         """A request for click2 on a TLS connection made for click (separate certs) gets 421."""
-        ca = make_ca()
-        tmp = Path(self.mktemp())
-        tmp.mkdir(parents=True)
-        c1, k1 = write_pair(issue(ca, DOMAIN), tmp, "one")
-        c2, k2 = write_pair(issue(ca, DOMAIN2), tmp, "two")
-        r = self.start(
-            "--cert", str(c1), "--key", str(k1), "--cert", str(c2), "--key", str(k2), ca=ca
-        )
+        r = self.start_with_two_certificates()
         out, err, code = yield curl(
             r,
             *STATUS,

@@ -170,7 +170,6 @@ class Harness:
         self,
         state: Path,
         directory_url: str | None = None,
-        obtainer_options: dict[str, Any] | None = None,
         **issuer_options: Any,
     ) -> IssuingService:
         store = FileStore(state, self.reactor)
@@ -182,7 +181,7 @@ class Harness:
             reactor=self.reactor, clock=self.reactor,
             directory_url=directory_url or self.pebble.directory_url,
             store=store, responder=responder, email="ops@example.com",
-            ca_bundle=self.pebble.ca_bundle, poll_timeout=30, **(obtainer_options or {}),
+            ca_bundle=self.pebble.ca_bundle, poll_timeout=30,
         ))
         issuer_options.setdefault("backoff_base", 0.5)
         self.service = IssuingService(

@@ -1,4 +1,4 @@
-"""Account set-up across processes: two obtainers sharing one state directory register once."""
+"""Account set-up across processes: two sharing one state directory register one account."""
 
 from __future__ import annotations
 
@@ -6,16 +6,17 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from acme import messages
+from acme.client import ClientNetwork
+from josepy.jwa import ES256
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from trackingproxy.acme.client import AcmeObtainer
+from trackingproxy.acme.account import AccountManager
 from trackingproxy.acme.filestore import FileStore
-from trackingproxy.acme.responder import HTTP01Responder
 
 URL = "https://ca.example/dir"
 DIRECTORY = messages.Directory({
@@ -25,21 +26,20 @@ DIRECTORY = messages.Directory({
 })
 
 
-class SlowRegistration(AcmeObtainer):
+class SlowRegistration(AccountManager):
     """No network: the directory is canned and each registration waits for the test."""
 
     def __init__(self, clock: Clock, state: Path, registrations: list[Deferred[Any]]) -> None:
-        store = FileStore(state, clock)
         super().__init__(
-            reactor=cast(Any, clock), clock=clock, directory_url=URL, store=store,
-            responder=HTTP01Responder(["a.example.com"], clock), account_lock_poll=1.0,
+            clock=clock, store=FileStore(state, clock), directory_url=URL, call=self.fake_call,
+            make_network=lambda key: ClientNetwork(key=key, alg=ES256), lock_poll=1.0,
         )
         self.registrations = registrations
 
-    def _call(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        if f is messages.Directory or getattr(f, "__name__", "") == "get_directory":
+    def fake_call(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if getattr(f, "__name__", "") == "get_directory":
             return succeed(DIRECTORY)
-        if getattr(f, "__func__", None) is AcmeObtainer._register:
+        if getattr(f, "__func__", None) is AccountManager.register:
             d: Deferred[Any] = Deferred()
             self.registrations.append(d)
             return d
@@ -62,20 +62,19 @@ class AccountLockTests(SynchronousTestCase):
         second waits for the first and uses its key and registration."""
         first = SlowRegistration(self.clock, self.state, self.registrations)
         second = SlowRegistration(self.clock, self.state, self.registrations)
-        d1, d2 = first._ensure_account(), second._ensure_account()
+        d1, d2 = first.get(), second.get()
         self.assertEqual(len(self.registrations), 1)
         self.clock.advance(5)  # registration is slow: the second keeps waiting
         self.assertEqual(len(self.registrations), 1)
         self.assertNoResult(d2)
         self.registrations[0].callback(self.registered("https://ca.example/acct/1"))
-        self.successResultOf(d1)
+        one = self.successResultOf(d1)
         self.clock.advance(1)
-        self.successResultOf(d2)
+        two = self.successResultOf(d2)
         self.assertEqual(len(self.registrations), 1)
-        assert first._client is not None and second._client is not None
-        self.assertEqual(first._client.net.account.uri, "https://ca.example/acct/1")
-        self.assertEqual(second._client.net.account.uri, "https://ca.example/acct/1")
-        self.assertEqual(first._account_key, second._account_key)
+        self.assertEqual(one.client.net.account.uri, "https://ca.example/acct/1")
+        self.assertEqual(two.client.net.account.uri, "https://ca.example/acct/1")
+        self.assertEqual(one.key, two.key)
         self.assertEqual(len(list((self.state / "accounts").iterdir())), 1)
         # The account lock is released: nothing is left in the locks directory.
         self.assertEqual(list((self.state / "locks").iterdir()), [])
@@ -85,22 +84,21 @@ class AccountLockTests(SynchronousTestCase):
         stored key) instead of waiting for the lock to expire."""
         first = SlowRegistration(self.clock, self.state, self.registrations)
         second = SlowRegistration(self.clock, self.state, self.registrations)
-        d1, d2 = first._ensure_account(), second._ensure_account()
+        d1, d2 = first.get(), second.get()
         self.registrations[0].errback(messages.Error.with_code("serverInternal"))
         self.failureResultOf(d1)
         self.clock.advance(1)
         self.assertEqual(len(self.registrations), 2)
         self.registrations[1].callback(self.registered("https://ca.example/acct/2"))
-        self.successResultOf(d2)
-        assert second._client is not None
-        self.assertEqual(second._client.net.account.uri, "https://ca.example/acct/2")
+        two = self.successResultOf(d2)
+        self.assertEqual(two.client.net.account.uri, "https://ca.example/acct/2")
 
     def test_stale_lock_of_dead_process_expires(self) -> None:
         """A lock left by a process that died while registering is taken after its expiry."""
         store = FileStore(self.state, self.clock)
         obtainer = SlowRegistration(self.clock, self.state, self.registrations)
-        self.assertIsNotNone(self.successResultOf(store.acquire(obtainer.account_lock_name, 300)))
-        d = obtainer._ensure_account()
+        self.assertIsNotNone(self.successResultOf(store.acquire(obtainer.lock_name, 300)))
+        d = obtainer.get()
         self.clock.pump([1.0] * 299)
         self.assertEqual(self.registrations, [])
         self.clock.pump([1.0] * 2)

@@ -14,9 +14,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from trackingproxy.acme.client import _profiles
 from trackingproxy.acme.localca import LocalCA
 from trackingproxy.acme.obtainer import ObtainRequest
-from trackingproxy.acme.problems import explain
+from trackingproxy.acme.problems import RegistrationFailed, explain
 from trackingproxy.acme.responder import HTTP01Responder
 from trackingproxy.acme.settings import AcmeSettings, build_acme, choose_state_dir, key_generator
 from trackingproxy.certificates import parse_pem
@@ -194,3 +195,26 @@ class ProblemTests(SynchronousTestCase):
         result = explain(error, A, "https://ca/dir", now)
         self.assertEqual(result.retry_after, now + datetime.timedelta(hours=1))
         self.assertIn("rate-limits", result.message)
+
+    def test_registration_refusals_name_the_eab_options(self) -> None:
+        """A refused registration says so; EAB refusals name --eab-kid/--eab-hmac-key rather
+        than blaming DNS, and a missing EAB says it is required."""
+        now = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
+        unauthorized = messages.Error.with_code("unauthorized", detail="EAB JWS verification")
+        required = messages.Error.with_code("externalAccountRequired", detail="no EAB")
+        with_eab = explain(RegistrationFailed(unauthorized, eab=True), A, "https://ca/dir", now)
+        self.assertIn("registering an ACME account at https://ca/dir failed", with_eab.message)
+        self.assertIn("--eab-kid and --eab-hmac-key", with_eab.message)
+        self.assertNotIn("DNS", with_eab.message)
+        missing = explain(RegistrationFailed(required, eab=False), A, "https://ca/dir", now)
+        self.assertIn("needs External Account Binding", missing.message)
+        self.assertEqual(missing.problem_type, "externalAccountRequired")
+        plain = explain(RegistrationFailed(unauthorized, eab=False), A, "https://ca/dir", now)
+        self.assertNotIn("DNS", plain.message)
+
+
+class DirectoryTests(SynchronousTestCase):
+    def test_directory_without_meta(self) -> None:
+        """A directory without the optional ``meta`` object offers no profiles (no crash)."""
+        directory = messages.Directory({"newOrder": "https://ca/new-order"})
+        self.assertEqual(_profiles(directory), {})

@@ -5,15 +5,13 @@ and its one-second poll sleeps must stay out of the reactor's default pool); the
 chain that sequences the steps, the store and the challenge responder stay on the reactor
 thread. Each step is retried a few times on ``badNonce`` before the attempt fails.
 The thread is a daemon: a call abandoned at shutdown never keeps the process alive.
-The account is loaded or registered under the store lock ``account-<hash>``, so processes
-sharing the state directory and starting together register one account, not one each.
+The account itself is ``trackingproxy.acme.account.AccountManager``'s business.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
-import hashlib
 import math
 import threading
 from collections.abc import Callable, Generator
@@ -26,27 +24,24 @@ from acme import client as acme_client
 from acme import errors as acme_errors
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from josepy.json_util import field as jose_field
 from josepy.jwa import ES256, RS256
 from josepy.jwk import JWK, JWKEC
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from trackingproxy.acme.account import Account, AccountManager
 from trackingproxy.acme.obtainer import ObtainFailed, ObtainRequest
-from trackingproxy.acme.problems import RegistrationFailed, explain, problem_code
+from trackingproxy.acme.problems import explain, problem_code
 from trackingproxy.acme.responder import HTTP01Responder
 from trackingproxy.acme.schedule import parse_retry_after
 from trackingproxy.acme.store import (
-    AccountRecord,
     AriWindow,
     CertificateStore,
-    Lock,
     PendingOrder,
 )
 
@@ -135,20 +130,19 @@ class AcmeObtainer:
         self.directory_url = directory_url
         self._store = store
         self._responder = responder
-        self._email = email
         self._verify: bool | str = str(ca_bundle) if ca_bundle is not None else True
-        self._eab = (eab_kid, eab_hmac_key) if eab_kid and eab_hmac_key else None
         self._profile = profile
         self._nonce_retries = nonce_retries
         self._poll_timeout = poll_timeout
         self._network_timeout = network_timeout
         self._user_agent = user_agent
-        self._account_lock_ttl = account_lock_ttl
-        self._account_lock_poll = account_lock_poll
         self._pool = _DaemonThreadPool(minthreads=1, maxthreads=1, name="trackingproxy-acme")
-        self._client: acme_client.ClientV2 | None = None
-        self._account_key: JWK | None = None
-        self._account_waiters: list[Deferred[None]] = []
+        self.accounts = AccountManager(
+            clock=clock, store=store, directory_url=directory_url,
+            call=lambda f, *args: self._call(f, *args), make_network=self._network,
+            email=email, eab=(eab_kid, eab_hmac_key) if eab_kid and eab_hmac_key else None,
+            lock_ttl=account_lock_ttl, lock_poll=account_lock_poll,
+        )
         self._profile_warned = False
 
     @property
@@ -193,121 +187,21 @@ class AcmeObtainer:
         return datetime.datetime.now() + datetime.timedelta(seconds=self._poll_timeout)
 
     # -- account --------------------------------------------------------------------------
-    def _ensure_account(self) -> Deferred[None]:
-        """Load or register the account once; concurrent callers wait for the same set-up."""
-        if self._client is not None:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._account_waiters.append(waiter)
-        if len(self._account_waiters) == 1:
-            self._setup_account().addBoth(self._account_ready)
-        return waiter
-
-    def _account_ready(self, result: object) -> None:
-        waiters, self._account_waiters = self._account_waiters, []
-        for waiter in waiters:
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(None)
-
-    @property
-    def account_lock_name(self) -> str:
-        """The store lock held while loading or registering the account of this directory."""
-        return "account-" + hashlib.sha256(self.directory_url.encode("utf-8")).hexdigest()[:16]
-
-    @inlineCallbacks
-    def _setup_account(self) -> Generator[Deferred[Any], Any, None]:
-        url = self.directory_url
-        record: AccountRecord | None = yield self._store.load_account(url)
-        if record is not None and record.registration_json is not None:
-            yield self._use_account(record)
-            return
-        # Load or register under a lock: another process may be registering right now.
-        lock: Lock | None = yield self._store.acquire(self.account_lock_name,
-                                                      self._account_lock_ttl)
-        while lock is None:
-            yield deferLater(self._clock, self._account_lock_poll)
-            record = yield self._store.load_account(url)
-            if record is not None and record.registration_json is not None:
-                yield self._use_account(record)
-                return
-            lock = yield self._store.acquire(self.account_lock_name, self._account_lock_ttl)
-        try:
-            record = yield self._store.load_account(url)
-            if record is None:
-                new_key = JWKEC(key=ec.generate_private_key(ec.SECP256R1()))
-                record = AccountRecord(key_json=new_key.json_dumps())
-                # The key is stored before registering: a crash never leads to a second account.
-                yield self._store.save_account(url, record)
-            yield self._use_account(record)
-        except BaseException:
-            self._store.release(lock).addErrback(
-                lambda f: log.failure("Cannot release the account lock", f)
-            )
-            raise
-        yield self._store.release(lock)
-
-    @inlineCallbacks
-    def _use_account(self, record: AccountRecord) -> Generator[Deferred[Any], Any, None]:
-        """Build the client for ``record``, registering it first when it has no registration."""
-        url = self.directory_url
-        key = JWK.json_loads(record.key_json)
+    def _network(self, key: JWK) -> acme_client.ClientNetwork:
         alg = ES256 if isinstance(key, JWKEC) else RS256
-        net = _Network(key=key, alg=alg, verify_ssl=cast(bool, self._verify),
-                       user_agent=self._user_agent, timeout=self._network_timeout)
-        directory = yield self._call(acme_client.ClientV2.get_directory, url, net)
-        client = acme_client.ClientV2(directory, net)
-        if record.registration_json is not None:
-            net.account = messages.RegistrationResource.json_loads(record.registration_json)
-        else:
-            try:
-                regr = yield self._call(self._register, client, key)
-            except messages.Error as e:
-                raise RegistrationFailed(e, eab=self._eab is not None) from e
-            # The CA echoes the EAB JWS in the account object; it is not ours to keep (and
-            # acme cannot serialize it back).
-            regr = regr.update(body=regr.body.update(external_account_binding=None))
-            net.account = regr
-            yield self._store.save_account(
-                url, AccountRecord(key_json=record.key_json, registration_json=regr.json_dumps())
-            )
-            log.info("Registered ACME account {uri} at {url}", uri=regr.uri, url=url)
-        profiles = _profiles(directory)
+        return _Network(key=key, alg=alg, verify_ssl=cast(bool, self._verify),
+                        user_agent=self._user_agent, timeout=self._network_timeout)
+
+    def _warn_profile_once(self, client: acme_client.ClientV2) -> None:
+        profiles = _profiles(client.directory)
         if self._profile and self._profile not in profiles and not self._profile_warned:
             self._profile_warned = True
             log.warn(
                 "ACME directory {url} does not offer profile {profile!r} (it offers: {offered}); "
                 "ordering without a profile",
-                url=url, profile=self._profile, offered=", ".join(profiles) or "none",
+                url=self.directory_url, profile=self._profile,
+                offered=", ".join(profiles) or "none",
             )
-        self._account_key = key
-        self._client = client
-
-    def _register(
-        self, client: acme_client.ClientV2, key: JWK
-    ) -> messages.RegistrationResource:
-        eab = None
-        if self._eab is not None:
-            eab = messages.ExternalAccountBinding.from_data(
-                account_public_key=key.public_key(), kid=self._eab[0], hmac_key=self._eab[1],
-                directory=client.directory,
-            )
-        reg = messages.NewRegistration.from_data(
-            email=self._email, terms_of_service_agreed=True, external_account_binding=eab
-        )
-        try:
-            return client.new_account(reg)
-        except acme_errors.ConflictError as e:  # the key already has an account: reuse it
-            existing = messages.RegistrationResource(body=messages.Registration(), uri=e.location)
-            return client.query_registration(existing)
-
-    @inlineCallbacks
-    def _forget_registration(self) -> Generator[Deferred[Any], Any, None]:
-        record: AccountRecord | None = yield self._store.load_account(self.directory_url)
-        if record is not None:
-            yield self._store.save_account(self.directory_url, AccountRecord(record.key_json))
-        self._client = None
 
     # -- obtaining --------------------------------------------------------------------------
     def obtain(self, request: ObtainRequest) -> Deferred[bytes]:
@@ -320,15 +214,15 @@ class AcmeObtainer:
         except Exception as e:
             error = explain(e, request.name, self.directory_url, self._now())
             if error.problem_type == "accountDoesNotExist":
-                yield self._forget_registration()
+                yield self.accounts.forget()
             raise error from e
         return fullchain
 
     @inlineCallbacks
     def _obtain(self, request: ObtainRequest) -> Generator[Deferred[Any], Any, bytes]:
-        yield self._ensure_account()
-        client = self._client
-        assert client is not None
+        account: Account = yield self.accounts.get()
+        client = account.client
+        self._warn_profile_once(client)
         key_pem = request.key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
@@ -348,7 +242,7 @@ class AcmeObtainer:
             orderr = yield self._call(self._new_order, client, csr_pem, replaces)
             yield request.save_order(PendingOrder(orderr.uri, key_pem, self.directory_url))
         if orderr.body.status == messages.STATUS_PENDING:
-            yield self._solve(client, request.name, orderr)
+            yield self._solve(client, account.key, request.name, orderr)
         orderr = yield self._call(self._finalize, client, orderr)
         return cast(str, orderr.fullchain_pem).encode("ascii")
 
@@ -405,10 +299,8 @@ class AcmeObtainer:
 
     @inlineCallbacks
     def _solve(
-        self, client: acme_client.ClientV2, name: str, orderr: messages.OrderResource
+        self, client: acme_client.ClientV2, key: JWK, name: str, orderr: messages.OrderResource
     ) -> Generator[Deferred[Any], Any, None]:
-        key = self._account_key
-        assert key is not None
         answers: list[tuple[messages.ChallengeBody, challenges.ChallengeResponse]] = []
         published: list[str] = []
         try:
@@ -453,12 +345,11 @@ class AcmeObtainer:
 
     # -- renewal information --------------------------------------------------------------
     def renewal_info(self, name: str, fullchain_pem: bytes) -> Deferred[AriWindow | None]:
-        d = self._ensure_account()
-        return d.addCallback(lambda _: self._call(self._fetch_ari, fullchain_pem))
+        d = self.accounts.get()
+        return d.addCallback(lambda account: self._call(self._fetch_ari, account.client,
+                                                        fullchain_pem))
 
-    def _fetch_ari(self, fullchain_pem: bytes) -> AriWindow | None:
-        client = self._client
-        assert client is not None
+    def _fetch_ari(self, client: acme_client.ClientV2, fullchain_pem: bytes) -> AriWindow | None:
         base = client.directory.to_partial_json().get("renewalInfo")
         if not base:
             return None

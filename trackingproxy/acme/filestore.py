@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import hashlib
 import json
@@ -114,13 +115,32 @@ class FileStore:
     # -- helpers --------------------------------------------------------------------------
     @contextlib.contextmanager
     def _guard(self, exclusive: bool) -> Iterator[None]:
-        ensure_private_dir(self._dir)
-        fd = os.open(self._dir / ".guard", os.O_RDWR | os.O_CREAT, 0o600)
+        """Hold the store's flock; reads still work in a read-only state directory."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            ensure_private_dir(self._dir)
+        except OSError:
+            if exclusive or not self._dir.is_dir():
+                raise
+        fd = self._open_guard(exclusive)
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             yield
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
+
+    def _open_guard(self, exclusive: bool) -> int | None:
+        path = self._dir / ".guard"
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            if exclusive or e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+        try:
+            return os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None  # a read-only directory without a guard file: nobody writes it either
 
     def _run(self, exclusive: bool, f: Callable[[], _T]) -> Deferred[_T]:
         try:

@@ -343,7 +343,11 @@ class IssuingService(Service):
     @inlineCallbacks
     def _order(self, name: str) -> Generator[Deferred[Any], Any, None]:
         st = self._state[name]
-        lock: Lock | None = yield self._store.acquire(name, self._lock_ttl)
+        try:
+            lock: Lock | None = yield self._store.acquire(name, self._lock_ttl)
+        except Exception as e:  # a read-only or full state directory: back off like any failure
+            self._failed(name, e)
+            return
         if lock is None:
             log.info("{name}: another process is ordering it; checking again later", name=name)
             st.orders["busy"] = st.orders.get("busy", 0) + 1
@@ -365,7 +369,11 @@ class IssuingService(Service):
             return
         del self._held[name]
         # Not in a ``finally``: a generator abandoned at shutdown must not yield again.
-        yield self._store.release(keeper.lock)
+        try:
+            yield self._store.release(keeper.lock)
+        except Exception as e:  # it expires by itself
+            log.warn("{name}: cannot release the order lock ({error}); it expires by itself",
+                     name=name, error=e)
 
     @inlineCallbacks
     def _obtain_locked(
@@ -417,6 +425,13 @@ class IssuingService(Service):
             retry_after = None
         elif isinstance(error, ObtainFailed):
             message, retry_after = error.message, error.retry_after
+        elif isinstance(error, OSError):
+            where = f" ({error.filename})" if error.filename else ""
+            message = (
+                f"{name}: the state directory is unusable: {error.strerror or error}{where}; "
+                "check that it is writable and has free space"
+            )
+            retry_after = None
         else:
             message, retry_after = f"{name}: {type(error).__name__}: {error}", None
         st.failures += 1
@@ -433,7 +448,7 @@ class IssuingService(Service):
             serving="; the current certificate stays in use" if st.current else "",
         )
         self._store.record_error(name, message, now).addErrback(
-            lambda f: log.failure("{name}: cannot record the error", f, name=name)
+            _record_failed, name, already_said=isinstance(error, OSError)
         )
         self._maybe_panic(name, message, now)
 
@@ -465,6 +480,13 @@ def _load_key(pem: bytes) -> PrivateKey | None:
     except (ValueError, TypeError):
         return None
     return key if isinstance(key, PrivateKey) else None
+
+
+def _record_failed(failure: Failure, name: str, already_said: bool) -> None:
+    """Storing the last error failed: one line, none when the error was the store itself."""
+    if not already_said:
+        log.warn("{name}: cannot record the error in the state directory: {error}",
+                 name=name, error=failure.getErrorMessage())
 
 
 def _log_failure(failure: Failure, message: str, name: str) -> None:

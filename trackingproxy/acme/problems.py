@@ -118,6 +118,25 @@ def explain(
             f"{name}: the CA did not finish the order in time; retrying later",
             problem_type="timeout",
         )
+    if isinstance(failure, acme_errors.ClientError):
+        response = failure.args[0] if failure.args else None
+        if isinstance(response, tuple) and response:
+            response = response[0]
+        if isinstance(response, requests.Response):
+            return ObtainFailed(
+                f"{name}: the ACME server {directory_url} answered HTTP "
+                f"{' '.join(filter(None, [str(response.status_code), response.reason]))} to "
+                f"{response.request.method} {response.url} without an ACME problem document; "
+                "retrying later",
+                retry_after=parse_retry_after(response.headers.get("Retry-After"), now),
+                problem_type=f"http-{response.status_code}",
+            )
+    if isinstance(failure, requests.exceptions.Timeout):
+        return ObtainFailed(
+            f"{name}: the ACME server {directory_url} did not answer in time "
+            f"({type(failure).__name__}: {failure}); retrying later",
+            problem_type="timeout",
+        )
     if isinstance(failure, requests.exceptions.SSLError):
         return ObtainFailed(
             f"{name}: TLS to the ACME server {directory_url} failed ({failure}); for a private "

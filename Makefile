@@ -80,3 +80,13 @@ bench-quick: $(STAMP)
 .PHONY: container-test
 container-test: debs $(STAMP)
 	$(BIN)/python tests/deploy/container_run.py $(CONTAINER_TEST_ARGS)
+
+# Soak: SOAK_SECONDS (default 600) of mixed load (opens and clicks, HTTP and HTTPS, h1 and h2)
+# with certificate renewals every minute (pebble), a 30 s upstream outage in the middle and a
+# SIGTERM under load at the end, then the property tests with more examples; writes
+# soak/RESULTS.md. `make soak SOAK_SECONDS=120` is a short run.
+SOAK_SECONDS ?= 600
+.PHONY: soak
+soak: debs $(STAMP)
+	@$(MAKE) --no-print-directory debs APT_PACKAGES="pebble nghttp2-client"
+	SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/python soak/run.py

@@ -45,6 +45,10 @@ def _parse_ip(text: str) -> IPAddress | None:
     return addr
 
 
+def _has_control(text: str) -> bool:
+    return any(c < " " or c == "\x7f" for c in text)
+
+
 def normalise_peer(host: str) -> str:
     """The peer address as it should appear in logs and headers (IPv4-mapped v6 unwrapped)."""
     addr = _parse_ip(host)
@@ -93,5 +97,7 @@ class ForwardedFor:
             client = str(addr)
             if not self._is_trusted(addr):
                 break
-        passed_on = ", ".join([*chain, peer])
+        # Entries are passed on as sent, but never control characters (a NUL or CR arriving
+        # through a laxer hop must not reach the upstream's header block).
+        passed_on = ", ".join([*(e for e in chain if not _has_control(e)), peer])
         return ClientAddress(client, passed_on.encode("latin-1", "replace"))

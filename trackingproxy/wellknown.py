@@ -46,11 +46,17 @@ def load_well_known(directory: Path) -> dict[bytes, WellKnownFile]:
         )
     files: dict[bytes, WellKnownFile] = {}
     try:
+        real_root = directory.resolve()
         for path in sorted(directory.rglob("*")):
             if not path.is_file() or any(
                 part.startswith(".") for part in path.relative_to(directory).parts
             ):
                 continue
+            if not path.resolve().is_relative_to(real_root):
+                raise ConfigError(
+                    f"--well-known-dir: {path} is a link to {path.resolve()}, outside the "
+                    "directory; copy the file into the directory instead"
+                )
             rel = path.relative_to(directory).as_posix()
             if path.stat().st_size > MAX_FILE_SIZE:
                 raise ConfigError(

@@ -16,6 +16,7 @@ printed is the HTTPS keep-alive per-CPU ratio.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -85,10 +86,14 @@ def one_round(
     try:
         for name in order:
             running[name] = servers.start_proxy(name, workdir, certs, up.https, REPO, extra)
+            if name == "trackingproxy" and args.workers > 1:
+                _spread(running[name].pid)  # before it spawns its workers: they inherit it
         problems = []
         for server in running.values():
             servers.wait_ready(server)
             problems += servers.check_proxy(server)
+        if "trackingproxy" in running and args.workers > 1:
+            _spread(running["trackingproxy"].pid)
         if problems:
             raise RuntimeError("functional check failed: " + "; ".join(problems))
         memory: dict[str, dict[str, float | int | None]] = {}
@@ -138,6 +143,15 @@ def one_round(
             server.stop()
 
 
+def _spread(root: int) -> None:
+    """--workers above 1: trackingproxy's processes (and threads) may use every CPU, so its
+    worker shares CPU 1 with the load generator and the upstream; the other proxies stay on 0."""
+    for pid in procstat.process_tree(root):
+        with contextlib.suppress(OSError):  # a process or thread that is gone
+            for task in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(task), range(os.cpu_count() or 1))
+
+
 def _version(argv: list[str]) -> str:
     try:
         res = subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False)
@@ -180,6 +194,7 @@ def metadata(args: argparse.Namespace, command: str) -> dict[str, object]:
             "rounds": args.rounds, "duration": args.duration, "connections": args.connections,
             "warmup": args.warmup, "idle": args.idle, "paced_rate": args.paced_rate,
             "latency_duration": args.latency_duration, "quick": args.quick,
+            "trackingproxy_workers": args.workers,
         },
     }
 
@@ -198,6 +213,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
                    help="instead: profile trackingproxy under HTTPS keep-alive with py-spy")
     p.add_argument("--no-write", action="store_true", help="do not write RESULTS.md/latest.json")
+    p.add_argument("--workers", type=int, default=1,
+                   help="trackingproxy --workers N (above 1 it may use every CPU, not only CPU 0)")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.warmup, args.latency_duration = 1, 3.0, 1.0, 4.0
@@ -223,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         extra += ["--access-log", "off"]  # like every other proxy in the benchmark
     if servers.trackingproxy_supports("--admin-port", REPO):
         extra += ["--admin-port", "none"]  # no metrics work: the others keep none either
+    if args.workers > 1:
+        extra += ["--workers", str(args.workers)]
     up = servers.start_upstream(workdir, certs)
     try:
         servers.wait_ready(up)

@@ -7,6 +7,7 @@ fix. Loading certificate and well-known files happens here, once, at start-up.
 from __future__ import annotations
 
 import datetime
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -47,6 +48,7 @@ class ProxyConfig:
     header_timeout: float
     acme: AcmeSettings
     admin_port: str | None = None  # --admin-port (None: no admin listener, no metrics)
+    workers: int = 1  # --workers: processes sharing the listeners (trackingproxy.workers)
 
     @property
     def user_covered(self) -> tuple[str, ...]:
@@ -155,7 +157,21 @@ def config_from_options(opts: Mapping[str, Any], now: datetime.datetime) -> Prox
         header_timeout=_positive_seconds("header-timeout", opts["header-timeout"]),
         acme=_acme_settings(opts),
         admin_port=_endpoint("admin-port", opts.get("admin-port", "none")),
+        workers=parse_workers(opts.get("workers") or "1"),
     )
+
+
+def parse_workers(raw: str) -> int:
+    """``--workers N`` (1 to 256) or ``auto``: the CPUs this process may run on."""
+    value = raw.strip().lower()
+    if value == "auto":
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):
+            return max(1, os.cpu_count() or 1)
+    if not value.isdigit() or not 1 <= int(value) <= 256:
+        raise ConfigError(f"--workers {raw!r}: give a number of processes (1-256) or auto")
+    return int(value)
 
 
 def _acme_settings(opts: Mapping[str, Any]) -> AcmeSettings:

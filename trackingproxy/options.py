@@ -95,6 +95,7 @@ PARAMETERS: list[tuple[str, str | None, str]] = [
     ("panic-command", None, "Command run when a certificate nears expiry and renewal fails."),
     ("idle-timeout", "60", "Seconds an idle client keep-alive connection is kept open."),
     ("header-timeout", "10", "Seconds a client has to send a request's headers (slowloris)."),
+    ("workers", "1", "Processes serving the listeners: a number, or auto (one per usable CPU)."),
 ]
 
 FLAGS: list[tuple[str, str]] = [

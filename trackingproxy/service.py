@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from attrs import define, evolve
@@ -83,6 +83,7 @@ class TrackingProxyService(MultiService):
         self.active = active
         self.shutdown_timeout = shutdown_timeout
         self.reloader: Reloader | None = None
+        self.reload_hooks: list[Callable[[], object]] = []  # also run on SIGHUP (--workers)
         self.install_signals = False
         self._json_log = json_log
         self._previous_sighup: Any = None
@@ -107,9 +108,12 @@ class TrackingProxyService(MultiService):
 
             reactor: Any = global_reactor
             reloader = self.reloader
+            hooks = self.reload_hooks
 
             def on_sighup(signum: int, frame: object) -> None:
                 reactor.callFromThread(reloader.reload)
+                for hook in hooks:
+                    reactor.callFromThread(hook)
 
             self._previous_sighup = signal.signal(signal.SIGHUP, on_sighup)
             reactor.callWhenRunning(tune_gc)
@@ -118,7 +122,10 @@ class TrackingProxyService(MultiService):
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
-        listeners = [s for s in self if isinstance(s, ListenerService)]
+        listeners = [
+            s for s in self
+            if isinstance(s, ListenerService) or getattr(s, "stops_with_listeners", False)
+        ]  # and the --workers pool: its workers drain while this process does
         stopped = DeferredList([maybeDeferred(s.stopService) for s in listeners])
 
         def drain(_: object) -> Deferred[bool]:
@@ -185,8 +192,18 @@ def build_service(
     challenges: ChallengeResponder | None = None,
     access_log: AccessLog | None = None,
     upstream: UpstreamClient | None = None,
+    listen: Callable[[str, str], object] | None = None,
+    acme_builder: Callable[..., tuple[Any, ChallengeResponder]] = build_acme,
 ) -> TrackingProxyService:
-    """Build (not start) the service tree for ``config``."""
+    """Build (not start) the service tree for ``config``.
+
+    ``listen(option, description)`` makes the listening endpoints (default: Twisted's endpoint
+    strings); ``acme_builder`` is ``build_acme`` or, in a --workers child,
+    ``certwatch.build_worker_acme``.
+    """
+    if listen is None:
+        def listen(option: str, description: str) -> object:
+            return _endpoint(reactor, option, description)
     sni = sni_map = SNIContextMap(config.domains)
     for cert in config.certificates:
         sni.install(cert)
@@ -207,7 +224,7 @@ def build_service(
         acme = config.acme
         if config.https_port is None:
             acme = evolve(acme, no_acme=True)
-        acme_service, challenges = build_acme(
+        acme_service, challenges = acme_builder(
             acme, config.domains, config.user_covered, sni, reactor
         )
     active = ActiveRequests(reactor)
@@ -252,14 +269,14 @@ def build_service(
         ListenerService(
             "--http-port",
             config.http_port,
-            _endpoint(reactor, "http-port", config.http_port),  # type: ignore[arg-type]
+            listen("http-port", config.http_port),  # type: ignore[arg-type]
             site("http"),
         ).setServiceParent(root)
     if config.https_port is not None:
         ListenerService(
             "--https-port",
             config.https_port,
-            _endpoint(reactor, "https-port", config.https_port),  # type: ignore[arg-type]
+            listen("https-port", config.https_port),  # type: ignore[arg-type]
             TLSMemoryBIOFactory(sni, False, site("https"), clock=reactor),
         ).setServiceParent(root)
     _UpstreamCloser(upstream, names).setServiceParent(root)
@@ -267,7 +284,9 @@ def build_service(
     if acme_service is not None:
         # After the listeners: port 80 must answer HTTP-01 before the first order is placed.
         acme_service.setServiceParent(root)
-        issuer = _named_child(acme_service, "acme-issuer")
+        issuer = _named_child(acme_service, "acme-issuer") or _named_child(
+            acme_service, "certificate-watcher"
+        )
         acme_parts = [p for p in (issuer, challenges) if hasattr(p, "set_domains")]
     if admin is not None:  # last: it reports on the listeners and the issuer above
         admin.service(root, sni, config.https_port is not None, acme_service).setServiceParent(root)

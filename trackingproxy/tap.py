@@ -30,7 +30,12 @@ def makeService(options: Options) -> IService:
             options, datetime.datetime.fromtimestamp(reactor.seconds(), datetime.UTC)
         )
         fastwrite.install()
-        service = build_service(config, reactor)
+        if config.workers > 1:
+            from trackingproxy.workers import build_with_workers
+
+            service = build_with_workers(config, dict(options.items()), reactor)
+        else:
+            service = build_service(config, reactor)
         service.install_signals = True
         return service
     except ConfigError as e:

@@ -6,8 +6,11 @@ with `RequestNotSent` or `RequestTransmissionFailed` (the request provably did n
 `ResponseNeverReceived`, a timeout, or a reset after the request was written are final.
 
 The response is handed over as soon as its headers arrive; its body is streamed by the caller
-(`response.deliverBody`). A caller that stops reading must call `abandon(response)`, which
-closes that connection so a half-read response can never be mistaken for the next one.
+(`response.deliverBody`). A body that stops arriving for `body_timeout` (default: the response
+timeout; time its reader spends pausing it does not count) fails the body with an
+`UpstreamTimeout` inside `ResponseFailed` and aborts the connection. A caller that stops
+reading must call `abandon(response)`, which closes that connection so a half-read response can
+never be mistaken for the next one.
 """
 
 from __future__ import annotations
@@ -80,10 +83,12 @@ class UpstreamClient:
         clock: IReactorTime,
         *,
         response_timeout: float = RESPONSE_TIMEOUT,
+        body_timeout: float | None = None,
     ) -> None:
         self._pool = pool
         self._clock = clock
         self._timeout = response_timeout
+        self._body_timeout = response_timeout if body_timeout is None else body_timeout
 
     def request(
         self, method: bytes, path: bytes, headers: Headers, body: bytes | None
@@ -159,7 +164,11 @@ class _Exchange:
             conn.abort()
             return
         self._conn = conn
-        d = conn.protocol.request(self._request)
+        client = self._client
+        protocol = conn.protocol
+        protocol.clock = client._clock
+        protocol.body_timeout = client._body_timeout
+        d = protocol.request(self._request)
         self._pending = d
         d.addCallbacks(self._responded, self._failed)
 

@@ -8,15 +8,23 @@ the client use: ``request(Request) -> Deferred[IResponse]``, the ``state`` attri
 garbage), so the retry rule of ``client.py`` keeps its meaning. What it saves per request:
 Twisted's line-by-line Python parser, the per-response pause/resume of the transport, and
 several Deferred hops.
+
+Limits against a misbehaving upstream: a response head (status line, headers, interim 1xx
+responses) or a chunked trailer section larger than ``MAX_HEAD_BYTES`` is a protocol error
+(llhttp itself has no size limit and httptools buffers a header value until it ends); trailers
+are read and dropped, never attached to the next response; and, once the user has set
+``clock`` and ``body_timeout``, a body that makes no progress for that long (while its reader
+is not pausing it) fails with an ``UpstreamTimeout`` and the connection is aborted.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import httptools
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web._newclient import (
@@ -32,6 +40,10 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
+
+from trackingproxy.upstream.errors import UpstreamTimeout
+
+MAX_HEAD_BYTES: Final = 64 * 1024
 
 QUIESCENT = "QUIESCENT"
 WAITING = "WAITING"
@@ -103,6 +115,24 @@ class LeanResponse:
             self._protocol.connectionLost(reason)
 
 
+class _BodyProducer(TransportProxyProducer):
+    """The transport as the body reader sees it; pausing it also suspends the body timeout."""
+
+    def __init__(self, transport: Any, owner: LeanHTTP11ClientProtocol) -> None:
+        super().__init__(transport)
+        self._owner = owner
+
+    def pauseProducing(self) -> None:
+        if self._producer is not None:
+            self._producer.pauseProducing()
+            self._owner._body_paused(True)
+
+    def resumeProducing(self) -> None:
+        if self._producer is not None:
+            self._producer.resumeProducing()
+            self._owner._body_paused(False)
+
+
 class LeanHTTP11ClientProtocol(Protocol):
     """One persistent upstream connection; see the module docstring."""
 
@@ -117,6 +147,12 @@ class LeanHTTP11ClientProtocol(Protocol):
         self._phrase = b""
         self._received = False
         self._head_done = False
+        self._unparsed = 0  # bytes fed since the parser last produced headers or body
+        # Set by the user before a request: with both, a stalled body fails after body_timeout.
+        self.clock: IReactorTime | None = None
+        self.body_timeout: float | None = None
+        self._body_timer: IDelayedCall | None = None
+        self._paused = False
 
     # -- sending --------------------------------------------------------------------------
     def request(self, request: Request) -> Deferred[IResponse]:
@@ -138,6 +174,8 @@ class LeanHTTP11ClientProtocol(Protocol):
         self.state = WAITING
         self._request = request
         self._received = False
+        self._unparsed = 0
+        self._paused = False
         self._result = Deferred(self._cancel)
         transport.write(b"".join(lines))
         return self._result
@@ -154,6 +192,7 @@ class LeanHTTP11ClientProtocol(Protocol):
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
         self._received = True
+        self._unparsed += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError:
@@ -164,6 +203,14 @@ class LeanHTTP11ClientProtocol(Protocol):
             self.on_message_complete()
         except httptools.HttpParserError as e:
             self._protocol_error(str(e))
+            return
+        if self.state != WAITING:
+            return
+        if self._unparsed > MAX_HEAD_BYTES:
+            what = "header block" if self._response is None else "trailer section"
+            self._protocol_error(f"the response {what} is larger than {MAX_HEAD_BYTES} bytes")
+        elif self._response is not None:
+            self._arm_body_timer()
 
     def _protocol_error(self, message: str) -> None:
         reason = Failure(ResponseFailed([Failure(ParseError(message, b""))]))
@@ -174,9 +221,11 @@ class LeanHTTP11ClientProtocol(Protocol):
         self._phrase += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_list.append((name, value))
+        if self._response is None:  # else a chunked trailer: dropped
+            self._header_list.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self._unparsed = 0
         code = self._parser.get_status_code()
         header_list, self._header_list = self._header_list, []
         phrase, self._phrase = self._phrase, b""
@@ -193,7 +242,7 @@ class LeanHTTP11ClientProtocol(Protocol):
         if request.method == b"HEAD" or code in (204, 304):
             length = 0
         response = LeanResponse(
-            code, phrase, headers, length, TransportProxyProducer(self.transport), request
+            code, phrase, headers, length, _BodyProducer(self.transport, self), request
         )
         self._response = response
         result, self._result = self._result, None
@@ -204,13 +253,16 @@ class LeanHTTP11ClientProtocol(Protocol):
             raise _HeadDone()
 
     def on_body(self, body: bytes) -> None:
+        self._unparsed = 0
         if self._response is not None:
             self._response._body(body)
 
     def on_message_complete(self) -> None:
+        self._unparsed = 0
         response, self._response = self._response, None
         if response is None:
             return  # the end of an interim (1xx) response
+        self._stop_body_timer()
         keep = (
             self._parser.should_keep_alive()
             and self._request is not None
@@ -229,8 +281,43 @@ class LeanHTTP11ClientProtocol(Protocol):
                 self.transport.loseConnection()
         response._finish(_DONE)
 
+    # -- body timeout ---------------------------------------------------------------------
+    def _arm_body_timer(self) -> None:
+        """(Re)start the body idle timer: called after each read that left a body unfinished."""
+        timer, seconds, clock = self._body_timer, self.body_timeout, self.clock
+        if self._paused or seconds is None or clock is None:
+            return
+        if timer is None or not timer.active():
+            self._body_timer = clock.callLater(seconds, self._body_timed_out)
+        else:
+            timer.reset(seconds)
+
+    def _stop_body_timer(self) -> None:
+        timer, self._body_timer = self._body_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _body_paused(self, paused: bool) -> None:
+        """The body's reader paused (back-pressure: not the upstream's fault) or resumed."""
+        self._paused = paused
+        if paused:
+            self._stop_body_timer()
+        elif self._response is not None:
+            self._arm_body_timer()
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        if self._response is None or self.state != WAITING:
+            return
+        seconds = self.body_timeout
+        error = UpstreamTimeout(f"no response body bytes from the upstream for {seconds:g} s")
+        self._fail(Failure(ResponseFailed([Failure(error)])))
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
     # -- failure --------------------------------------------------------------------------
     def _fail(self, reason: Failure) -> None:
+        self._stop_body_timer()
         result, self._result = self._result, None
         if result is not None:
             result.errback(reason)
@@ -240,6 +327,7 @@ class LeanHTTP11ClientProtocol(Protocol):
         self.state = CONNECTION_LOST
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._stop_body_timer()
         if self.state == WAITING:
             if self._result is not None:
                 error = ResponseFailed if self._received else ResponseNeverReceived

@@ -9,7 +9,7 @@ method check (405) -> proxy.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Set
+from collections.abc import Callable, Iterable, Mapping, Set
 from typing import Protocol
 
 from twisted.internet.defer import Deferred
@@ -25,6 +25,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from trackingproxy.challenges import ChallengeResponder
 from trackingproxy.domains import host_from_header
+from trackingproxy.exchange import ClientExchange
 from trackingproxy.forwarded import ForwardedFor
 from trackingproxy.upstream.errors import UpstreamError, UpstreamTimeout
 from trackingproxy.wellknown import WellKnownFile
@@ -36,6 +37,7 @@ MAX_BODY = 64 * 1024
 SMALL_BODY = 64 * 1024  # responses up to this size are written without flow control
 CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
 _TOKEN = re.compile(rb"^[A-Za-z0-9_-]{1,256}$")
+_TOKEN_NAME = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token: a field name
 
 # RFC 9110 7.6.1 connection-specific fields, plus the legacy ones nginx also drops.
 HOP_BY_HOP = frozenset(
@@ -65,6 +67,18 @@ _INBOUND_DROP = HOP_BY_HOP | {
 _OUTBOUND_DROP = HOP_BY_HOP | {b"server", b"content-length"}
 
 
+def _canonical(names: Iterable[bytes]) -> frozenset[bytes]:
+    """``names`` as twisted's Headers spells them (Content-Length, TE): the upstream response's
+    header names come in that form, so no per-header ``lower()`` is needed to drop them."""
+    headers = Headers()
+    for name in names:
+        headers.setRawHeaders(name, [b""])
+    return frozenset(name for name, _ in headers.getAllRawHeaders())
+
+
+_OUTBOUND_DROP_CANONICAL = _canonical(_OUTBOUND_DROP)
+
+
 class Upstream(Protocol):
     """What the proxy needs from the upstream client (trackingproxy.upstream.client)."""
 
@@ -81,20 +95,16 @@ class SniCheck(Protocol):
     def __call__(self, sni: str, host: str) -> bool: ...
 
 
-def _connection_tokens(request: Request) -> frozenset[bytes]:
-    values = request.requestHeaders.getRawHeaders(b"connection") or []
+def _tokens(values: Iterable[bytes]) -> frozenset[bytes]:
     return frozenset(t.strip().lower() for v in values for t in v.split(b",") if t.strip())
 
 
-def _plain(request: Request, code: int, body: bytes, extra: Mapping[bytes, bytes] = {}) -> bytes:
-    request.setResponseCode(code)
-    request.responseHeaders.removeHeader(b"server")
-    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-    request.setHeader(b"cache-control", b"no-store")
-    for k, v in extra.items():
-        request.setHeader(k, v)
-    request.setHeader(b"content-length", str(len(body)).encode())
-    return b"" if request.method == b"HEAD" else body
+_TEXT = (b"content-type", b"text/plain; charset=utf-8")
+_NO_STORE = (b"cache-control", b"no-store")
+
+
+def _plain(exchange: ClientExchange, code: int, body: bytes, *extra: tuple[bytes, bytes]) -> None:
+    exchange.respond(code, [_TEXT, _NO_STORE, *extra], body)
 
 
 def sni_name(request: Request) -> str | None:
@@ -111,7 +121,7 @@ def sni_name(request: Request) -> str | None:
 
 
 class TrackingResource(Resource):
-    """The root (and only) resource of a listener's Site."""
+    """The request handler of a listener (`handle`); a leaf Resource for twisted.web callers."""
 
     isLeaf = True
 
@@ -137,11 +147,17 @@ class TrackingResource(Resource):
         self._redirect = redirect_http and scheme == b"http"
         self._sni_check = sni_check
 
+    def render(self, request: Request) -> int:
+        from trackingproxy.site import TwistedExchange
+
+        self.handle(TwistedExchange(request))  # type: ignore[arg-type]
+        return NOT_DONE_YET
+
     # -- routing --------------------------------------------------------------------------
-    def _target_host(self, request: Request) -> tuple[str | None, bytes]:
+    def _target_host(self, exchange: ClientExchange) -> tuple[str | None, bytes]:
         """(host, origin-form target) for the request, host None when it is not ours."""
-        uri: bytes = request.uri
-        host = host_from_header(request.getHeader(b"host"))
+        uri = exchange.uri
+        host = host_from_header(exchange.header(b"host"))
         if uri.startswith(b"/"):
             return host, uri
         scheme, sep, rest = uri.partition(b"://")
@@ -153,122 +169,144 @@ class TrackingResource(Resource):
             return None, uri
         return uri_host, b"/" + path if slash else b"/"
 
-    def render(self, request: Request) -> bytes | int:
-        host, target = self._target_host(request)
+    def handle(self, exchange: ClientExchange) -> None:
+        """Answer ``exchange`` (at once, or later for a proxied request)."""
+        if exchange.uri == b"*":
+            return exchange.respond(400, [], b"")
+        host, target = self._target_host(exchange)
         if host is None or host not in self._domains():
-            return _plain(request, 421, b"421 Misdirected Request: unknown host\n")
+            return _plain(exchange, 421, b"421 Misdirected Request: unknown host\n")
         if self._sni_check is not None:
-            sni = sni_name(request)
+            sni = exchange.sni()
             if sni is not None and sni != host and not self._sni_check(sni, host):
-                return _plain(request, 421, b"421 Misdirected Request: host does not match TLS\n")
-        request.tp_host = host  # type: ignore[attr-defined]
+                return _plain(exchange, 421, b"421 Misdirected Request: host does not match TLS\n")
+        exchange.tp_host = host
+        method = exchange.method
         path = target.partition(b"?")[0]
         if path.startswith(CHALLENGE_PREFIX):
-            return self._challenge(request, host, path[len(CHALLENGE_PREFIX) :])
+            return self._challenge(exchange, host, path[len(CHALLENGE_PREFIX) :])
         if path.startswith(b"/.well-known/"):
             found = self._well_known().get(path)
             if found is not None:
-                return self._serve_file(request, found)
+                return self._serve_file(exchange, found)
         if self._redirect:
             location = b"https://" + host.encode("ascii") + target
-            code = 301 if request.method in (b"GET", b"HEAD") else 308
-            return _plain(request, code, b"Moved to HTTPS\n", {b"location": location})
-        if request.method not in ALLOWED_METHODS:
+            code = 301 if method in (b"GET", b"HEAD") else 308
+            return _plain(exchange, code, b"Moved to HTTPS\n", (b"location", location))
+        if method not in ALLOWED_METHODS:
             return _plain(
-                request, 405, b"405 Method Not Allowed\n", {b"allow": b"GET, HEAD, POST, OPTIONS"}
+                exchange, 405, b"405 Method Not Allowed\n", (b"allow", b"GET, HEAD, POST, OPTIONS")
             )
-        if request.clientproto == b"HTTP/1.0" and request.requestHeaders.hasHeader(
-            b"transfer-encoding"
-        ):  # RFC 9112 6.1: faulty framing
-            return _plain(request, 400, b"400 Bad Request\n", {b"connection": b"close"})
-        if getattr(request, "tp_too_large", False):
-            return _plain(request, 413, b"413 Content Too Large\n", {b"connection": b"close"})
-        return self._proxy(request, host, target)
+        if exchange.clientproto == b"HTTP/1.0" and exchange.header(b"transfer-encoding"):
+            # RFC 9112 6.1: faulty framing
+            exchange.close_after()
+            return _plain(exchange, 400, b"400 Bad Request\n")
+        if exchange.tp_too_large:
+            exchange.close_after()
+            return _plain(exchange, 413, b"413 Content Too Large\n")
+        self._proxy(exchange, host, target)
 
-    def _challenge(self, request: Request, host: str, token: bytes) -> bytes:
-        if request.method not in (b"GET", b"HEAD") or not _TOKEN.match(token):
-            return _plain(request, 404, b"404 Not Found\n")
+    def _challenge(self, exchange: ClientExchange, host: str, token: bytes) -> None:
+        if exchange.method not in (b"GET", b"HEAD") or not _TOKEN.match(token):
+            return _plain(exchange, 404, b"404 Not Found\n")
         answer = self._challenges.key_authorization(host, token.decode("ascii"))
         if answer is None:
-            return _plain(request, 404, b"404 Not Found\n")
-        return _plain(request, 200, answer)
+            return _plain(exchange, 404, b"404 Not Found\n")
+        _plain(exchange, 200, answer)
 
-    def _serve_file(self, request: Request, found: WellKnownFile) -> bytes:
-        if request.method not in (b"GET", b"HEAD"):
-            return _plain(request, 405, b"405 Method Not Allowed\n", {b"allow": b"GET, HEAD"})
-        request.responseHeaders.removeHeader(b"server")
-        request.setHeader(b"content-type", found.content_type)
-        request.setHeader(b"content-length", str(len(found.body)).encode())
-        request.setHeader(b"cache-control", b"max-age=300")
-        return b"" if request.method == b"HEAD" else found.body
+    def _serve_file(self, exchange: ClientExchange, found: WellKnownFile) -> None:
+        if exchange.method not in (b"GET", b"HEAD"):
+            return _plain(exchange, 405, b"405 Method Not Allowed\n", (b"allow", b"GET, HEAD"))
+        exchange.respond(
+            200,
+            [(b"content-type", found.content_type), (b"cache-control", b"max-age=300")],
+            found.body,
+        )
 
     # -- proxying -------------------------------------------------------------------------
-    def _outbound_headers(self, request: Request, host: str) -> Headers:
-        drop = _INBOUND_DROP | _connection_tokens(request)
+    def _outbound_headers(self, exchange: ClientExchange, host: str) -> Headers:
+        drop = _INBOUND_DROP
+        connection = exchange.header_values(b"connection")
+        if connection:
+            drop = drop | _tokens(connection)
         headers = Headers()
-        for name, values in request.requestHeaders.getAllRawHeaders():
-            if name.lower() not in drop:
-                headers.setRawHeaders(name, values)
-        peer = request.getClientAddress()
-        peer_host = getattr(peer, "host", None) or "-"
+        add = headers.addRawHeader
+        for name, value in exchange.header_items():
+            if name not in drop:
+                add(name, value)
         addr = self._forwarded.resolve(
-            peer_host, request.requestHeaders.getRawHeaders(b"x-forwarded-for")
+            exchange.peer_host(), exchange.header_values(b"x-forwarded-for")
         )
-        request.tp_client = addr.client  # type: ignore[attr-defined]
+        exchange.tp_client = addr.client
         host_b = host.encode("ascii")
-        headers.setRawHeaders(b"host", [host_b])
-        headers.setRawHeaders(b"x-forwarded-for", [addr.forwarded_for])
-        headers.setRawHeaders(b"x-forwarded-proto", [self._scheme])
-        headers.setRawHeaders(b"x-forwarded-host", [host_b])
+        add(b"host", host_b)
+        add(b"x-forwarded-for", addr.forwarded_for)
+        add(b"x-forwarded-proto", self._scheme)
+        add(b"x-forwarded-host", host_b)
         return headers
 
-    def _proxy(self, request: Request, host: str, target: bytes) -> int:
-        headers = self._outbound_headers(request, host)
-        body = None
-        if request.method == b"POST":
-            body = request.content.getvalue() if request.content is not None else b""
-        exchange = _Exchange(request, self._upstream, host)
-        self._upstream.request(request.method, target, headers, body).addCallbacks(
-            exchange.got_response, exchange.failed
+    def _proxy(self, exchange: ClientExchange, host: str, target: bytes) -> None:
+        headers = self._outbound_headers(exchange, host)
+        method = exchange.method
+        body = exchange.body() if method == b"POST" else None
+        forward = _Forward(exchange, self._upstream, host)
+        self._upstream.request(method, target, headers, body).addCallbacks(
+            forward.got_response, forward.failed
         )
-        return NOT_DONE_YET
 
 
-class _Exchange:
-    """One proxied request: copies the upstream response to the client, or answers 502/504."""
+class _Forward(TwistedProtocol):
+    """One proxied request: copies the upstream response to the client (streaming its body
+    with back-pressure), or answers 502/504."""
 
-    def __init__(self, request: Request, upstream: Upstream, host: str) -> None:
-        self._request = request
+    def __init__(self, exchange: ClientExchange, upstream: Upstream, host: str) -> None:
+        self._exchange = exchange
         self._upstream = upstream
         self._host = host
         self._client_gone = False
-        request.notifyFinish().addErrback(self._client_lost)
+        self._response: IResponse | None = None
+        self._done = False
+        self._producing = False
+        exchange.on_lost(self._client_lost)
 
-    def _client_lost(self, reason: Failure) -> None:
+    def _client_lost(self) -> None:
         self._client_gone = True
+        response = self._response
+        if response is not None and not self._done:
+            self._done = True
+            self._upstream.abandon(response)
 
     def got_response(self, response: IResponse) -> None:
-        request = self._request
         if self._client_gone:
             response.deliverBody(_Discard())
             return
-        request.setResponseCode(response.code, response.phrase)
-        out = request.responseHeaders
-        out.removeHeader(b"server")
-        drop = _OUTBOUND_DROP | frozenset(
-            t.strip().lower()
-            for v in response.headers.getRawHeaders(b"connection") or []
-            for t in v.split(b",")
+        self._response = response
+        upstream_headers = response.headers
+        drop = _OUTBOUND_DROP_CANONICAL
+        connection = upstream_headers.getRawHeaders(b"connection")
+        if connection:
+            drop = drop | _canonical(t for t in _tokens(connection) if _TOKEN_NAME.match(t))
+        headers = []
+        has_date = False
+        for name, values in upstream_headers.getAllRawHeaders():
+            if name in drop:
+                continue
+            if name == b"Date":
+                has_date = True
+            for value in values:
+                headers.append((name, value))
+        length = response.length
+        self._exchange.start(
+            response.code,
+            response.phrase,
+            headers,
+            length if isinstance(length, int) else None,
+            not has_date,
         )
-        for name, values in response.headers.getAllRawHeaders():
-            if name.lower() not in drop:
-                out.setRawHeaders(name, values)
-        if response.length is not None and isinstance(response.length, int):
-            out.setRawHeaders(b"content-length", [str(response.length).encode()])
-        response.deliverBody(_Relay(request, self._upstream, response, self))
+        response.deliverBody(self)
 
     def failed(self, reason: Failure) -> None:
-        request = self._request
+        exchange = self._exchange
         if reason.check(UpstreamTimeout):
             code, body = 504, b"504 Gateway Timeout\n"
         else:
@@ -285,11 +323,43 @@ class _Exchange:
                 error=str(err),
                 code=code,
             )
-        request.tp_upstream_error = cause  # type: ignore[attr-defined]
+        exchange.tp_upstream_error = cause
         if self._client_gone:
             return
-        request.write(_plain(request, code, body))
-        request.finish()
+        _plain(exchange, code, body)
+
+    # -- the body (IProtocol of response.deliverBody) -------------------------------------
+    def connectionMade(self) -> None:
+        if self._done:
+            return
+        length = self._response.length if self._response is not None else None
+        if isinstance(length, int) and length <= SMALL_BODY:
+            return  # pixels and redirects: back-pressure would only cost epoll calls
+        self._exchange.register_producer(self.transport)
+        self._producing = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._done:
+            self._exchange.write(data)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._response = None  # it refers back to us (its body protocol): no cycle left
+        if self._done:
+            return
+        self._done = True
+        exchange = self._exchange
+        if self._producing:
+            exchange.unregister_producer()
+        if reason.check(ResponseDone, PotentialDataLoss):
+            exchange.finish()
+        else:
+            log.warn(
+                "upstream body for {host} cut short: {error}",
+                host=self._host,
+                error=reason.getErrorMessage(),
+            )
+            exchange.tp_upstream_error = "reset"
+            exchange.abort()
 
 
 class _Discard(TwistedProtocol):
@@ -297,52 +367,3 @@ class _Discard(TwistedProtocol):
 
     def dataReceived(self, data: bytes) -> None:
         pass
-
-
-class _Relay(TwistedProtocol):
-    """Streams the upstream body to the client with back-pressure, then finishes the request."""
-
-    def __init__(
-        self, request: Request, upstream: Upstream, response: IResponse, exchange: _Exchange
-    ) -> None:
-        self._request = request
-        self._upstream = upstream
-        self._response = response
-        self._done = False
-        self._producing = False
-        request.notifyFinish().addErrback(self._client_lost)
-
-    def connectionMade(self) -> None:
-        if self._done:
-            return
-        length = self._response.length
-        if isinstance(length, int) and length <= SMALL_BODY:
-            return  # pixels and redirects: back-pressure would only cost epoll calls
-        self._request.registerProducer(self.transport, True)
-        self._producing = True
-
-    def _client_lost(self, reason: Failure) -> None:
-        if not self._done:
-            self._done = True
-            self._upstream.abandon(self._response)
-
-    def dataReceived(self, data: bytes) -> None:
-        if not self._done:
-            self._request.write(data)
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        if self._done:
-            return
-        self._done = True
-        if self._producing:
-            self._request.unregisterProducer()
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self._request.finish()
-        else:
-            log.warn(
-                "upstream body for {host} cut short: {error}",
-                host=getattr(self._request, "tp_host", "-"),
-                error=reason.getErrorMessage(),
-            )
-            self._request.tp_upstream_error = "reset"  # type: ignore[attr-defined]
-            self._request.loseConnection()

@@ -1,149 +1,44 @@
-"""The HTTP server side: request limits, slowloris timeouts and access logging (twisted.web Site).
-
-HTTP/1.1 and HTTP/2 (negotiated by ALPN on TLS listeners) share one Site per listener.
+"""A listener's HTTP server: the lean HTTP/1.1 connection for every connection, twisted.web's
+H2Connection (with our Request) for TLS connections whose ALPN chose ``h2``, and the hooks both
+call: access log, metrics observer, in-flight request count.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from io import BytesIO
 from typing import Any, Protocol
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import connectionDone
+from twisted.internet.interfaces import IAddress, IProtocol, IReactorTime
 from twisted.python.failure import Failure
-from twisted.web import http
-from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol, datetimeToString
+from twisted.web.http import datetimeToString
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from trackingproxy.accesslog import AccessEntry, AccessLog
+from trackingproxy.exchange import ClientExchange
+from trackingproxy.http1server import MAX_HEADER_BYTES, MAX_HEADERS, HTTP1Connection
 from trackingproxy.lifecycle import ActiveRequests
-from trackingproxy.proxy import MAX_BODY
+from trackingproxy.proxy import MAX_BODY, sni_name
+
+__all__ = [
+    "HEADER_TIMEOUT",
+    "IDLE_TIMEOUT",
+    "MAX_HEADERS",
+    "MAX_HEADER_BYTES",
+    "ProxyRequest",
+    "ProxySite",
+    "TwistedExchange",
+]
 
 HEADER_TIMEOUT = 10.0
 IDLE_TIMEOUT = 60.0
-MAX_HEADERS = 100
-MAX_HEADER_BYTES = 16384
-
-_TOO_LARGE = (
-    b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Type: text/plain\r\n"
-    b"Content-Length: 22\r\n\r\n413 Content Too Large\n"
-)
 
 
-class ProxyRequest(Request):
-    """A Request that keeps at most MAX_BODY bytes of body, in memory (never a temp file)."""
+class Handler(Protocol):
+    """The request handler (``trackingproxy.proxy.TrackingResource``)."""
 
-    tp_too_large = False
-    tp_host = "-"
-    tp_client: str | None = None
-    tp_upstream_error: str | None = None
-
-    tp_started = 0.0
-    _tp_received = 0
-
-    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
-        # Bodies are forwarded as bytes: never parse form posts into request.args.
-        kwargs.setdefault("parsePOSTFormSubmission", False)
-        super().__init__(channel, *args, **kwargs)
-
-    def process(self) -> None:
-        """twisted.web's Request.process without the ``Server: TwistedWeb/<version>`` header,
-        the per-request path splitting (our root resource is a leaf) and the special answer to
-        ``OPTIONS *`` (which is not a tracking request: 400)."""
-        self.site = self.channel.site  # type: ignore[attr-defined]
-        self.setHeader(b"date", datetimeToString())
-        self.prepath = []
-        self.postpath = []
-        if self.path == b"*":
-            self.setResponseCode(400)
-            self.setHeader(b"content-length", b"0")
-            self.finish()
-            return
-        try:
-            self.render(self.site.getResourceFor(self))
-        except BaseException:
-            self.processingFailed(Failure())
-
-    def gotLength(self, length: int | None) -> None:
-        self.content = BytesIO()
-        if length is not None and length > MAX_BODY:
-            self._reject_body()
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self.tp_too_large:
-            return
-        self._tp_received += len(data)
-        if self._tp_received > MAX_BODY:
-            self._reject_body()
-            return
-        assert self.content is not None
-        self.content.write(data)
-
-    def _reject_body(self) -> None:
-        """Answer 413 and close at once on HTTP/1.1; on HTTP/2 drop the body and answer later."""
-        self.tp_too_large = True
-        self.content = BytesIO()
-        channel = self.channel
-        if isinstance(channel, HTTPChannel) and channel.transport is not None:
-            self.tp_too_large_closed = True
-            channel.transport.write(_TOO_LARGE)
-            channel.transport.loseConnection()
-
-
-class LimitedHTTPChannel(HTTPChannel):
-    """HTTPChannel with a deadline for receiving a request's headers (slowloris) and tighter
-    header limits. The idle keep-alive timeout is the Site's ``timeout``."""
-
-    maxHeaders = MAX_HEADERS
-    totalHeadersSize = MAX_HEADER_BYTES
-    header_timeout = HEADER_TIMEOUT
-    _header_deadline: IDelayedCall | None = None
-    _awaiting_headers = False
-    _local_address: Any = None
-
-    def getHost(self) -> Any:
-        # Every Request asks for it; once per connection is enough (it is a getsockname call).
-        if self._local_address is None:
-            self._local_address = super().getHost()
-        return self._local_address
-
-    def dataReceived(self, data: bytes) -> None:
-        if not self._awaiting_headers:
-            self._awaiting_headers = True
-            self._header_deadline = self.callLater(self.header_timeout, self._headers_too_slow)
-        super().dataReceived(data)
-
-    def lineReceived(self, line: bytes) -> None:
-        # obs-fold (a header line starting with white space) is refused, not merged (RFC 9112
-        # 5.2): intermediaries disagree on how to unfold, which is what smuggling feeds on.
-        if line[:1] in (b" ", b"\t"):
-            self._respondToBadRequestAndDisconnect()
-            return
-        super().lineReceived(line)
-
-    def allHeadersReceived(self) -> None:
-        self._awaiting_headers_done()
-        super().allHeadersReceived()
-
-    def allContentReceived(self) -> None:
-        super().allContentReceived()
-        self._awaiting_headers = False
-
-    def _awaiting_headers_done(self) -> None:
-        if self._header_deadline is not None and self._header_deadline.active():
-            self._header_deadline.cancel()
-        self._header_deadline = None
-
-    def _headers_too_slow(self) -> None:
-        self._header_deadline = None
-        transport: Any = self.transport
-        if transport is not None:
-            transport.abortConnection()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._awaiting_headers_done()
-        super().connectionLost(reason)
+    def handle(self, exchange: ClientExchange) -> None: ...
 
 
 class SiteObserver(Protocol):
@@ -154,36 +49,154 @@ class SiteObserver(Protocol):
     def connection_closed(self) -> None: ...
 
 
-class _ObservedChannelProtocol(_GenericHTTPChannelProtocol):
-    """Tells the observer when a client connection opens and closes (HTTP/1.1 or HTTP/2)."""
+class ProxyRequest(Request):
+    """twisted.web's Request for HTTP/2 streams: at most MAX_BODY bytes of body, in memory."""
 
-    observer: SiteObserver
+    tp_too_large = False
+    _tp_received = 0
 
-    def makeConnection(self, transport: Any) -> None:
-        self.observer.connection_opened()
-        super().makeConnection(transport)
+    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        # Bodies are forwarded as bytes: never parse form posts into request.args.
+        kwargs.setdefault("parsePOSTFormSubmission", False)
+        super().__init__(channel, *args, **kwargs)
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.observer.connection_closed()
-        super().connectionLost(reason)
+    def process(self) -> None:
+        """Hand the request to the site's handler through `TwistedExchange` (no resource
+        traversal, no ``Server`` header; ``OPTIONS *`` is not a tracking request: 400)."""
+        site: ProxySite = self.channel.site  # type: ignore[attr-defined]
+        self.site = site
+        self.setHeader(b"date", datetimeToString())
+        exchange = TwistedExchange(self)
+        if self.path == b"*":
+            exchange.respond(400, [], b"")
+            return
+        try:
+            site.handle(exchange)
+        except BaseException:
+            self.processingFailed(Failure())
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = BytesIO()
+        if length is not None and length > MAX_BODY:
+            self.tp_too_large = True
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.tp_too_large:
+            return
+        self._tp_received += len(data)
+        if self._tp_received > MAX_BODY:
+            self.tp_too_large = True  # the body is dropped; the answer is 413
+            self.content = BytesIO()
+            return
+        assert self.content is not None
+        self.content.write(data)
 
 
-def _protocol_factory(site: http.HTTPFactory) -> _GenericHTTPChannelProtocol:
-    channel = LimitedHTTPChannel()
-    channel.header_timeout = getattr(site, "header_timeout", HEADER_TIMEOUT)
-    observer = getattr(site, "observer", None)
-    if observer is None:
-        return _GenericHTTPChannelProtocol(channel)
-    protocol = _ObservedChannelProtocol(channel)
-    protocol.observer = observer
-    return protocol
+class TwistedExchange:
+    """`ClientExchange` over a twisted.web Request (the HTTP/2 path)."""
+
+    def __init__(self, request: ProxyRequest) -> None:
+        self._request = request
+        self.method: bytes = request.method
+        self.uri: bytes = request.uri
+        self.clientproto: bytes = request.clientproto
+        self.tp_host = "-"
+        self.tp_client: str | None = None
+        self.tp_upstream_error: str | None = None
+        self.tp_started = 0.0
+        request.tp_exchange = self  # type: ignore[attr-defined]
+
+    @property
+    def code(self) -> int:
+        return int(self._request.code)
+
+    @property
+    def sent(self) -> int:
+        return int(self._request.sentLength)
+
+    @property
+    def tp_too_large(self) -> bool:
+        return self._request.tp_too_large
+
+    def header(self, name: bytes) -> bytes | None:
+        return self._request.getHeader(name)
+
+    def header_values(self, name: bytes) -> list[bytes]:
+        return list(self._request.requestHeaders.getRawHeaders(name) or ())
+
+    def header_items(self) -> Iterable[tuple[bytes, bytes]]:
+        for name, values in self._request.requestHeaders.getAllRawHeaders():
+            lower = name.lower()
+            for value in values:
+                yield lower, value
+
+    def body(self) -> bytes:
+        content = self._request.content
+        return content.getvalue() if isinstance(content, BytesIO) else b""
+
+    def peer_host(self) -> str:
+        return str(getattr(self._request.getClientAddress(), "host", None) or "-")
+
+    def sni(self) -> str | None:
+        return sni_name(self._request)
+
+    def respond(self, code: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        request = self._request
+        request.setResponseCode(code)
+        for name, value in headers:
+            request.setHeader(name, value)
+        request.setHeader(b"content-length", b"%d" % len(body))
+        if request.method != b"HEAD" and body:
+            request.write(body)
+        request.finish()
+
+    def start(
+        self,
+        code: int,
+        phrase: bytes,
+        headers: list[tuple[bytes, bytes]],
+        length: int | None,
+        add_date: bool,
+    ) -> None:
+        request = self._request
+        request.setResponseCode(code, phrase)
+        grouped: dict[bytes, list[bytes]] = {}
+        for name, value in headers:
+            grouped.setdefault(name, []).append(value)
+        for name, values in grouped.items():
+            request.responseHeaders.setRawHeaders(name, values)
+        if length is not None:
+            request.setHeader(b"content-length", b"%d" % length)
+
+    def write(self, data: bytes) -> None:
+        self._request.write(data)
+
+    def finish(self) -> None:
+        self._request.finish()
+
+    def close_after(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        self._request.loseConnection()
+
+    def register_producer(self, producer: Any) -> None:
+        self._request.registerProducer(producer, True)
+
+    def unregister_producer(self) -> None:
+        self._request.unregisterProducer()
+
+    def on_lost(self, callback: Callable[[], None]) -> None:
+        self._request.notifyFinish().addErrback(lambda _: callback())
+
+    def notifyFinish(self) -> Any:
+        return self._request.notifyFinish()
 
 
 class ProxySite(Site):
-    """One listener's Site: our Request class, limits, and our access log."""
+    """One listener: builds the connections and runs the per-request hooks."""
 
     requestFactory = ProxyRequest
-    protocol = _protocol_factory
 
     def __init__(
         self,
@@ -197,6 +210,9 @@ class ProxySite(Site):
         observer: SiteObserver | None = None,
     ) -> None:
         super().__init__(resource, timeout=idle_timeout, reactor=reactor)
+        self.clock = reactor
+        self.handler: Handler = resource  # type: ignore[assignment]
+        self.idle_timeout = idle_timeout
         self.header_timeout = header_timeout
         self._access_log = access_log
         self._active = active
@@ -204,33 +220,63 @@ class ProxySite(Site):
         self._scheme = scheme
         self.displayTracebacks = False
 
-    def getResourceFor(self, request: Request) -> IResource:
-        request.tp_started = self.reactor.seconds()  # type: ignore[attr-defined]
-        if self._active is not None:
-            self._active.started(request)
-        return super().getResourceFor(request)  # type: ignore[no-any-return]
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        protocol = HTTP1Connection(self)
+        protocol.factory = self
+        return protocol
 
-    def log(self, request: http.Request) -> None:
+    def http2_connection(self) -> IProtocol:
+        from twisted.web._http2 import H2Connection
+
+        connection: Any = H2Connection(self.reactor)
+        connection.requestFactory = self.requestFactory
+        connection.site = self
+        connection.factory = self
+        connection.timeOut = self.timeOut
+        connection.callLater = self.reactor.callLater
+        return connection  # type: ignore[no-any-return]
+
+    # -- hooks ----------------------------------------------------------------------------
+    def connection_opened(self) -> None:
         if self.observer is not None:
-            self.observer.request_done(request)
+            self.observer.connection_opened()
+
+    def connection_closed(self) -> None:
+        if self.observer is not None:
+            self.observer.connection_closed()
+
+    def handle(self, exchange: ClientExchange) -> None:
+        if not exchange.tp_started:
+            exchange.tp_started = self.clock.seconds()
+        if self._active is not None:
+            self._active.started(exchange)  # type: ignore[arg-type]
+        self.handler.handle(exchange)
+
+    def request_done(self, exchange: ClientExchange) -> None:
+        if self.observer is not None:
+            self.observer.request_done(exchange)
         if not self._access_log.enabled:
             return
-        addr = request.getClientAddress()
-        client = str(getattr(request, "tp_client", None) or getattr(addr, "host", "-"))
-        version = request.clientproto.decode("latin-1") if request.clientproto else "-"
+        now = self.clock.seconds()
         self._access_log.log(
             AccessEntry(
-                when=self.reactor.seconds(),
-                client=client,
-                host=getattr(request, "tp_host", "-"),
-                method=request.method.decode("latin-1"),
-                target=request.uri,
-                protocol=version,
-                status=request.code,
-                sent=request.sentLength,
-                referer=(request.getHeader(b"referer") or b"").decode("latin-1"),
-                user_agent=(request.getHeader(b"user-agent") or b"").decode("latin-1"),
-                duration=self.reactor.seconds() - getattr(request, "tp_started", 0.0),
+                when=now,
+                client=exchange.tp_client or exchange.peer_host(),
+                host=exchange.tp_host,
+                method=exchange.method.decode("latin-1"),
+                target=exchange.uri,
+                protocol=exchange.clientproto.decode("latin-1") or "-",
+                status=exchange.code,
+                sent=exchange.sent,
+                referer=(exchange.header(b"referer") or b"").decode("latin-1"),
+                user_agent=(exchange.header(b"user-agent") or b"").decode("latin-1"),
+                duration=now - exchange.tp_started,
                 scheme=self._scheme,
             )
         )
+
+    def log(self, request: Any) -> None:
+        """twisted.web's hook when an HTTP/2 request finishes."""
+        exchange = getattr(request, "tp_exchange", None)
+        if exchange is not None:
+            self.request_done(exchange)

@@ -9,7 +9,7 @@ method check (405) -> proxy.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping, Set
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from typing import Protocol
 
 from twisted.internet.defer import Deferred
@@ -77,6 +77,20 @@ def _canonical(names: Iterable[bytes]) -> frozenset[bytes]:
 
 
 _OUTBOUND_DROP_CANONICAL = _canonical(_OUTBOUND_DROP)
+_drop_by_connection: dict[tuple[bytes, ...], frozenset[bytes]] = {}
+
+
+def _outbound_drop(connection: Sequence[bytes]) -> frozenset[bytes]:
+    """The response header names not to pass on, given the upstream's Connection values (the
+    upstream sends the same few, e.g. ``keep-alive``, on every response: cached)."""
+    key = tuple(connection)
+    drop = _drop_by_connection.get(key)
+    if drop is None:
+        named = _canonical(t for t in _tokens(connection) if _TOKEN_NAME.match(t))
+        drop = _OUTBOUND_DROP_CANONICAL | named
+        if len(_drop_by_connection) < 64:
+            _drop_by_connection[key] = drop
+    return drop
 
 
 class Upstream(Protocol):
@@ -282,10 +296,8 @@ class _Forward(TwistedProtocol):
             return
         self._response = response
         upstream_headers = response.headers
-        drop = _OUTBOUND_DROP_CANONICAL
         connection = upstream_headers.getRawHeaders(b"connection")
-        if connection:
-            drop = drop | _canonical(t for t in _tokens(connection) if _TOKEN_NAME.match(t))
+        drop = _outbound_drop(connection) if connection else _OUTBOUND_DROP_CANONICAL
         headers = []
         has_date = False
         for name, values in upstream_headers.getAllRawHeaders():

@@ -15,6 +15,13 @@ from typing import Any, Protocol
 
 from twisted.web.http import RESPONSES
 
+# Reason phrases twisted.web does not know (RFC 9110).
+_PHRASES = {
+    421: b"Misdirected Request",
+    422: b"Unprocessable Content",
+    431: b"Request Header Fields Too Large",
+}
+
 __all__ = ["ClientExchange", "date_line", "http_date", "status_line"]
 
 _DAYS = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")
@@ -129,7 +136,7 @@ def status_line(version: bytes, code: int) -> bytes:
     """``HTTP/1.1 200 OK\\r\\n`` (built once per version and code)."""
     line = _STATUS_LINES.get((version, code))
     if line is None:
-        phrase = RESPONSES.get(code, b"Unknown Status")
+        phrase = _PHRASES.get(code) or RESPONSES.get(code, b"Unknown Status")
         line = b"%s %d %s\r\n" % (version, code, phrase)
         if len(_STATUS_LINES) < 512:
             _STATUS_LINES[(version, code)] = line

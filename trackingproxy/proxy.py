@@ -8,9 +8,11 @@ method check (405) -> proxy.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from typing import Protocol
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol as TwistedProtocol
@@ -27,7 +29,7 @@ from trackingproxy.challenges import ChallengeResponder
 from trackingproxy.domains import host_from_header
 from trackingproxy.exchange import ClientExchange
 from trackingproxy.forwarded import ForwardedFor
-from trackingproxy.upstream.errors import UpstreamError, UpstreamTimeout
+from trackingproxy.upstream.errors import UpstreamError, UpstreamReset, UpstreamTimeout
 from trackingproxy.wellknown import WellKnownFile
 
 log = Logger(namespace="trackingproxy.proxy")
@@ -117,6 +119,19 @@ _TEXT = (b"content-type", b"text/plain; charset=utf-8")
 _NO_STORE = (b"cache-control", b"no-store")
 
 
+def _disguised_challenge(path: bytes) -> bool:
+    """True when ``path`` normalises (percent-decoding, dot segments, repeated or back slashes)
+    to the ACME challenge path without being spelled exactly like it."""
+    if b"%" not in path and b"//" not in path and b"/." not in path and b"\\" not in path:
+        return False  # the common case: nothing to normalise
+    decoded = unquote_to_bytes(path).replace(b"\\", b"/")
+    normal = posixpath.normpath(_SLASHES.sub(b"/", decoded))
+    return normal.lower().startswith(CHALLENGE_PREFIX.rstrip(b"/"))
+
+
+_SLASHES = re.compile(rb"/+")
+
+
 def _plain(exchange: ClientExchange, code: int, body: bytes, *extra: tuple[bytes, bytes]) -> None:
     exchange.respond(code, [_TEXT, _NO_STORE, *extra], body)
 
@@ -199,6 +214,10 @@ class TrackingResource(Resource):
         path = target.partition(b"?")[0]
         if path.startswith(CHALLENGE_PREFIX):
             return self._challenge(exchange, host, path[len(CHALLENGE_PREFIX) :])
+        if _disguised_challenge(path):
+            # Another spelling of the challenge path: an upstream that normalises paths would
+            # read it as a challenge request for our domain. Neither answered nor forwarded.
+            return _plain(exchange, 400, b"400 Bad Request\n")
         if path.startswith(b"/.well-known/"):
             found = self._well_known().get(path)
             if found is not None:
@@ -279,6 +298,7 @@ class _Forward(TwistedProtocol):
         self._host = host
         self._client_gone = False
         self._response: IResponse | None = None
+        self._head: tuple[int, bytes, list[tuple[bytes, bytes]], int | None, bool] | None = None
         self._done = False
         self._producing = False
         exchange.on_lost(self._client_lost)
@@ -308,7 +328,9 @@ class _Forward(TwistedProtocol):
             for value in values:
                 headers.append((name, value))
         length = response.length
-        self._exchange.start(
+        # The head is sent with the first body byte (or the end), so an upstream that fails
+        # before any body byte still gets the client a clean 502/504, never a bare close.
+        self._head = (
             response.code,
             response.phrase,
             headers,
@@ -316,6 +338,11 @@ class _Forward(TwistedProtocol):
             not has_date,
         )
         response.deliverBody(self)
+
+    def _send_head(self) -> None:
+        head, self._head = self._head, None
+        if head is not None:
+            self._exchange.start(*head)
 
     def failed(self, reason: Failure) -> None:
         exchange = self._exchange
@@ -352,6 +379,8 @@ class _Forward(TwistedProtocol):
 
     def dataReceived(self, data: bytes) -> None:
         if not self._done:
+            if self._head is not None:
+                self._send_head()
             self._exchange.write(data)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
@@ -363,7 +392,22 @@ class _Forward(TwistedProtocol):
         if self._producing:
             exchange.unregister_producer()
         if reason.check(ResponseDone, PotentialDataLoss):
+            self._send_head()
             exchange.finish()
+        elif self._head is not None:
+            self._head = None
+            if reason.check(UpstreamError):
+                self.failed(reason)
+            else:
+                reasons: list[Failure] = getattr(reason.value, "reasons", None) or [reason]
+                message = reasons[0].getErrorMessage()
+                self.failed(
+                    Failure(
+                        UpstreamReset(
+                            f"the upstream closed the connection after its response head: {message}"
+                        )
+                    )
+                )
         else:
             log.warn(
                 "upstream body for {host} cut short: {error}",

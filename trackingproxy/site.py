@@ -5,12 +5,16 @@ call: access log, metrics observer, in-flight request count.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from io import BytesIO
 from typing import Any, Protocol
 
+import h2.exceptions as h2_exceptions
+from h2.errors import ErrorCodes
 from twisted.internet.interfaces import IAddress, IProtocol, IReactorTime
 from twisted.python.failure import Failure
+from twisted.web._http2 import H2Connection
 from twisted.web.http import datetimeToString
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
@@ -193,6 +197,36 @@ class TwistedExchange:
         return self._request.notifyFinish()
 
 
+class _H2Connection(H2Connection):
+    """twisted.web's HTTP/2 connection, refusing streams it cannot handle: CONNECT and requests
+    without a ``:path`` (twisted's H2Stream would fail on them with an unhandled error)."""
+
+    def _requestReceived(self, event: Any) -> None:
+        pseudo = {name: value for name, value in event.headers if name[:1] == b":"}
+        path = pseudo.get(b":path")
+        if pseudo.get(b":method") == b"CONNECT" or not path or path[:1] not in (b"/", b"*"):
+            self.conn.reset_stream(event.stream_id, error_code=ErrorCodes.PROTOCOL_ERROR)
+            transport: Any = self.transport
+            transport.write(self.conn.data_to_send())
+            return  # later events of this stream find no H2Stream: see the handlers below
+        super()._requestReceived(event)
+
+    def _requestDataReceived(self, event: Any) -> None:
+        if event.stream_id in self.streams:
+            super()._requestDataReceived(event)
+        else:  # a refused stream: give the flow-control window back, drop the data
+            with contextlib.suppress(h2_exceptions.H2Error):
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+
+    def _requestEnded(self, event: Any) -> None:
+        if event.stream_id in self.streams:
+            super()._requestEnded(event)
+
+    def _requestAborted(self, event: Any) -> None:
+        if event.stream_id in self.streams:
+            super()._requestAborted(event)
+
+
 class ProxySite(Site):
     """One listener: builds the connections and runs the per-request hooks."""
 
@@ -226,9 +260,7 @@ class ProxySite(Site):
         return protocol
 
     def http2_connection(self) -> IProtocol:
-        from twisted.web._http2 import H2Connection
-
-        connection: Any = H2Connection(self.reactor)
+        connection: Any = _H2Connection(self.reactor)
         connection.requestFactory = self.requestFactory
         connection.site = self
         connection.factory = self

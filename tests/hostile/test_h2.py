@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
@@ -157,12 +156,6 @@ class HTTP2DowngradeTests(TestCase):
             self.assertIn(r.outcome.status, (200, None), r.outcome.describe())
         yield self.assert_still_serving()
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="site.py bug (HTTP/2 path): a CONNECT stream (no :path) reaches Twisted's "
-        "H2Stream, whose requestComplete does self.uri.split(...) on None: AttributeError escapes "
-        "dataReceived, the connection is dropped without GOAWAY and a traceback is logged",
-    )
     @inlineCallbacks
     def test_connect_over_h2_is_refused_cleanly(self):
         """CONNECT over HTTP/2 (no :path) gets RST_STREAM, GOAWAY or a 4xx without an

@@ -225,13 +225,6 @@ def test_challenge_equivalents_never_answer_the_token(
     assert SECRET not in body
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy.py bug: routing looks at the raw target only, so /.well-known/./acme-challenge/"
-    "T, //.well-known/acme-challenge/T, /.well-known/x/../acme-challenge/T and %2e/%2d/%2f "
-    "spellings are forwarded to the upstream, which (like any RFC 3986 server) normalises "
-    "them into a challenge request for our domain",
-)
 def test_challenge_equivalents_are_not_forwarded(site: tuple[MemoryProxy, _Responder]) -> None:
     """No spelling of the challenge path that a normalising upstream would read as
     ``/.well-known/acme-challenge/...`` is forwarded (answered here, or refused)."""

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
@@ -41,13 +40,6 @@ from tests.hostile.wire import (
 from trackingproxy.upstream.errors import UpstreamTimeout
 from trackingproxy.upstream.http1 import MAX_HEAD_BYTES, LeanHTTP11ClientProtocol
 
-RESET_AFTER_HEAD_BUG = (
-    "proxy.py bug: _Forward.got_response calls exchange.start() as soon as the upstream head "
-    "arrives, and _Forward.connectionLost answers any failed upstream body with "
-    "exchange.abort(), even when no byte of the response has been written to the client yet; "
-    "the client then sees a bare close instead of a 502 (504 for a body timeout). A bare close "
-    "on a kept-alive connection invites clients to silently resend the request."
-)
 RESULTS = Path(__file__).resolve().parents[2] / "build" / "hostile-results" / "upstream-faults"
 UPSTREAM_TIMEOUT = 1.0
 
@@ -301,17 +293,12 @@ class UpstreamFaults(TestCase):
         await self.recovers_without_leaks("reset-mid-body", answer, before)
 
     async def test_reset_after_headers_before_any_body(self) -> None:
-        """A complete head, then a reset before any body byte: the client is not left
-        waiting (see the xfail below for what it should get), and the proxy recovers."""
+        """A complete head, then a reset before any body byte: nothing of the response has
+        reached the client yet, so it gets a clean 502 (never a bare close, which would
+        invite a silent resend), and the proxy recovers."""
         answer, before = await self.fault(fu.RESET_AFTER_HEADERS, "/q/reset-after-head")
-        self.assertIn(answer.outcome, ("502", "connection closed, no response"))
-        await self.recovers_without_leaks("reset-after-headers", answer, before)
-
-    @pytest.mark.xfail(strict=True, reason=RESET_AFTER_HEAD_BUG)
-    async def test_reset_after_headers_before_any_body_is_a_502(self) -> None:
-        """Nothing of the response has reached the client yet, so it should get a 502."""
-        answer, _ = await self.fault(fu.RESET_AFTER_HEADERS, "/q/reset-after-head")
         self.assertEqual(answer.outcome, "502")
+        await self.recovers_without_leaks("reset-after-headers", answer, before)
 
     async def test_stall_before_headers(self) -> None:
         """No response head within --upstream-timeout: 504 after about that long."""

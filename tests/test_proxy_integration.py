@@ -441,3 +441,28 @@ class ProxyTests(ProxyTestCase):
         yield deferLater(reactor, 0.2, lambda: None)
         self.assertTrue(lost)
         self.assertEqual(r.standin.seen, [])
+
+    @inlineCallbacks
+    def test_head_keeps_the_upstream_length(self):
+        """A HEAD answer carries the length the GET would have (44 for the pixel), no body."""
+        r = self.start()
+        out, err, code = yield curl(
+            r, "-sS", "-I", f"https://{DOMAIN}:{r.https_port}/q/head", "--http1.1"
+        )
+        self.assertIn(b"content-length: 44", out.lower(), out)
+        self.assertEqual(r.standin.seen[0].method, b"HEAD")
+
+    @inlineCallbacks
+    def test_trailing_whitespace_in_host_is_not_part_of_it(self):
+        """`Host: click.example.com ` (trailing space) names the domain (RFC 9110 optional
+        white space), and forwarded header values carry no trailing white space."""
+        r = self.start()
+        proto = _Raw()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", r.http_port), proto)
+        proto.transport.write(
+            b"GET /q/ows HTTP/1.1\r\nHost: " + DOMAIN.encode() + b" \r\nX-A: b \t\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        yield self.wait_for(proto, b"GIF89a")
+        self.assertTrue(proto.data.startswith(b"HTTP/1.1 200 "), proto.data[:80])
+        self.assertEqual(r.standin.seen[0].headers[b"x-a"], [b"b"])

@@ -257,6 +257,7 @@ class HTTP1Connection(TwistedProtocol):
         if len(headers) >= MAX_HEADERS or self._header_bytes > MAX_HEADER_BYTES:
             raise _Stop(431)
         name = name.lower()
+        value = value.rstrip(b" \t")  # trailing OWS is not part of the value (RFC 9110 5.5)
         if name == b"host":
             if self._saw_host:
                 raise _Stop(400)  # RFC 9112 3.2

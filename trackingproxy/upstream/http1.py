@@ -239,8 +239,10 @@ class LeanHTTP11ClientProtocol(Protocol):
                 length = int(value)
         request = self._request
         assert request is not None
-        if request.method == b"HEAD" or code in (204, 304):
+        if code in (204, 304):
             length = 0
+        # A HEAD response keeps the length its GET would have (RFC 9110 9.3.2); it has no
+        # body either way: the message ends at its head (see _HeadDone).
         response = LeanResponse(
             code, phrase, headers, length, _BodyProducer(self.transport, self), request
         )

@@ -21,19 +21,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import requests
 from attrs import define, field
-from twisted.internet import ssl
 from twisted.internet.threads import deferToThreadPool
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
+
+from tests.acme.pebble_front import (
+    Answer,
+    forward,
+    problem,
+    read_request,
+    tls_site_factory,
+    write_answer,
+)
 
 __all__ = ["AriProxy", "NewOrderSeen"]
 
-_HOP_BY_HOP = {"connection", "content-length", "transfer-encoding", "keep-alive",
-               "content-encoding", "host", "date", "server"}
 Window = tuple[datetime.datetime, datetime.datetime]
 
 
@@ -55,13 +59,6 @@ def _jws_payload(body: bytes) -> dict[str, Any]:
 
 def _rfc3339(when: datetime.datetime) -> str:
     return when.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@define
-class _Answer:
-    code: int
-    headers: list[tuple[str, str]]
-    body: bytes
 
 
 @define
@@ -91,11 +88,7 @@ class AriProxy:
 
     def start(self, reactor: Any) -> None:
         self._reactor = reactor
-        options = ssl.DefaultOpenSSLContextFactory(str(self.key), str(self.cert))
-        root = _Root(self)
-        # TLSMemoryBIOFactory with clock=reactor: listenSSL would flush through the global
-        # reactor, which does not run in these tests.
-        factory = TLSMemoryBIOFactory(options, False, Site(root, reactor=reactor), clock=reactor)
+        factory = tls_site_factory(reactor, self.cert, self.key, _Root(self))
         self._listener = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.port = self._listener.getHost().port
 
@@ -103,13 +96,13 @@ class AriProxy:
         return self._listener.stopListening()
 
     # -- called in a worker thread ---------------------------------------------------------
-    def answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> _Answer:
+    def answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
         if method == "GET" and path.startswith("/renewal-info/"):
             cert_id = path.rsplit("/", 1)[1]
             self.ari_requests.append(cert_id)
             start, end = self.window(cert_id)
             window = {"suggestedWindow": {"start": _rfc3339(start), "end": _rfc3339(end)}}
-            return _Answer(200, [("Content-Type", "application/json"),
+            return Answer(200, [("Content-Type", "application/json"),
                                  ("Retry-After", str(self.retry_after))],
                            json.dumps(window).encode())
         if method == "POST" and path == "/order-plz":
@@ -125,22 +118,14 @@ class AriProxy:
             answer.body = json.dumps(directory).encode()
         return answer
 
-    def _forward(self, method: str, path: str, headers: dict[str, str], body: bytes) -> _Answer:
-        sent = {k: v for k, v in headers.items() if k.lower() not in _HOP_BY_HOP}
-        sent["Host"] = self.host  # pebble builds its URLs and checks JWS urls with it
-        response = requests.request(method, self.pebble_url + path, headers=sent, data=body,
-                                    verify=str(self.ca_bundle), timeout=30,
-                                    allow_redirects=False)
-        kept = [(k, v) for k, v in response.raw.headers.items() if k.lower() not in _HOP_BY_HOP]
-        return _Answer(response.status_code, kept, response.content)
+    def _forward(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
+        return forward(self.pebble_url, self.ca_bundle, self.host, method, path, headers, body)
 
-    def _already_replaced(self, replaces: str) -> _Answer:
+    def _already_replaced(self, replaces: str) -> Answer:
         nonce = self._forward("HEAD", "/nonce-plz", {}, b"")
-        problem = {"type": "urn:ietf:params:acme:error:alreadyReplaced",
-                   "detail": f"certificate {replaces} was already replaced", "status": 409}
-        headers = [("Content-Type", "application/problem+json")]
-        headers += [(k, v) for k, v in nonce.headers if k.lower() == "replay-nonce"]
-        return _Answer(409, headers, json.dumps(problem).encode())
+        fresh = [(k, v) for k, v in nonce.headers if k.lower() == "replay-nonce"]
+        return problem(409, "alreadyReplaced", f"certificate {replaces} was already replaced",
+                       *fresh)
 
 
 class _Root(Resource):
@@ -151,28 +136,14 @@ class _Root(Resource):
         self._proxy = proxy
 
     def render(self, request: Request) -> Any:
-        method = request.method.decode("ascii")
-        path = request.uri.decode("ascii")
-        headers = {k.decode("latin-1"): v[0].decode("latin-1")
-                   for k, v in request.requestHeaders.getAllRawHeaders()}
-        assert request.content is not None
-        body = request.content.read()
+        method, path, headers, body = read_request(request)
         reactor = self._proxy._reactor
         d = deferToThreadPool(reactor, reactor.getThreadPool(), self._proxy.answer,
                               method, path, headers, body)
 
-        def respond(answer: _Answer) -> None:
-            request.setResponseCode(answer.code)
-            for name, value in answer.headers:
-                request.responseHeaders.addRawHeader(name, value)
-            if method != "HEAD":
-                request.write(answer.body)
-            request.finish()
-
         def failed(failure: Failure) -> None:
-            request.setResponseCode(502)
-            request.write(f"proxy error: {failure.getErrorMessage()}".encode())
-            request.finish()
+            error = f"proxy error: {failure.getErrorMessage()}".encode()
+            write_answer(request, method, Answer(502, [], error))
 
-        d.addCallbacks(respond, failed)
+        d.addCallbacks(lambda answer: write_answer(request, method, answer), failed)
         return NOT_DONE_YET

@@ -19,28 +19,30 @@ The layer never alters a JWS: it cannot sign, it only forwards or refuses.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import requests
 from attrs import define, field
-from twisted.internet import ssl
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
+
+from tests.acme.pebble_front import (
+    Answer,
+    forward,
+    problem,
+    read_request,
+    tls_site_factory,
+    write_answer,
+)
 
 __all__ = ["FAULTS", "FaultLayer", "Seen"]
 
 FAULTS = ("slow", "500", "500-problem", "badNonce", "rateLimited")
-_HOP_BY_HOP = {"connection", "content-length", "transfer-encoding", "keep-alive",
-               "content-encoding", "host", "date", "server"}
-_PROBLEM = "urn:ietf:params:acme:error:"
 
 
 @define
@@ -51,18 +53,6 @@ class Seen:
     method: str
     path: str
     status: int = 0
-
-
-@define
-class _Answer:
-    code: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-
-def _problem(code: int, typ: str, detail: str, *extra: tuple[str, str]) -> _Answer:
-    body = json.dumps({"type": _PROBLEM + typ, "detail": detail, "status": code}).encode()
-    return _Answer(code, [("Content-Type", "application/problem+json"), *extra], body)
 
 
 @define
@@ -89,12 +79,7 @@ class FaultLayer:
 
     def start(self, reactor: Any) -> None:
         self._reactor = reactor
-        options = ssl.DefaultOpenSSLContextFactory(str(self.key), str(self.cert))
-        # TLSMemoryBIOFactory with clock=reactor: listenSSL would flush through the global
-        # reactor, which does not run in these tests.
-        self._factory = TLSMemoryBIOFactory(
-            options, False, Site(_Root(self), reactor=reactor), clock=reactor
-        )
+        self._factory = tls_site_factory(reactor, self.cert, self.key, _Root(self))
         self.up()
 
     def up(self) -> None:
@@ -113,29 +98,24 @@ class FaultLayer:
         return [s for s in self.seen if s.path == path and s.method == method]
 
     # -- deciding (reactor thread) ---------------------------------------------------------
-    def refusal(self, method: str, path: str) -> _Answer | None:
+    def refusal(self, method: str, path: str) -> Answer | None:
         """The fault's answer to this request, or None to forward it to pebble."""
         if self.fault == "500":
-            return _Answer(500, [("Content-Type", "text/html")],
+            return Answer(500, [("Content-Type", "text/html")],
                            b"<html><body>500 Internal Server Error</body></html>")
         if self.fault == "500-problem":
-            return _problem(500, "serverInternal", "the CA is having a bad day")
+            return problem(500, "serverInternal", "the CA is having a bad day")
         if self.fault == "badNonce" and method == "POST":
-            return _problem(400, "badNonce", "JWS has an invalid anti-replay nonce")
+            return problem(400, "badNonce", "JWS has an invalid anti-replay nonce")
         if self.fault == "rateLimited" and method == "POST" and path == "/order-plz":
-            return _problem(429, "rateLimited", "too many new orders recently",
+            return problem(429, "rateLimited", "too many new orders recently",
                             ("Retry-After", str(self.retry_after)))
         return None
 
     # -- forwarding (worker thread) --------------------------------------------------------
-    def forward(self, method: str, path: str, headers: dict[str, str], body: bytes) -> _Answer:
-        sent = {k: v for k, v in headers.items() if k.lower() not in _HOP_BY_HOP}
-        sent["Host"] = f"127.0.0.1:{self.port}"
-        response = requests.request(method, self.pebble_url + path, headers=sent, data=body,
-                                    verify=str(self.ca_bundle), timeout=30,
-                                    allow_redirects=False)
-        kept = [(k, v) for k, v in response.raw.headers.items() if k.lower() not in _HOP_BY_HOP]
-        return _Answer(response.status_code, kept, response.content)
+    def forward(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
+        host = f"127.0.0.1:{self.port}"
+        return forward(self.pebble_url, self.ca_bundle, host, method, path, headers, body)
 
 
 async def _stopped(listener: Any) -> None:
@@ -152,42 +132,30 @@ class _Root(Resource):
     def render(self, request: Request) -> Any:
         layer = self._layer
         reactor = layer._reactor
-        method = request.method.decode("ascii")
-        path = request.uri.decode("ascii")
-        headers = {k.decode("latin-1"): v[0].decode("latin-1")
-                   for k, v in request.requestHeaders.getAllRawHeaders()}
-        assert request.content is not None
-        body = request.content.read()
+        method, path, headers, body = read_request(request)
         seen = Seen(reactor.seconds(), method, path)
         layer.seen.append(seen)
         for hook in layer.hooks:
             hook(method, path)
         delay = layer.delay if layer.fault == "slow" else 0.0
         refusal = layer.refusal(method, path)
-        d: Deferred[_Answer]
+        d: Deferred[Answer]
         if refusal is not None:
             d = succeed(refusal)
         else:
 
-            def forward(_: object) -> Deferred[_Answer]:
+            def forward(_: object) -> Deferred[Answer]:
                 return deferToThreadPool(reactor, reactor.getThreadPool(), layer.forward,
                                          method, path, headers, body)
 
             d = deferLater(reactor, delay, lambda: None).addCallback(forward)
 
-        def respond(answer: _Answer) -> None:
+        def respond(answer: Answer) -> None:
             seen.status = answer.code
-            if request.finished or request.channel is None:
-                return  # the client gave up (timeout)
-            request.setResponseCode(answer.code)
-            for name, value in answer.headers:
-                request.responseHeaders.addRawHeader(name, value)
-            if method != "HEAD":
-                request.write(answer.body)
-            request.finish()
+            write_answer(request, method, answer)
 
         def failed(failure: Failure) -> None:
-            respond(_Answer(502, [], f"layer error: {failure.getErrorMessage()}".encode()))
+            respond(Answer(502, [], f"layer error: {failure.getErrorMessage()}".encode()))
 
         d.addCallbacks(respond, failed)
         return NOT_DONE_YET

@@ -29,7 +29,7 @@ def normalise_domain(raw: str) -> str:
         raise ConfigError(
             f"--domain {raw!r} is not a valid domain name ({e}); use e.g. click.example.com"
         ) from None
-    if _is_ip_literal(name):
+    if is_ip_literal(name):
         raise ConfigError(
             f"--domain {raw!r} is an IP address; give the tracking domain's DNS name instead"
         )
@@ -41,7 +41,8 @@ def normalise_domain(raw: str) -> str:
     return name
 
 
-def _is_ip_literal(name: str) -> bool:
+def is_ip_literal(name: str) -> bool:
+    """True for an IPv4 or IPv6 address (brackets allowed), i.e. not a DNS name."""
     try:
         ipaddress.ip_address(name.strip("[]"))
     except ValueError:

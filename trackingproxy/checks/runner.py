@@ -9,7 +9,6 @@ run against someone else's server. Any unexpected error in a check becomes a FAI
 from __future__ import annotations
 
 import datetime
-import ipaddress
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,6 +21,7 @@ from trackingproxy.checks.findings import Finding, Level
 from trackingproxy.checks.served import port_answers, probe, served_certificate
 from trackingproxy.checks.settings import CheckSettings
 from trackingproxy.checks.upstream import check_upstream
+from trackingproxy.domains import is_ip_literal
 
 
 @frozen
@@ -82,7 +82,7 @@ class _Run:
             ),
         )
         hosts = list(SPARKPOST_HOSTS)
-        if not _is_ip(s.upstream.host) and s.upstream.host not in hosts:
+        if not is_ip_literal(s.upstream.host) and s.upstream.host not in hosts:
             hosts.append(s.upstream.host)
         try:
             sparkpost = frozenset(await addresses_of(self.resolver, hosts, self.dns_timeout))
@@ -165,14 +165,6 @@ class _Run:
             return resolution.addresses[0]
         here = [a for a in resolution.addresses if a in self.s.expected]
         return here[0] if here else None
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 async def _one(step: Awaitable[Finding]) -> list[Finding]:

@@ -10,7 +10,6 @@ turn into 502s. Only a name that never resolved fails, with `DNSLookupFailed`.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections.abc import Sequence
 from typing import Any, Final
@@ -23,6 +22,7 @@ from twisted.names import client, dns
 from twisted.names import error as dns_error
 from twisted.python.failure import Failure
 
+from trackingproxy.domains import is_ip_literal
 from trackingproxy.upstream.errors import DNSLookupFailed
 
 MIN_TTL: Final = 5.0
@@ -67,7 +67,7 @@ class CachingResolver:
             if self._clock.seconds() >= entry.expires:
                 self._refresh(host)
             return succeed(list(entry.addresses))
-        if _is_ip(host):
+        if is_ip_literal(host):
             return succeed([host])
         waiter: Deferred[list[str]] = Deferred()
         self._waiters.setdefault(host, []).append(waiter)
@@ -121,9 +121,7 @@ class CachingResolver:
                     error=_describe(failure),
                     addresses=entry.addresses,
                 )
-        error = DNSLookupFailed(
-            f"DNS lookup of {host} failed: {_describe(failure)}", failure.value
-        )
+        error = DNSLookupFailed(f"DNS lookup of {host} failed: {_describe(failure)}", failure.value)
         for waiter in self._waiters.pop(host, ()):
             if waiter.called:
                 continue
@@ -143,9 +141,7 @@ class _NoAddresses(Exception):
     pass
 
 
-def _addresses_and_ttl(
-    results: list[tuple[bool, Any]], host: str
-) -> tuple[list[str], float]:
+def _addresses_and_ttl(results: list[tuple[bool, Any]], host: str) -> tuple[list[str], float]:
     v4: list[str] = []
     v6: list[str] = []
     ttls: list[float] = []
@@ -177,14 +173,6 @@ def _describe(failure: Failure) -> str:
     message = failure.getErrorMessage()
     name = type(failure.value).__name__
     return f"{name}: {message}" if message else name
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 __all__ = ["MAX_TTL", "MIN_TTL", "CachingResolver", "default_resolver"]

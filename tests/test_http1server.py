@@ -40,7 +40,7 @@ class _Server:
     def connection_closed(self) -> None:
         self.closed += 1
 
-    def http2_connection(self) -> Any:
+    def http2_connection(self, owner: Any) -> Any:
         raise AssertionError("no h2 on plain connections")
 
 

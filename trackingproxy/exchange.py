@@ -1,8 +1,8 @@
 """The seam between the HTTP servers and the request handler: one client request and its answer.
 
 `ClientExchange` is what `trackingproxy.proxy.TrackingResource` works on. Two implementations:
-the lean HTTP/1.1 server's request (`trackingproxy.http1server.H1Request`) and a thin adapter
-over twisted.web's ``Request`` for HTTP/2 (`trackingproxy.site.TwistedExchange`).
+the HTTP/1.1 server's request (`trackingproxy.h1request.H1Request`) and the HTTP/2 server's
+(`trackingproxy.h2request.H2Request`).
 
 Header names passed in are lower case; header lists passed out are ``(name, value)`` pairs.
 """

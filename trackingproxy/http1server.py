@@ -10,7 +10,7 @@ answered in order (pipelining), with the limits and timeouts of the listener.
   while a request is open, is closed after the idle timeout. One timer per connection, never
   re-armed per request: it wakes at most every header timeout and checks the state.
 - Keep-alive: HTTP/1.1 unless ``Connection: close``; HTTP/1.0 closes after each answer.
-- TLS connections whose ALPN chose ``h2`` are handed to twisted.web's H2Connection.
+- TLS connections whose ALPN chose ``h2`` are handed to `trackingproxy.h2server`.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class Server(Protocol):
     def request_done(self, request: H1Request) -> None: ...
     def connection_opened(self) -> None: ...
     def connection_closed(self) -> None: ...
-    def http2_connection(self) -> IProtocol: ...
+    def http2_connection(self, owner: HTTP1Connection) -> IProtocol: ...
 
 
 class _Stop(Exception):
@@ -425,7 +425,7 @@ class HTTP1Connection(TwistedProtocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        h2 = self._h2 = self._server.http2_connection()
+        h2 = self._h2 = self._server.http2_connection(self)
         transport: Any = self.transport
         h2.makeConnection(transport)
         transport.registerProducer(h2, True)

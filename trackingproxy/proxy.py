@@ -23,7 +23,6 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
 
 from trackingproxy.challenges import ChallengeResponder
 from trackingproxy.domains import host_from_header
@@ -136,21 +135,8 @@ def _plain(exchange: ClientExchange, code: int, body: bytes, *extra: tuple[bytes
     exchange.respond(code, [_TEXT, _NO_STORE, *extra], body)
 
 
-def sni_name(request: Request) -> str | None:
-    """The TLS server name the client sent on this request's connection, if any."""
-    channel = request.channel
-    # HTTP/1.1: the channel's transport is the TLS protocol; HTTP/2: the stream's connection's.
-    connection = getattr(channel, "_conn", None)  # twisted.web._http2.H2Stream
-    transport = getattr(connection if connection is not None else channel, "transport", None)
-    get_handle = getattr(transport, "getHandle", None)
-    if get_handle is None:
-        return None
-    name = getattr(get_handle(), "get_servername", lambda: None)()
-    return name.decode("ascii", "replace").lower().rstrip(".") if name else None
-
-
 class TrackingResource(Resource):
-    """The request handler of a listener (`handle`); a leaf Resource for twisted.web callers."""
+    """The request handler of a listener (`handle`), for the HTTP/1.1 and HTTP/2 servers."""
 
     isLeaf = True
 
@@ -175,12 +161,6 @@ class TrackingResource(Resource):
         self._challenges = challenges
         self._redirect = redirect_http and scheme == b"http"
         self._sni_check = sni_check
-
-    def render(self, request: Request) -> int:
-        from trackingproxy.site import TwistedExchange
-
-        self.handle(TwistedExchange(request))  # type: ignore[arg-type]
-        return NOT_DONE_YET
 
     # -- routing --------------------------------------------------------------------------
     def _target_host(self, exchange: ClientExchange) -> tuple[str | None, bytes]:

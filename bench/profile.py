@@ -1,5 +1,6 @@
-"""`python -m bench.run --profile SECONDS`: where trackingproxy spends its CPU under HTTPS
-keep-alive load (wrk, 50 connections), sampled with py-spy (`pip install py-spy`).
+"""`python -m bench.run --profile SECONDS [--profile-scenario h2]`: where trackingproxy spends
+its CPU under HTTPS keep-alive load (wrk, 50 connections) or HTTP/2 load (h2load, 50 clients),
+sampled with py-spy (`pip install py-spy`).
 
 Writes the collapsed stacks to bench/results/profile-<time>.txt (load it into speedscope or
 flamegraph.pl) and prints the top functions by self time and by inclusive time.
@@ -62,6 +63,7 @@ def profile(
     repo: Path,
     extra: list[str],
     native: bool = True,
+    scenario: str = "https-ka",
 ) -> int:
     server = servers.start_proxy("trackingproxy", workdir, certs, up.https, repo, extra)
     try:
@@ -73,9 +75,14 @@ def profile(
                 "--format", "raw", "-o", str(out)]
         if native:
             argv.append("--native")
-        load = threading.Thread(
-            target=clients.wrk, args=(server.https, True, 50, seconds + 2), daemon=True
-        )
+        if scenario == "h2":
+            load = threading.Thread(
+                target=clients.h2, args=(server.https, 50, seconds + 2), daemon=True
+            )
+        else:
+            load = threading.Thread(
+                target=clients.wrk, args=(server.https, True, 50, seconds + 2), daemon=True
+            )
         load.start()
         time.sleep(0.5)
         res = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60,

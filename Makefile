@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-APT_PACKAGES := pebble curl openssl ca-certificates chromium
+APT_PACKAGES := pebble curl openssl ca-certificates chromium libnghttp2-14
 ARGS ?=
 
 .PHONY: run test lint unit debs venv clean plugin-cache
@@ -37,6 +37,7 @@ debs:
 	fi
 
 run: $(STAMP)
+	@$(MAKE) --no-print-directory debs APT_PACKAGES=libnghttp2-14
 	$(BIN)/twistd --nodaemon --pidfile= trackingproxy $(ARGS)
 
 lint: $(STAMP)

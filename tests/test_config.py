@@ -120,11 +120,35 @@ def test_command_line_wins_over_environment():
         (["--domain", "a.example.com", "--upstream-ca-bundle", "/nonexistent"], "no such file"),
         (["--domain", "a.example.com", "--cert", "/nonexistent"], "in pairs"),
         (["--domain", "a.example.com", "--cert", "/nonexistent", "--key", "/x"], "cannot read"),
+        (["--domain", "a.example.com", "--http2-engine", "go"], "auto, nghttp2, python"),
     ],
 )
 def test_bad_options_give_one_line(args, needle):
     """Each bad option ends in one line naming the problem and the fix."""
     assert needle in error_of(args)
+
+
+def test_http2_engine(monkeypatch: pytest.MonkeyPatch):
+    """--http2-engine: auto by default; nghttp2 asked for but not loadable is a one-line error
+    naming the fix; python always works."""
+    from trackingproxy import nghttp2
+
+    assert parse(["--domain", "a.example.com"]).http2_engine == "auto"
+    assert parse(["--domain", "a.example.com", "--http2-engine", "NGHTTP2"]).http2_engine == (
+        "nghttp2"
+    )
+    monkeypatch.setattr(nghttp2, "_loaded", "libnghttp2 not found (apt-get install libnghttp2-14)")
+    message = error_of(["--domain", "a.example.com", "--http2-engine", "nghttp2"])
+    assert "apt-get install libnghttp2-14" in message
+    assert "--http2-engine python" in message
+    assert parse(["--domain", "a.example.com", "--http2-engine", "python"]).http2_engine == "python"
+    # auto falls back to the pure-Python engine and says why
+    from trackingproxy.h2python import PythonH2Connection
+    from trackingproxy.h2server import choose_engine
+
+    engine, note = choose_engine("auto")
+    assert engine is PythonH2Connection
+    assert "libnghttp2 not found" in note
 
 
 def test_bad_boolean_environment():

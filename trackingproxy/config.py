@@ -49,6 +49,7 @@ class ProxyConfig:
     acme: AcmeSettings
     admin_port: str | None = None  # --admin-port (None: no admin listener, no metrics)
     workers: int = 1  # --workers: processes sharing the listeners (trackingproxy.workers)
+    http2_engine: str = "auto"  # --http2-engine: auto, nghttp2 or python (trackingproxy.h2server)
 
     @property
     def user_covered(self) -> tuple[str, ...]:
@@ -158,7 +159,21 @@ def config_from_options(opts: Mapping[str, Any], now: datetime.datetime) -> Prox
         acme=_acme_settings(opts),
         admin_port=_endpoint("admin-port", opts.get("admin-port", "none")),
         workers=parse_workers(opts.get("workers") or "1"),
+        http2_engine=parse_http2_engine(opts.get("http2-engine") or "auto"),
     )
+
+
+def parse_http2_engine(raw: str) -> str:
+    """``--http2-engine``: asking for nghttp2 explicitly fails at start if it cannot load."""
+    from trackingproxy.h2server import ENGINES
+    from trackingproxy.nghttp2 import load
+
+    engine = _choice("http2-engine", raw, ENGINES)
+    if engine == "nghttp2":
+        bound = load()
+        if isinstance(bound, str):
+            raise ConfigError(f"--http2-engine nghttp2: {bound}; or use --http2-engine python")
+    return engine
 
 
 def parse_workers(raw: str) -> int:

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from trackingproxy.exchange import http_date
 
 if TYPE_CHECKING:
-    from trackingproxy.h2server import H2ServerConnection
+    from trackingproxy.h2server import H2ServerBase
 
 NEW, STARTED, DONE = 0, 1, 2
 _STATUS = {code: b"%d" % code for code in range(100, 600)}
@@ -56,7 +56,7 @@ class H2Request:
 
     def __init__(
         self,
-        conn: H2ServerConnection,
+        conn: H2ServerBase,
         stream_id: int,
         method: bytes,
         uri: bytes,
@@ -113,6 +113,11 @@ class H2Request:
     @property
     def done(self) -> bool:
         return self._state == DONE
+
+    @property
+    def answer_sent(self) -> bool:
+        """END_STREAM has been handed to the connection."""
+        return self._ended
 
     # -- the answer -----------------------------------------------------------------------
     def respond(self, code: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:

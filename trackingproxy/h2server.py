@@ -1,35 +1,28 @@
-"""The lean HTTP/2 server connection: the ``h2`` state machine driven directly, each complete
-request handed to the request handler as an `trackingproxy.h2request.H2Request`.
+"""The HTTP/2 server connection: what both engines share, and the choice between them.
 
-It replaces twisted.web's H2Connection (which built a full twisted.web ``Request`` per stream,
-and cost about half of the proxy's CPU per HTTP/2 request). What it keeps from the protocol:
+Two engines speak the protocol: `trackingproxy.h2native` (libnghttp2 through cffi, the default
+when the library loads) and `trackingproxy.h2python` (the pure-Python ``h2`` state machine).
+Both validate every inbound header block (connection-specific fields, pseudo-header rules,
+CR/LF/NUL, content-length against the DATA received) and hand each complete request to the
+request handler as an `trackingproxy.h2request.H2Request`. What this module adds on top:
 
-- Validation by ``h2`` of every inbound header block (connection-specific fields, pseudo-header
-  order, CR/LF/NUL, :authority against Host, content-length against the DATA received): a
-  malformed block ends the connection with GOAWAY, as RFC 9113 8.1.1 allows.
-- Streams that are not tracking requests are refused with RST_STREAM: CONNECT, and a :path that
-  is neither origin-form nor ``*``. More than ``MAX_HEADERS`` fields or ``MAX_HEADER_BYTES`` of
-  names and values: 431. Bodies over ``MAX_BODY``: 413 at once, then RST_STREAM(NO_ERROR).
+- Streams that are not tracking requests are refused with RST_STREAM(PROTOCOL_ERROR): CONNECT,
+  a :path that is neither origin-form nor ``*``, a Host that differs from :authority. More
+  than ``MAX_HEADERS`` fields or ``MAX_HEADER_BYTES`` of names and values: 431. Bodies over
+  ``MAX_BODY``: 413 at once, then RST_STREAM(NO_ERROR).
 - At most ``MAX_STREAMS`` concurrent streams (SETTINGS). A client that resets most of the
   streams it opens ("rapid reset", CVE-2023-44487) gets GOAWAY(ENHANCE_YOUR_CALM).
-- Flow control both ways: received DATA is acknowledged as it is buffered; answers larger than
-  the peer's window wait for WINDOW_UPDATE, pausing the upstream body meanwhile.
+- Back-pressure: when the TLS transport's buffer is full, or a stream's flow-control window is
+  exhausted, the upstream bodies being copied are paused.
 - The connection is closed (GOAWAY) when nothing has moved in either direction for the idle
   timeout; one timer per connection.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import h2.events as ev
-import h2.exceptions
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.errors import ErrorCodes
-from h2.settings import SettingCodes, Settings
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import connectionDone
@@ -43,23 +36,16 @@ from trackingproxy.proxy import MAX_BODY
 
 log = Logger(namespace="trackingproxy.h2server")
 
+__all__ = ["ENGINES", "MAX_STREAMS", "H2ServerBase", "Owner", "Server", "choose_engine"]
+
 MAX_STREAMS = 100
-RAPID_RESET_MIN = 200  # resets tolerated before the ratio below is looked at
-_TEXT = [(b"content-type", b"text/plain; charset=utf-8"), (b"cache-control", b"no-store")]
-# Inbound blocks are validated; what we send is built here, already lower case and clean.
-_CONFIG = H2Configuration(
-    client_side=False,
-    header_encoding=None,
-    validate_inbound_headers=True,
-    normalize_inbound_headers=True,
-    validate_outbound_headers=False,
-    normalize_outbound_headers=False,
-)
-_SETTINGS = {
-    SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
-    # RFC 9113 6.5.2 counts 32 bytes per field on top of its name and value.
-    SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_BYTES + 32 * MAX_HEADERS + 4096,
-}
+# RFC 9113 6.5.2 counts 32 bytes per field on top of its name and value.
+MAX_HEADER_LIST = MAX_HEADER_BYTES + 32 * MAX_HEADERS + 4096
+RAPID_RESET_MIN = 200  # resets of unanswered streams tolerated before the ratio is looked at
+# Error codes (RFC 9113 7).
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, ENHANCE_YOUR_CALM = 0x0, 0x1, 0x2, 0xB
+TEXT = [(b"content-type", b"text/plain; charset=utf-8"), (b"cache-control", b"no-store")]
+ENGINES = ("auto", "nghttp2", "python")
 
 
 class Server(Protocol):
@@ -79,22 +65,18 @@ class Owner(Protocol):
     def sni(self) -> str | None: ...
 
 
-class H2ServerConnection(TwistedProtocol):
-    """One HTTP/2 client connection; see the module docstring. Also the IPushProducer the TLS
-    transport pauses when its buffer is full: the streams' upstream bodies are paused with it."""
+class H2ServerBase(TwistedProtocol):
+    """One HTTP/2 client connection (see the module docstring); the engine subclasses fill in
+    the protocol. Also the IPushProducer the TLS transport pauses when its buffer is full."""
 
     def __init__(self, server: Server, owner: Owner) -> None:
         self._server = server
         self._owner = owner
         self._clock = server.clock
-        self._h2 = H2Connection(_CONFIG)
-        self._h2.local_settings = Settings(client=False, initial_values=_SETTINGS)
         self._streams: dict[int, H2Request] = {}
-        self._blocked: dict[int, list[Any]] = {}  # stream -> [data waiting for window, end]
         self._producers: dict[int, Any] = {}
         self._paused = False
         self._closed = False
-        self._receiving = False  # events are being handled: one flush at the end
         self._opened = 0
         self._resets = 0
         self._progress = 0
@@ -103,10 +85,41 @@ class H2ServerConnection(TwistedProtocol):
         self._timer: IDelayedCall | None = None
         self._write: Callable[[bytes], None] | None = None
 
+    # -- what an engine provides ----------------------------------------------------------
+    def _start(self) -> None:
+        """Queue the server's connection preface (SETTINGS)."""
+        raise NotImplementedError
+
+    def _flush(self) -> None:
+        """Write what the engine has queued."""
+        raise NotImplementedError
+
+    def _goaway(self, code: int) -> None:
+        """Send GOAWAY with ``code`` and close."""
+        raise NotImplementedError
+
+    def _refuse(self, stream_id: int, code: int) -> None:
+        """RST_STREAM ``stream_id`` with ``code``."""
+        raise NotImplementedError
+
+    def _blocked(self, stream_id: int) -> bool:
+        """Whether the stream has answer bytes waiting for flow-control window."""
+        raise NotImplementedError
+
+    def send(
+        self, request: H2Request, head: list[tuple[bytes, bytes]] | None, data: bytes, end: bool
+    ) -> None:
+        """Send the answer's head (if given), ``data``, and END_STREAM if ``end``."""
+        raise NotImplementedError
+
+    def _answer_complete(self, request: H2Request) -> None:
+        """The handler finished the answer (its bytes may still be queued)."""
+        raise NotImplementedError
+
     # -- connection -----------------------------------------------------------------------
     def connectionMade(self) -> None:
         self._write = self.transport.write  # type: ignore[union-attr]
-        self._h2.initiate_connection()
+        self._start()
         self._flush()
         self._progress_at = self._clock.seconds()
         self._arm(self._server.idle_timeout)
@@ -117,7 +130,6 @@ class H2ServerConnection(TwistedProtocol):
             self._timer.cancel()
         self._timer = None
         streams, self._streams = self._streams, {}
-        self._blocked.clear()
         self._producers.clear()
         for request in streams.values():
             request.connection_lost()
@@ -128,125 +140,87 @@ class H2ServerConnection(TwistedProtocol):
     def sni(self) -> str | None:
         return self._owner.sni()
 
-    def dataReceived(self, data: bytes) -> None:
-        if self._closed:
-            return
-        self._progress += 1
-        self._receiving = True
-        try:
-            events = self._h2.receive_data(data)
-        except h2.exceptions.ProtocolError as e:
-            # h2 has queued a GOAWAY naming the error: send it, then close.
-            log.debug("HTTP/2 protocol error from {peer}: {error}", peer=self.peer_host(), error=e)
-            self._receiving = False
-            self._flush()
-            self._close()
-            return
-        try:
-            for event in events:
-                handler = _EVENTS.get(type(event))
-                if handler is not None:
-                    handler(self, event)
-        finally:
-            self._receiving = False
-        self._flush()
-
-    def _flush(self) -> None:
-        data = self._h2.data_to_send()
-        if data and not self._closed and self._write is not None:
-            self._write(data)
-
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
             self.transport.loseConnection()  # type: ignore[union-attr]
 
-    def _goaway(self, code: ErrorCodes) -> None:
-        with contextlib.suppress(h2.exceptions.H2Error):
-            self._h2.close_connection(error_code=code)
-        self._flush()
-        self._close()
-
-    # -- events ---------------------------------------------------------------------------
-    def _on_request(self, event: ev.RequestReceived) -> None:
-        stream_id = event.stream_id
+    # -- requests -------------------------------------------------------------------------
+    def _new_request(
+        self,
+        stream_id: int,
+        pseudo: dict[bytes, bytes],
+        headers: list[tuple[bytes, bytes]],
+        size: int,
+        ended: bool,
+    ) -> H2Request | None:
+        """A request whose header block is complete, or None if its stream was refused. Too
+        large ones are answered at once (431, 413)."""
         self._opened += 1
-        method = path = authority = None
-        headers: list[tuple[bytes, bytes]] = []
-        size = 0
-        has_host = False
-        for name, value in event.headers or ():  # bytes: header_encoding is None
-            if name[:1] == b":":
-                if name == b":method":
-                    method = value
-                elif name == b":path":
-                    path = value
-                elif name == b":authority":
-                    authority = value
-                continue
-            size += len(name) + len(value)
+        method = pseudo.get(b":method")
+        path = pseudo.get(b":path")
+        authority = pseudo.get(b":authority")
+        host = None
+        for name, value in headers:
             if name == b"host":
-                has_host = True
-            headers.append((name, value))
+                if host is not None:
+                    host = b""  # two Host fields: malformed
+                    break
+                host = value
         origin_form = path is not None and (path[:1] == b"/" or path == b"*")
-        if method is None or method == b"CONNECT" or path is None or not origin_form:
-            self._refuse(stream_id, ErrorCodes.PROTOCOL_ERROR)
-            return
-        if authority is not None and not has_host:
+        if (
+            method is None
+            or method == b"CONNECT"
+            or not origin_form
+            or host == b""
+            or (authority is not None and host is not None and host != authority)
+        ):
+            self._refuse(stream_id, PROTOCOL_ERROR)
+            return None
+        if authority is not None and host is None:
             headers.insert(0, (b"host", authority))
+        assert path is not None
         request = H2Request(self, stream_id, method, path, headers, self._clock.seconds())
-        request.remote_ended = event.stream_ended is not None
+        request.remote_ended = ended
         self._streams[stream_id] = request
         if len(headers) > MAX_HEADERS or size > MAX_HEADER_BYTES:
             request.dispatched = True
-            request.respond(431, _TEXT, b"431 Request Header Fields Too Large\n")
-            return
+            request.respond(431, TEXT, b"431 Request Header Fields Too Large\n")
+            return None
         length = request.header(b"content-length")
         if length is not None and length.isdigit() and int(length) > MAX_BODY:
             self._too_large(request)
+            return None
+        return request
 
-    def _on_data(self, event: ev.DataReceived) -> None:
-        stream_id = event.stream_id
-        with contextlib.suppress(h2.exceptions.H2Error):
-            self._h2.acknowledge_received_data(event.flow_controlled_length or 0, stream_id)
+    def _body_chunk(self, stream_id: int, data: bytes) -> None:
         request = self._streams.get(stream_id)
         if request is None or request.dispatched:
             return
-        data = event.data or b""
         request.body_size += len(data)
         if request.body_size > MAX_BODY:
             self._too_large(request)
             return
         request.body_parts.append(data)
 
-    def _on_end(self, event: ev.StreamEnded) -> None:
-        request = self._streams.get(event.stream_id)
+    def _request_ended(self, stream_id: int) -> None:
+        request = self._streams.get(stream_id)
         if request is not None:
             request.remote_ended = True
             if not request.dispatched:
                 self._dispatch(request)
 
-    def _on_reset(self, event: ev.StreamReset) -> None:
-        stream_id: int = event.stream_id
-        self._resets += 1
+    def _stream_reset(self, stream_id: int) -> None:
+        """The client reset the stream (or it closed) before its answer was complete."""
         request = self._forget(stream_id)
-        if request is not None:
-            request.connection_lost()
+        if request is None or request.done:
+            return
+        self._resets += 1
+        request.connection_lost()
         if self._resets > RAPID_RESET_MIN and self._resets * 2 > self._opened:
             log.info("HTTP/2 client {peer} resets most of its streams", peer=self.peer_host())
-            self._goaway(ErrorCodes.ENHANCE_YOUR_CALM)
+            self._goaway(ENHANCE_YOUR_CALM)
 
-    def _on_window(self, event: ev.WindowUpdated) -> None:
-        if event.stream_id:
-            self._push(event.stream_id)
-        else:
-            for stream_id in list(self._blocked):
-                self._push(stream_id)
-
-    def _on_terminated(self, event: ev.ConnectionTerminated) -> None:
-        self._close()  # the client's GOAWAY: it reads nothing more from this connection
-
-    # -- requests -------------------------------------------------------------------------
     def _dispatch(self, request: H2Request) -> None:
         request.dispatched = True
         try:
@@ -254,7 +228,7 @@ class H2ServerConnection(TwistedProtocol):
         except Exception:
             log.failure("request handler failed for {uri!r}", uri=request.uri)
             if request.code == 200 and not request.done:
-                request.respond(500, _TEXT, b"500 Internal Server Error\n")
+                request.respond(500, TEXT, b"500 Internal Server Error\n")
             else:
                 request.abort()
 
@@ -263,90 +237,38 @@ class H2ServerConnection(TwistedProtocol):
         request.body_parts = []
         self._dispatch(request)  # the handler answers 413 at once
 
-    def _refuse(self, stream_id: int, code: ErrorCodes) -> None:
-        with contextlib.suppress(h2.exceptions.H2Error):
-            self._h2.reset_stream(stream_id, error_code=code)
-        if not self._receiving:
-            self._flush()
-
     def _forget(self, stream_id: int) -> H2Request | None:
-        self._blocked.pop(stream_id, None)
         self._producers.pop(stream_id, None)
         return self._streams.pop(stream_id, None)
 
     def request_done(self, request: H2Request) -> None:
         """Called by the request when its answer is complete (possibly still being sent)."""
         self._server.request_done(request)
-        if request.stream_id not in self._blocked:
-            self._retire(request)
+        self._answer_complete(request)
 
     def _retire(self, request: H2Request) -> None:
+        """The answer has left: forget the stream; RST_STREAM(NO_ERROR) if the client is
+        still sending (an early answer such as 413), RFC 9113 8.1."""
         self._forget(request.stream_id)
-        if not request.remote_ended:  # answered before the request ended (413, 431)
-            self._refuse(request.stream_id, ErrorCodes.NO_ERROR)
+        if not request.remote_ended:
+            self._refuse(request.stream_id, NO_ERROR)
 
     def reset(self, request: H2Request) -> None:
         """Give up on an answer: RST_STREAM(INTERNAL_ERROR)."""
         self._forget(request.stream_id)
-        self._refuse(request.stream_id, ErrorCodes.INTERNAL_ERROR)
+        self._refuse(request.stream_id, INTERNAL_ERROR)
 
-    # -- sending --------------------------------------------------------------------------
-    def send(
-        self, request: H2Request, head: list[tuple[bytes, bytes]] | None, data: bytes, end: bool
-    ) -> None:
-        if self._closed:
-            return
-        stream_id = request.stream_id
-        self._progress += 1
-        try:
-            if head is not None:
-                self._h2.send_headers(stream_id, head, end_stream=end and not data)
-            if data:
-                blocked = self._blocked.get(stream_id)
-                if blocked is not None:
-                    blocked[0] += data
-                    blocked[1] = end
-                else:
-                    self._send_data(stream_id, data, end)
-            elif end and head is None:
-                blocked = self._blocked.get(stream_id)
-                if blocked is not None:
-                    blocked[1] = True
-                else:
-                    self._h2.end_stream(stream_id)
-        except h2.exceptions.H2Error:  # the stream was reset meanwhile
-            return
-        if not self._receiving:
-            self._flush()
+    # -- back-pressure --------------------------------------------------------------------
+    def register_producer(self, request: H2Request, producer: Any) -> None:
+        self._producers[request.stream_id] = producer
+        if self._paused or self._blocked(request.stream_id):
+            producer.pauseProducing()
 
-    def _send_data(self, stream_id: int, data: bytes, end: bool, paused: bool = False) -> None:
-        """Send what the windows allow; keep the rest until WINDOW_UPDATE (and pause the
-        stream's producer meanwhile, unless it is ``paused`` already)."""
-        h2c = self._h2
-        window = min(h2c.local_flow_control_window(stream_id), h2c.max_outbound_frame_size)
-        if len(data) <= window:
-            h2c.send_data(stream_id, data, end_stream=end)
-            return
-        while data and window > 0:
-            chunk, data = data[:window], data[window:]
-            h2c.send_data(stream_id, chunk, end_stream=end and not data)
-            window = min(h2c.local_flow_control_window(stream_id), h2c.max_outbound_frame_size)
-        if data:
-            self._blocked[stream_id] = [data, end]
-            producer = self._producers.get(stream_id)
-            if producer is not None and not paused:
-                producer.pauseProducing()
+    def unregister_producer(self, request: H2Request) -> None:
+        self._producers.pop(request.stream_id, None)
 
-    def _push(self, stream_id: int) -> None:
-        blocked = self._blocked.pop(stream_id, None)
-        if blocked is None:
-            return
-        try:
-            self._send_data(stream_id, blocked[0], blocked[1], paused=True)
-        except h2.exceptions.H2Error:
-            return
-        if stream_id in self._blocked:
-            return
+    def _unblocked(self, stream_id: int) -> None:
+        """The stream's queued bytes have left: resume its producer or retire it."""
         request = self._streams.get(stream_id)
         if request is not None and request.done:
             self._retire(request)
@@ -355,15 +277,6 @@ class H2ServerConnection(TwistedProtocol):
         if producer is not None and not self._paused:
             producer.resumeProducing()
 
-    def register_producer(self, request: H2Request, producer: Any) -> None:
-        self._producers[request.stream_id] = producer
-        if self._paused or request.stream_id in self._blocked:
-            producer.pauseProducing()
-
-    def unregister_producer(self, request: H2Request) -> None:
-        self._producers.pop(request.stream_id, None)
-
-    # -- IPushProducer (for the TLS transport) --------------------------------------------
     def pauseProducing(self) -> None:
         self._paused = True
         for producer in list(self._producers.values()):
@@ -372,7 +285,7 @@ class H2ServerConnection(TwistedProtocol):
     def resumeProducing(self) -> None:
         self._paused = False
         for stream_id, producer in list(self._producers.items()):
-            if stream_id not in self._blocked:
+            if not self._blocked(stream_id):
                 producer.resumeProducing()
 
     def stopProducing(self) -> None:
@@ -392,16 +305,24 @@ class H2ServerConnection(TwistedProtocol):
             self._progress_at = now
         left = self._progress_at + self._server.idle_timeout - now
         if left <= 0:
-            self._goaway(ErrorCodes.NO_ERROR)
+            self._goaway(NO_ERROR)
             return
         self._arm(min(left, self._server.idle_timeout / 4))
 
 
-_EVENTS: dict[type, Callable[[H2ServerConnection, Any], None]] = {
-    ev.RequestReceived: H2ServerConnection._on_request,
-    ev.DataReceived: H2ServerConnection._on_data,
-    ev.StreamEnded: H2ServerConnection._on_end,
-    ev.StreamReset: H2ServerConnection._on_reset,
-    ev.WindowUpdated: H2ServerConnection._on_window,
-    ev.ConnectionTerminated: H2ServerConnection._on_terminated,
-}
+def choose_engine(engine: str) -> tuple[type[H2ServerBase], str]:
+    """The connection class for ``--http2-engine`` (auto, nghttp2, python) and a line for the
+    log saying which one runs. Raises ValueError when nghttp2 is asked for and cannot load."""
+    from trackingproxy import nghttp2
+    from trackingproxy.h2python import PythonH2Connection
+
+    if engine == "python":
+        return PythonH2Connection, "HTTP/2 engine: h2 (pure Python), as configured"
+    bound = nghttp2.load()
+    if isinstance(bound, str):
+        if engine == "nghttp2":
+            raise ValueError(f"--http2-engine nghttp2: {bound}")
+        return PythonH2Connection, f"HTTP/2 engine: h2 (pure Python), because {bound}"
+    from trackingproxy.h2native import NativeH2Connection
+
+    return NativeH2Connection, f"HTTP/2 engine: libnghttp2 {bound.version}"

@@ -96,6 +96,12 @@ PARAMETERS: list[tuple[str, str | None, str]] = [
     ("idle-timeout", "60", "Seconds an idle client keep-alive connection is kept open."),
     ("header-timeout", "10", "Seconds a client has to send a request's headers (slowloris)."),
     ("workers", "1", "Processes serving the listeners: a number, or auto (one per usable CPU)."),
+    (
+        "http2-engine",
+        "auto",
+        "HTTP/2 implementation: nghttp2 (libnghttp2, fast), python (h2), or auto (nghttp2 if "
+        "the library loads).",
+    ),
 ]
 
 FLAGS: list[tuple[str, str]] = [

@@ -28,6 +28,7 @@ from trackingproxy.challenges import ChallengeResponder
 from trackingproxy.config import ProxyConfig
 from trackingproxy.errors import ConfigError, exit_with
 from trackingproxy.forwarded import ForwardedFor
+from trackingproxy.h2server import choose_engine
 from trackingproxy.jsonlog import JSONLinesObserver
 from trackingproxy.lifecycle import ActiveRequests, tune_gc
 from trackingproxy.listeners import ListenerService
@@ -253,6 +254,9 @@ def build_service(
             sni_check=same_certificate if scheme == b"https" else None,
         )
 
+    h2_engine, h2_note = choose_engine(config.http2_engine)
+    log.info(h2_note)
+
     def site(scheme: str) -> ProxySite:
         return ProxySite(
             resource(scheme.encode(), admin.instrument(upstream) if admin else upstream),
@@ -263,6 +267,7 @@ def build_service(
             header_timeout=config.header_timeout,
             active=active,
             observer=admin.site(scheme) if admin else None,
+            h2_engine=h2_engine,
         )
 
     if config.http_port is not None:

@@ -13,7 +13,7 @@ from twisted.web.server import Site
 
 from trackingproxy.accesslog import AccessEntry, AccessLog
 from trackingproxy.exchange import ClientExchange
-from trackingproxy.h2server import H2ServerConnection, Owner
+from trackingproxy.h2server import H2ServerBase, Owner, choose_engine
 from trackingproxy.http1server import MAX_HEADER_BYTES, MAX_HEADERS, HTTP1Connection
 from trackingproxy.lifecycle import ActiveRequests
 
@@ -56,8 +56,12 @@ class ProxySite(Site):
         header_timeout: float = HEADER_TIMEOUT,
         active: ActiveRequests | None = None,
         observer: SiteObserver | None = None,
+        h2_engine: type[H2ServerBase] | None = None,
     ) -> None:
         super().__init__(resource, timeout=idle_timeout, reactor=reactor)
+        if h2_engine is None:
+            h2_engine = choose_engine("auto")[0]
+        self.h2_engine = h2_engine
         self.clock = reactor
         self.handler: Handler = resource  # type: ignore[assignment]
         self.idle_timeout = idle_timeout
@@ -74,7 +78,7 @@ class ProxySite(Site):
         return protocol
 
     def http2_connection(self, owner: Owner) -> IProtocol:
-        return H2ServerConnection(self, owner)
+        return self.h2_engine(self, owner)
 
     # -- hooks ----------------------------------------------------------------------------
     def connection_opened(self) -> None:

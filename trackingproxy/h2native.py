@@ -1,0 +1,413 @@
+"""The libnghttp2 HTTP/2 engine (the default): the protocol (framing, HPACK, stream states, flow
+control, HTTP messaging rules) runs in C; Python sees one callback per header field, per body
+chunk and per frame that matters. See `trackingproxy.h2server` for what both engines share.
+
+libnghttp2 checks every inbound header block (RFC 9113 8.2-8.3: pseudo-headers, connection-
+specific fields, upper-case names, content-length against DATA) and resets a malformed stream
+with PROTOCOL_ERROR; a field with characters no HTTP field may hold (CR, LF, NUL, leading or
+trailing white space) resets its stream too, rather than being dropped silently. Its own
+limits stay on: a RST_STREAM rate limit (rapid reset) and at most 8 CONTINUATION frames.
+
+Memory rules of the binding: the session is deleted in ``connectionLost`` and every call into
+the library first checks it is still there; the cffi handle that lets callbacks find their
+connection lives exactly as long as the session.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from trackingproxy import nghttp2 as ng
+from trackingproxy.h2request import H2Request
+from trackingproxy.h2server import (
+    MAX_HEADER_LIST,
+    MAX_STREAMS,
+    PROTOCOL_ERROR,
+    H2ServerBase,
+    Owner,
+    Server,
+)
+from trackingproxy.http1server import MAX_HEADER_BYTES
+
+log = Logger(namespace="trackingproxy.h2native")
+
+HIGH_WATER = 256 * 1024  # answer bytes queued on a stream before its producer is paused
+_HEADER_BYTES_CAP = 4 * MAX_HEADER_BYTES  # beyond this a header block is not even collected
+
+
+# A header block being received: pseudo-header fields, the other fields, their size.
+_Incoming = tuple[dict[bytes, bytes], list[tuple[bytes, bytes]], list[int]]
+
+
+class _Binding:
+    """The bound library and the callbacks, made once per process."""
+
+    def __init__(self, bound: ng.Bound) -> None:
+        ffi, lib = bound.ffi, bound.lib
+        self.ffi, self.lib = ffi, lib
+        fail = ng.ERR_CALLBACK_FAILURE
+        cb = ffi.callback
+        # Kept as attributes: the C side holds raw pointers to them.
+        self.on_begin_headers = cb(
+            "nghttp2_on_begin_headers_callback", _on_begin_headers, error=fail, onerror=_on_error
+        )
+        self.on_header = cb("nghttp2_on_header_callback", _on_header, error=fail, onerror=_on_error)
+        self.on_invalid_header = cb(
+            "nghttp2_on_invalid_header_callback", _on_invalid_header, error=fail, onerror=_on_error
+        )
+        self.on_frame_recv = cb(
+            "nghttp2_on_frame_recv_callback", _on_frame_recv, error=fail, onerror=_on_error
+        )
+        self.on_data_chunk = cb(
+            "nghttp2_on_data_chunk_recv_callback", _on_data_chunk, error=fail, onerror=_on_error
+        )
+        self.on_stream_close = cb(
+            "nghttp2_on_stream_close_callback", _on_stream_close, error=fail, onerror=_on_error
+        )
+        self.read = cb("nghttp2_data_source_read_callback", _read, error=fail, onerror=_on_error)
+        pp = ffi.new("nghttp2_session_callbacks **")
+        if lib.nghttp2_session_callbacks_new(pp) != 0:
+            raise MemoryError("nghttp2_session_callbacks_new")
+        self.callbacks = ffi.gc(pp[0], lib.nghttp2_session_callbacks_del)
+        cbs = self.callbacks
+        lib.nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, self.on_begin_headers)
+        lib.nghttp2_session_callbacks_set_on_header_callback(cbs, self.on_header)
+        lib.nghttp2_session_callbacks_set_on_invalid_header_callback(cbs, self.on_invalid_header)
+        lib.nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, self.on_frame_recv)
+        lib.nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, self.on_data_chunk)
+        lib.nghttp2_session_callbacks_set_on_stream_close_callback(cbs, self.on_stream_close)
+        op = ffi.new("nghttp2_option **")
+        if lib.nghttp2_option_new(op) != 0:
+            raise MemoryError("nghttp2_option_new")
+        self.option = ffi.gc(op[0], lib.nghttp2_option_del)
+        self.provider = ffi.new("nghttp2_data_provider *")
+        self.provider.read_callback = self.read
+        self.settings = ffi.new(
+            "nghttp2_settings_entry[2]",
+            [
+                (ng.SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS),
+                (ng.SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST),
+            ],
+        )
+
+
+_binding: _Binding | None = None
+
+
+def _bind() -> _Binding:
+    global _binding
+    if _binding is None:
+        bound = ng.load()
+        if isinstance(bound, str):
+            raise RuntimeError(bound)
+        _binding = _Binding(bound)
+    return _binding
+
+
+class NativeH2Connection(H2ServerBase):
+    """One HTTP/2 client connection on a libnghttp2 server session."""
+
+    def __init__(self, server: Server, owner: Owner) -> None:
+        super().__init__(server, owner)
+        b = self._b = _bind()
+        ffi, lib = b.ffi, b.lib
+        self._handle: Any = ffi.new_handle(self)
+        pp = ffi.new("nghttp2_session **")
+        if lib.nghttp2_session_server_new2(pp, b.callbacks, self._handle, b.option) != 0:
+            raise MemoryError("nghttp2_session_server_new2")
+        self._session: Any = pp[0]
+        self._out = ffi.new("const uint8_t **")
+        # stream -> [answer bytes not yet taken by the library, end of stream after them]
+        self._pending: dict[int, list[Any]] = {}
+        self._incoming: dict[
+            int, tuple[dict[bytes, bytes], list[tuple[bytes, bytes]], list[int]]
+        ] = {}
+        self._ready: list[int] = []  # requests that ended while the input was processed
+        self._drained: list[int] = []  # streams whose queued answer left in the last flush
+        self._receiving = False
+
+    def _start(self) -> None:
+        b = self._b
+        b.lib.nghttp2_submit_settings(self._session, ng.FLAG_NONE, b.settings, 2)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        session, self._session = self._session, None
+        if session is not None:
+            self._b.lib.nghttp2_session_del(session)
+        self._handle = None
+        self._pending.clear()
+        self._incoming.clear()
+
+    def dataReceived(self, data: bytes) -> None:
+        session = self._session
+        if self._closed or session is None:
+            return
+        self._progress += 1
+        self._receiving = True
+        try:
+            rv = self._b.lib.nghttp2_session_mem_recv(session, data, len(data))
+        finally:
+            self._receiving = False
+        if rv < 0:
+            log.debug(
+                "HTTP/2 session error from {peer}: {error}",
+                peer=self.peer_host(),
+                error=self._b.ffi.string(self._b.lib.nghttp2_strerror(rv)).decode(),
+            )
+            if self._session is not None:
+                self._b.lib.nghttp2_session_terminate_session(self._session, PROTOCOL_ERROR)
+            self._flush()
+            self._close()
+            return
+        if self._ready:
+            ready, self._ready = self._ready, []
+            for stream_id in ready:
+                self._request_ended(stream_id)
+        self._flush()
+
+    def _flush(self) -> None:
+        session = self._session
+        if session is None:
+            return
+        lib, ffi, out = self._b.lib, self._b.ffi, self._out
+        chunks = []
+        while True:
+            n = lib.nghttp2_session_mem_send(session, out)
+            if n <= 0:
+                break
+            chunks.append(ffi.buffer(out[0], n)[:])
+        if chunks and not self._closed and self._write is not None:
+            self._write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if n < 0:
+            self._close()
+            return
+        if self._drained:
+            drained, self._drained = self._drained, []
+            for stream_id in drained:
+                self._unblocked(stream_id)
+        if self._session is not None and not (
+            lib.nghttp2_session_want_read(session) or lib.nghttp2_session_want_write(session)
+        ):
+            self._close()  # GOAWAY exchanged and every stream done
+
+    def _goaway(self, code: int) -> None:
+        if self._session is not None:
+            self._b.lib.nghttp2_session_terminate_session(self._session, code)
+        self._flush()
+        self._close()
+
+    def _refuse(self, stream_id: int, code: int) -> None:
+        if self._session is not None:
+            self._b.lib.nghttp2_submit_rst_stream(self._session, ng.FLAG_NONE, stream_id, code)
+            if not self._receiving:
+                self._flush()
+
+    def _blocked(self, stream_id: int) -> bool:
+        pending = self._pending.get(stream_id)
+        return pending is not None and len(pending[0]) > HIGH_WATER
+
+    def _forget(self, stream_id: int) -> H2Request | None:
+        self._pending.pop(stream_id, None)
+        return super()._forget(stream_id)
+
+    def _answer_complete(self, request: H2Request) -> None:
+        if request.stream_id not in self._pending:
+            self._retire(request)
+
+    # -- sending --------------------------------------------------------------------------
+    def send(
+        self, request: H2Request, head: list[tuple[bytes, bytes]] | None, data: bytes, end: bool
+    ) -> None:
+        session = self._session
+        if self._closed or session is None:
+            return
+        stream_id = request.stream_id
+        self._progress += 1
+        b = self._b
+        if head is not None:
+            ffi = b.ffi
+            keep = [(ffi.from_buffer(n), ffi.from_buffer(v), len(n), len(v)) for n, v in head]
+            nva = ffi.new("nghttp2_nv[]", [(n, v, ln, lv, 0) for n, v, ln, lv in keep])
+            if end and not data:
+                provider = ffi.NULL
+            else:
+                self._pending[stream_id] = [bytearray(data), end]
+                provider = b.provider
+            if b.lib.nghttp2_submit_response(session, stream_id, nva, len(keep), provider) != 0:
+                self._pending.pop(stream_id, None)  # the stream is gone (reset meanwhile)
+                return
+            if len(data) > HIGH_WATER:
+                producer = self._producers.get(stream_id)
+                if producer is not None:
+                    producer.pauseProducing()
+        else:
+            pending = self._pending.get(stream_id)
+            if pending is None:
+                return  # the stream is gone, or its end was sent already
+            was_blocked = len(pending[0]) > HIGH_WATER
+            pending[0] += data
+            pending[1] = end
+            b.lib.nghttp2_session_resume_data(session, stream_id)
+            if not was_blocked and len(pending[0]) > HIGH_WATER:
+                producer = self._producers.get(stream_id)
+                if producer is not None:
+                    producer.pauseProducing()
+        if not self._receiving:
+            self._flush()
+
+    def _take(self, stream_id: int, buf: Any, length: int, data_flags: Any) -> int:
+        """The library asks for up to ``length`` answer bytes of ``stream_id``."""
+        pending = self._pending.get(stream_id)
+        if pending is None:
+            data_flags[0] |= ng.DATA_FLAG_EOF
+            return 0
+        data = pending[0]
+        n = min(length, len(data))
+        if n:
+            self._b.ffi.memmove(buf, data, n)
+            was_blocked = len(data) > HIGH_WATER
+            del data[:n]
+            if was_blocked and len(data) <= HIGH_WATER:
+                self._drained.append(stream_id)  # resume its producer after this flush
+        if not data:
+            if pending[1]:
+                data_flags[0] |= ng.DATA_FLAG_EOF
+                del self._pending[stream_id]
+                self._drained.append(stream_id)
+            elif not n:
+                return ng.ERR_DEFERRED
+        return n
+
+    # -- callbacks' side ------------------------------------------------------------------
+    def _begin_headers(self, stream_id: int) -> None:
+        if stream_id not in self._streams:  # otherwise: trailers, ignored
+            self._incoming[stream_id] = ({}, [], [0])
+
+    def _header(self, stream_id: int, name: bytes, value: bytes) -> int:
+        incoming = self._incoming.get(stream_id)
+        if incoming is None:
+            return 0
+        if name[:1] == b":":
+            incoming[0][name] = value
+            return 0
+        size = incoming[2]
+        size[0] += len(name) + len(value)
+        if size[0] > _HEADER_BYTES_CAP:
+            del self._incoming[stream_id]
+            return ng.ERR_TEMPORAL_CALLBACK_FAILURE  # the library resets the stream
+        incoming[1].append((name, value))
+        return 0
+
+    def _invalid_header(self, stream_id: int) -> int:
+        self._incoming.pop(stream_id, None)
+        if self._session is not None:
+            self._b.lib.nghttp2_submit_rst_stream(
+                self._session, ng.FLAG_NONE, stream_id, PROTOCOL_ERROR
+            )
+        return ng.ERR_TEMPORAL_CALLBACK_FAILURE
+
+    def _frame(self, kind: int, flags: int, stream_id: int) -> None:
+        if kind == ng.HEADERS:
+            incoming = self._incoming.pop(stream_id, None)
+            if incoming is not None:
+                pseudo, headers, size = incoming
+                ended = bool(flags & ng.FLAG_END_STREAM)
+                cookies = [v for n, v in headers if n == b"cookie"]
+                if len(cookies) > 1:  # RFC 9113 8.2.3: one field for HTTP/1.1
+                    headers = [(n, v) for n, v in headers if n != b"cookie"]
+                    headers.append((b"cookie", b"; ".join(cookies)))
+                request = self._new_request(stream_id, pseudo, headers, size[0], ended)
+                if request is not None and ended:
+                    self._ready.append(stream_id)
+            elif flags & ng.FLAG_END_STREAM:  # trailers (ignored) end the request
+                self._ready.append(stream_id)
+        elif kind == ng.DATA and flags & ng.FLAG_END_STREAM:
+            self._ready.append(stream_id)
+
+    def _closed_stream(self, stream_id: int) -> None:
+        self._incoming.pop(stream_id, None)
+        request = self._streams.get(stream_id)
+        if request is None:
+            return
+        if request.answer_sent:
+            self._forget(stream_id)  # closed the normal way: both sides ended
+        else:
+            self._stream_reset(stream_id)
+
+
+# -- the C callbacks (user_data is the connection's handle) --------------------------------
+def _conn(user_data: Any) -> NativeH2Connection:
+    return _binding.ffi.from_handle(user_data)  # type: ignore[union-attr,no-any-return]
+
+
+def _on_begin_headers(session: Any, frame: Any, user_data: Any) -> int:
+    _conn(user_data)._begin_headers(frame.hd.stream_id)
+    return 0
+
+
+def _on_header(
+    session: Any,
+    frame: Any,
+    name: Any,
+    namelen: int,
+    value: Any,
+    valuelen: int,
+    flags: int,
+    user_data: Any,
+) -> int:
+    unpack = _binding.ffi.unpack  # type: ignore[union-attr]
+    return _conn(user_data)._header(
+        frame.hd.stream_id, unpack(name, namelen), unpack(value, valuelen)
+    )
+
+
+def _on_invalid_header(
+    session: Any,
+    frame: Any,
+    name: Any,
+    namelen: int,
+    value: Any,
+    valuelen: int,
+    flags: int,
+    user_data: Any,
+) -> int:
+    return _conn(user_data)._invalid_header(frame.hd.stream_id)
+
+
+def _on_frame_recv(session: Any, frame: Any, user_data: Any) -> int:
+    hd = frame.hd
+    _conn(user_data)._frame(hd.type, hd.flags, hd.stream_id)
+    return 0
+
+
+def _on_data_chunk(
+    session: Any, flags: int, stream_id: int, data: Any, length: int, user_data: Any
+) -> int:
+    _conn(user_data)._body_chunk(stream_id, _binding.ffi.unpack(data, length))  # type: ignore[union-attr]
+    return 0
+
+
+def _on_stream_close(session: Any, stream_id: int, error_code: int, user_data: Any) -> int:
+    _conn(user_data)._closed_stream(stream_id)
+    return 0
+
+
+def _read(
+    session: Any,
+    stream_id: int,
+    buf: Any,
+    length: int,
+    data_flags: Any,
+    source: Any,
+    user_data: Any,
+) -> int:
+    return _conn(user_data)._take(stream_id, buf, length, data_flags)
+
+
+def _on_error(exception: type[BaseException], value: BaseException, tb: Any) -> None:
+    log.failure("HTTP/2 callback failed", Failure(value, exception, tb))

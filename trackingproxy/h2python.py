@@ -1,0 +1,203 @@
+"""The pure-Python HTTP/2 engine: the ``h2`` state machine driven directly (used when libnghttp2
+cannot be loaded, or with ``--http2-engine python``). See `trackingproxy.h2server`.
+
+``h2`` validates every inbound header block; a malformed one ends the connection with GOAWAY,
+as RFC 9113 8.1.1 allows. Received DATA is acknowledged as it is buffered; answer bytes beyond
+the peer's window wait for WINDOW_UPDATE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import h2.events as ev
+import h2.exceptions
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.settings import SettingCodes, Settings
+from twisted.logger import Logger
+
+from trackingproxy.h2request import H2Request
+from trackingproxy.h2server import MAX_HEADER_LIST, MAX_STREAMS, H2ServerBase, Owner, Server
+
+log = Logger(namespace="trackingproxy.h2python")
+
+# Inbound blocks are validated; what we send is built here, already lower case and clean.
+_CONFIG = H2Configuration(
+    client_side=False,
+    header_encoding=None,
+    validate_inbound_headers=True,
+    normalize_inbound_headers=True,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+)
+_SETTINGS = {
+    SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+    SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+}
+
+
+class PythonH2Connection(H2ServerBase):
+    """One HTTP/2 client connection on the ``h2`` state machine."""
+
+    def __init__(self, server: Server, owner: Owner) -> None:
+        super().__init__(server, owner)
+        self._h2 = H2Connection(_CONFIG)
+        self._h2.local_settings = Settings(client=False, initial_values=_SETTINGS)
+        self._queued: dict[int, list[Any]] = {}  # stream -> [bytes waiting for window, end]
+        self._receiving = False  # events are being handled: one flush at the end
+
+    def _start(self) -> None:
+        self._h2.initiate_connection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._progress += 1
+        self._receiving = True
+        try:
+            events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as e:
+            # h2 has queued a GOAWAY naming the error: send it, then close.
+            log.debug("HTTP/2 protocol error from {peer}: {error}", peer=self.peer_host(), error=e)
+            self._receiving = False
+            self._flush()
+            self._close()
+            return
+        try:
+            for event in events:
+                handler = _EVENTS.get(type(event))
+                if handler is not None:
+                    handler(self, event)
+        finally:
+            self._receiving = False
+        self._flush()
+
+    def _flush(self) -> None:
+        data = self._h2.data_to_send()
+        if data and not self._closed and self._write is not None:
+            self._write(data)
+
+    def _goaway(self, code: int) -> None:
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self._h2.close_connection(error_code=code)
+        self._flush()
+        self._close()
+
+    def _refuse(self, stream_id: int, code: int) -> None:
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self._h2.reset_stream(stream_id, error_code=code)
+        if not self._receiving:
+            self._flush()
+
+    def _blocked(self, stream_id: int) -> bool:
+        return stream_id in self._queued
+
+    def _forget(self, stream_id: int) -> H2Request | None:
+        self._queued.pop(stream_id, None)
+        return super()._forget(stream_id)
+
+    def _answer_complete(self, request: H2Request) -> None:
+        if request.stream_id not in self._queued:
+            self._retire(request)
+
+    # -- events ---------------------------------------------------------------------------
+    def _on_request(self, event: ev.RequestReceived) -> None:
+        pseudo: dict[bytes, bytes] = {}
+        headers: list[tuple[bytes, bytes]] = []
+        size = 0
+        for name, value in event.headers or ():  # bytes: header_encoding is None
+            if name[:1] == b":":
+                pseudo[name] = value
+                continue
+            size += len(name) + len(value)
+            headers.append((name, value))
+        stream_id: int = event.stream_id
+        self._new_request(stream_id, pseudo, headers, size, event.stream_ended is not None)
+
+    def _on_data(self, event: ev.DataReceived) -> None:
+        stream_id: int = event.stream_id
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self._h2.acknowledge_received_data(event.flow_controlled_length or 0, stream_id)
+        self._body_chunk(stream_id, event.data or b"")
+
+    def _on_end(self, event: ev.StreamEnded) -> None:
+        self._request_ended(event.stream_id)
+
+    def _on_reset(self, event: ev.StreamReset) -> None:
+        self._stream_reset(event.stream_id)
+
+    def _on_window(self, event: ev.WindowUpdated) -> None:
+        if event.stream_id:
+            self._push(event.stream_id)
+        else:
+            for stream_id in list(self._queued):
+                self._push(stream_id)
+
+    def _on_terminated(self, event: ev.ConnectionTerminated) -> None:
+        self._close()  # the client's GOAWAY: it reads nothing more from this connection
+
+    # -- sending --------------------------------------------------------------------------
+    def send(
+        self, request: H2Request, head: list[tuple[bytes, bytes]] | None, data: bytes, end: bool
+    ) -> None:
+        if self._closed:
+            return
+        stream_id = request.stream_id
+        self._progress += 1
+        try:
+            if head is not None:
+                self._h2.send_headers(stream_id, head, end_stream=end and not data)
+            queued = self._queued.get(stream_id)
+            if queued is not None:
+                queued[0] += data
+                queued[1] = end
+            elif data:
+                self._send_data(stream_id, data, end)
+            elif end and head is None:
+                self._h2.end_stream(stream_id)
+        except h2.exceptions.H2Error:  # the stream was reset meanwhile
+            return
+        if not self._receiving:
+            self._flush()
+
+    def _send_data(self, stream_id: int, data: bytes, end: bool, paused: bool = False) -> None:
+        """Send what the windows allow; queue the rest until WINDOW_UPDATE (and pause the
+        stream's producer meanwhile, unless it is ``paused`` already)."""
+        h2c = self._h2
+        window = min(h2c.local_flow_control_window(stream_id), h2c.max_outbound_frame_size)
+        if len(data) <= window:
+            h2c.send_data(stream_id, data, end_stream=end)
+            return
+        while data and window > 0:
+            chunk, data = data[:window], data[window:]
+            h2c.send_data(stream_id, chunk, end_stream=end and not data)
+            window = min(h2c.local_flow_control_window(stream_id), h2c.max_outbound_frame_size)
+        if data:
+            self._queued[stream_id] = [data, end]
+            producer = self._producers.get(stream_id)
+            if producer is not None and not paused:
+                producer.pauseProducing()
+
+    def _push(self, stream_id: int) -> None:
+        queued = self._queued.pop(stream_id, None)
+        if queued is None:
+            return
+        try:
+            self._send_data(stream_id, queued[0], queued[1], paused=True)
+        except h2.exceptions.H2Error:
+            return
+        if stream_id not in self._queued:
+            self._unblocked(stream_id)
+
+
+_EVENTS: dict[type, Callable[[PythonH2Connection, Any], None]] = {
+    ev.RequestReceived: PythonH2Connection._on_request,
+    ev.DataReceived: PythonH2Connection._on_data,
+    ev.StreamEnded: PythonH2Connection._on_end,
+    ev.StreamReset: PythonH2Connection._on_reset,
+    ev.WindowUpdated: PythonH2Connection._on_window,
+    ev.ConnectionTerminated: PythonH2Connection._on_terminated,
+}

@@ -128,7 +128,10 @@ class NativeH2Connection(H2ServerBase):
         ] = {}
         self._ready: list[int] = []  # requests that ended while the input was processed
         self._drained: list[int] = []  # streams whose queued answer left in the last flush
-        self._receiving = False
+        self._receiving = False  # inside nghttp2_session_mem_recv
+        self._flushing = False  # inside nghttp2_session_mem_send
+        self._lost = False  # connectionLost has run
+        self._close_after_flush = False
 
     def _start(self) -> None:
         b = self._b
@@ -136,16 +139,21 @@ class NativeH2Connection(H2ServerBase):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
+        self._lost = True
+        self._pending.clear()
+        self._incoming.clear()
+        if not (self._receiving or self._flushing):
+            self._delete()  # else: once the library has returned
+
+    def _delete(self) -> None:
         session, self._session = self._session, None
         if session is not None:
             self._b.lib.nghttp2_session_del(session)
         self._handle = None
-        self._pending.clear()
-        self._incoming.clear()
 
     def dataReceived(self, data: bytes) -> None:
         session = self._session
-        if self._closed or session is None:
+        if self._closed or session is None or self._receiving:
             return
         self._progress += 1
         self._receiving = True
@@ -153,14 +161,15 @@ class NativeH2Connection(H2ServerBase):
             rv = self._b.lib.nghttp2_session_mem_recv(session, data, len(data))
         finally:
             self._receiving = False
+        if self._connected_lost():
+            return
         if rv < 0:
             log.debug(
                 "HTTP/2 session error from {peer}: {error}",
                 peer=self.peer_host(),
                 error=self._b.ffi.string(self._b.lib.nghttp2_strerror(rv)).decode(),
             )
-            if self._session is not None:
-                self._b.lib.nghttp2_session_terminate_session(self._session, PROTOCOL_ERROR)
+            self._b.lib.nghttp2_session_terminate_session(session, PROTOCOL_ERROR)
             self._flush()
             self._close()
             return
@@ -170,17 +179,32 @@ class NativeH2Connection(H2ServerBase):
                 self._request_ended(stream_id)
         self._flush()
 
+    def _connected_lost(self) -> bool:
+        """Whether the connection is gone (connectionLost may have run while the library was
+        working: the session is deleted now)."""
+        if self._lost:
+            self._delete()
+        return self._session is None
+
     def _flush(self) -> None:
+        """Write what the library has queued. Never while it is reading input or already
+        writing (callbacks may ask for a flush: the running one picks their output up)."""
         session = self._session
-        if session is None:
+        if session is None or self._receiving or self._flushing:
             return
         lib, ffi, out = self._b.lib, self._b.ffi, self._out
         chunks = []
-        while True:
-            n = lib.nghttp2_session_mem_send(session, out)
-            if n <= 0:
-                break
-            chunks.append(ffi.buffer(out[0], n)[:])
+        self._flushing = True
+        try:
+            while True:
+                n = lib.nghttp2_session_mem_send(session, out)
+                if n <= 0:
+                    break
+                chunks.append(ffi.buffer(out[0], n)[:])
+        finally:
+            self._flushing = False
+        if self._connected_lost():
+            return
         if chunks and not self._closed and self._write is not None:
             self._write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         if n < 0:
@@ -190,14 +214,20 @@ class NativeH2Connection(H2ServerBase):
             drained, self._drained = self._drained, []
             for stream_id in drained:
                 self._unblocked(stream_id)
-        if self._session is not None and not (
-            lib.nghttp2_session_want_read(session) or lib.nghttp2_session_want_write(session)
+        if self._close_after_flush or (
+            self._session is not None
+            and not (
+                lib.nghttp2_session_want_read(session) or lib.nghttp2_session_want_write(session)
+            )
         ):
-            self._close()  # GOAWAY exchanged and every stream done
+            self._close()  # GOAWAY sent, or exchanged and every stream done
 
     def _goaway(self, code: int) -> None:
         if self._session is not None:
             self._b.lib.nghttp2_session_terminate_session(self._session, code)
+        if self._receiving or self._flushing:
+            self._close_after_flush = True  # the running flush sends it, then closes
+            return
         self._flush()
         self._close()
 

@@ -166,6 +166,8 @@ class AnswerTests:
     assertFalse: Any
     assertIn: Any
     assertLess: Any
+    assertIs: Any
+    assertIsNone: Any
 
     def test_get_is_answered_with_length_and_date(self) -> None:
         """A GET reaches the handler as an HTTP/2 exchange (Host from :authority) and its
@@ -245,6 +247,8 @@ class FlowControlTests:
     assertFalse: Any
     assertIn: Any
     assertLess: Any
+    assertIs: Any
+    assertIsNone: Any
 
     def test_answer_larger_than_the_window_waits_and_pauses_the_producer(self) -> None:
         """A 300 KiB answer to a client with a 16 KiB window: only the window leaves, and the
@@ -284,12 +288,15 @@ class FlowControlTests:
         peer.send(_request())
         (request,) = server.handled
         producer = _Producer()
+        self.assertIsNone(peer.transport.producer)  # never held: shutdown's close would wait
         request.register_producer(producer)
+        self.assertIs(peer.transport.producer, peer.conn)
         peer.conn.pauseProducing()
         self.assertEqual(producer.paused, 1)
         peer.conn.resumeProducing()
         self.assertEqual(producer.resumed, 1)
         request.unregister_producer()
+        self.assertIsNone(peer.transport.producer)
         peer.conn.pauseProducing()
         self.assertEqual(producer.paused, 1)
 
@@ -301,6 +308,8 @@ class BodyAndLimitTests:
     assertFalse: Any
     assertIn: Any
     assertLess: Any
+    assertIs: Any
+    assertIsNone: Any
 
     def test_post_body_is_collected(self) -> None:
         server = _Server()
@@ -349,6 +358,8 @@ class RefusedTests:
     assertFalse: Any
     assertIn: Any
     assertLess: Any
+    assertIs: Any
+    assertIsNone: Any
 
     def test_connect_is_reset(self) -> None:
         server = _Server()
@@ -388,6 +399,8 @@ class ResetAndLifetimeTests:
     assertFalse: Any
     assertIn: Any
     assertLess: Any
+    assertIs: Any
+    assertIsNone: Any
 
     def test_client_reset_tells_the_handler(self) -> None:
         server = _Server(answer=False)

@@ -13,7 +13,8 @@ request handler as an `trackingproxy.h2request.H2Request`. What this module adds
 - At most ``MAX_STREAMS`` concurrent streams (SETTINGS). A client that resets most of the
   streams it opens ("rapid reset", CVE-2023-44487) gets GOAWAY(ENHANCE_YOUR_CALM).
 - Back-pressure: when the TLS transport's buffer is full, or a stream's flow-control window is
-  exhausted, the upstream bodies being copied are paused.
+  exhausted, the upstream bodies being copied are paused. (The connection is the transport's
+  producer only while such a body streams, so a shutdown's loseConnection is never held back.)
 - The connection is closed (GOAWAY) when nothing has moved in either direction for the idle
   timeout; one timer per connection.
 """
@@ -238,7 +239,8 @@ class H2ServerBase(TwistedProtocol):
         self._dispatch(request)  # the handler answers 413 at once
 
     def _forget(self, stream_id: int) -> H2Request | None:
-        self._producers.pop(stream_id, None)
+        if self._producers.pop(stream_id, None) is not None:
+            self._producers_changed()
         return self._streams.pop(stream_id, None)
 
     def request_done(self, request: H2Request) -> None:
@@ -260,12 +262,22 @@ class H2ServerBase(TwistedProtocol):
 
     # -- back-pressure --------------------------------------------------------------------
     def register_producer(self, request: H2Request, producer: Any) -> None:
+        if not self._producers and not self._closed:
+            # The connection is the transport's producer only while a stream streams a body:
+            # a registered producer would hold back TLS's loseConnection (shutdown) for good.
+            self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self._producers[request.stream_id] = producer
         if self._paused or self._blocked(request.stream_id):
             producer.pauseProducing()
 
     def unregister_producer(self, request: H2Request) -> None:
-        self._producers.pop(request.stream_id, None)
+        if self._producers.pop(request.stream_id, None) is not None:
+            self._producers_changed()
+
+    def _producers_changed(self) -> None:
+        if not self._producers and not self._closed:
+            self._paused = False
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
 
     def _unblocked(self, stream_id: int) -> None:
         """The stream's queued bytes have left: resume its producer or retire it."""

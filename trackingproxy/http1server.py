@@ -428,7 +428,6 @@ class HTTP1Connection(TwistedProtocol):
         h2 = self._h2 = self._server.http2_connection(self)
         transport: Any = self.transport
         h2.makeConnection(transport)
-        transport.registerProducer(h2, True)
         h2.dataReceived(data)
 
 

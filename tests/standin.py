@@ -32,16 +32,50 @@ class Seen:
 
 @define
 class StandIn:
-    """The recording upstream. ``mode`` changes how it answers (e.g. 'stall', 'reset')."""
+    """The recording upstream. ``mode`` changes how it answers (e.g. 'stall', 'reset').
+
+    With ``holding`` set, opens (``/q/``) and clicks (``/f/``) are not answered at once: each
+    answer waits in ``held`` until the test calls ``release()`` (a slow upstream whose requests
+    are surely in flight at the proxy for as long as the test needs).
+    """
 
     seen: list[Seen] = field(factory=list)
     mode: str = "normal"
     stalled: list[Request] = field(factory=list)
     port: IListeningPort | None = None
     connections: int = 0
+    holding: bool = False
+    held: list[Request] = field(factory=list)
 
     def header(self, index: int, name: bytes) -> list[bytes]:
         return self.seen[index].headers.get(name.lower(), [])
+
+    def release(self, count: int | None = None) -> int:
+        """Answer the first ``count`` held requests (all when None) whose connection is still
+        open; returns how many were answered."""
+        count = len(self.held) if count is None else count
+        batch, self.held = self.held[:count], self.held[count:]
+        answered = 0
+        for request in batch:
+            if not request._disconnected:
+                path = request.uri.partition(b"?")[0]
+                request.write(_tracking_answer(request, path))
+                request.finish()
+                answered += 1
+        return answered
+
+
+def _tracking_answer(request: Request, path: bytes) -> bytes:
+    """SparkPost's answer to an open (``/q/``: the GIF) or a click (``/f/``: 302)."""
+    request.setHeader(b"server", b"msys-http")
+    request.setHeader(b"cache-control", b"no-cache, max-age=0")
+    if path.startswith(b"/q/"):
+        request.setHeader(b"content-type", b"image/gif")
+        return GIF
+    request.setResponseCode(302)
+    request.setHeader(b"location", b"https://www.example.com/landing?utm=1")
+    request.setHeader(b"content-type", b"text/html")
+    return b"<a href='https://www.example.com/landing?utm=1'>moved</a>"
 
 
 class _Root(Resource):
@@ -65,16 +99,14 @@ class _Root(Resource):
         if state.mode == "reset" or path.startswith(b"/reset"):
             request.transport.abortConnection()
             return NOT_DONE_YET
+        if path.startswith((b"/q/", b"/f/")):
+            if state.holding:
+                request.notifyFinish().addErrback(lambda _: None)
+                state.held.append(request)
+                return NOT_DONE_YET
+            return _tracking_answer(request, path)
         request.setHeader(b"server", b"msys-http")
         request.setHeader(b"cache-control", b"no-cache, max-age=0")
-        if path.startswith(b"/q/"):
-            request.setHeader(b"content-type", b"image/gif")
-            return GIF
-        if path.startswith(b"/f/"):
-            request.setResponseCode(302)
-            request.setHeader(b"location", b"https://www.example.com/landing?utm=1")
-            request.setHeader(b"content-type", b"text/html")
-            return b"<a href='https://www.example.com/landing?utm=1'>moved</a>"
         if path.startswith(b"/delay"):
             from twisted.internet import reactor
 

@@ -6,14 +6,11 @@ import io
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -23,18 +20,16 @@ from tests.harness import (
     DOMAIN,
     DOMAIN2,
     STATUS,
-    TWISTD,
     curl,
     plain_curl,
-    proxy_args,
     start_proxy,
     stop_proxy,
 )
 from tests.standin import start_standin
+from tests.twistd_process import Collect, spawn, wait_for_output
 from trackingproxy.jsonlog import JSONLinesObserver
 from trackingproxy.lifecycle import ActiveRequests
 
-ROOT = Path(__file__).resolve().parent.parent
 DOMAIN3 = "click3.example.com"
 
 
@@ -170,65 +165,13 @@ class ReloadTests(TestCase):
         self.assertIsNone(r.service.sni.certificate_for(DOMAIN3))
 
 
-class _Collect(ProcessProtocol):
-    def __init__(self) -> None:
-        self.out = b""
-        self.err = b""
-        self.ended: Deferred[int] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.out += data
-
-    def errReceived(self, data: bytes) -> None:
-        self.err += data
-
-    def processEnded(self, reason: Any) -> None:
-        code = reason.value.exitCode if reason.check(ProcessDone, ProcessTerminated) else -1
-        self.ended.callback(code)
-
-
 class TwistdTests(TestCase):
     """The real `twistd trackingproxy` in a subprocess, driven by signals."""
 
     timeout = 90
 
-    def spawn(self, tmp: Path, ca: Any, standin: Any, *extra: str) -> tuple[_Collect, int, int]:
-        import socket
-
-        ports = []
-        for _ in range(2):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-            s.close()
-        args = proxy_args(tmp, ca, standin, *extra)
-        args[args.index("--http-port") + 1] = f"tcp:{ports[0]}:interface=127.0.0.1"
-        args[args.index("--https-port") + 1] = f"tcp:{ports[1]}:interface=127.0.0.1"
-        proto = _Collect()
-        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
-        reactor.spawnProcess(
-            proto,
-            sys.executable,
-            [*TWISTD, *args],
-            env=env,
-            path=str(tmp),
-        )
-        self.addCleanup(self._kill, proto)
-        return proto, ports[0], ports[1]
-
-    def _kill(self, proto: _Collect) -> Deferred[int] | None:
-        if not proto.ended.called and proto.transport is not None:
-            proto.transport.signalProcess("KILL")
-            return proto.ended
-        return None
-
-    @inlineCallbacks
-    def wait_listening(self, proto: _Collect, marker: bytes = b"--https-port listening"):
-        for _ in range(300):
-            if marker in proto.out or proto.ended.called:
-                break
-            yield deferLater(reactor, 0.05, lambda: None)
-        self.assertIn(marker, proto.out, proto.out + proto.err)
+    def wait_listening(self, proto: Collect, marker: bytes = b"--https-port listening") -> Any:
+        return Deferred.fromCoroutine(wait_for_output(proto, marker, timeout=15))
 
     @inlineCallbacks
     def test_sigterm_lets_in_flight_requests_finish(self):
@@ -238,7 +181,7 @@ class TwistdTests(TestCase):
         ca = make_ca()
         standin = start_standin(ca)
         self.addCleanup(standin.port.stopListening)
-        proto, http_port, _ = self.spawn(tmp, ca, standin, "--no-acme")
+        proto, http_port, _ = spawn(self, tmp, ca, standin, "--no-acme")
         yield self.wait_listening(proto)
         pending = plain_curl(
             *STATUS, "-H", f"Host: {DOMAIN}", f"http://127.0.0.1:{http_port}/delay/q/1"
@@ -248,7 +191,7 @@ class TwistdTests(TestCase):
                 break
             yield deferLater(reactor, 0.02, lambda: None)
         self.assertEqual(len(standin.seen), 1)
-        os.kill(proto.transport.pid, signal.SIGTERM)
+        os.kill(proto.pid, signal.SIGTERM)
         out, err, code = yield pending
         self.assertEqual(out, b"200", err)
         exit_code = yield proto.ended
@@ -267,7 +210,8 @@ class TwistdTests(TestCase):
         domains_file = tmp / "domains.txt"
         domains_file.write_text("")
         cert, key = write_pair(issue(ca, DOMAIN, DOMAIN2, DOMAIN3), tmp, "all")
-        proto, http_port, _ = self.spawn(
+        proto, http_port, _ = spawn(
+            self,
             tmp,
             ca,
             standin,
@@ -289,7 +233,7 @@ class TwistdTests(TestCase):
         out, _, _ = yield get(DOMAIN3)
         self.assertEqual(out, b"421")
         domains_file.write_text(DOMAIN3 + "\n")
-        os.kill(proto.transport.pid, signal.SIGHUP)
+        os.kill(proto.pid, signal.SIGHUP)
         for _ in range(100):
             if b"Reloaded" in proto.out:
                 break
@@ -297,7 +241,7 @@ class TwistdTests(TestCase):
         out, _, _ = yield get(DOMAIN3)
         self.assertEqual(out, b"200")
         self.assertEqual(standin.seen[-1].headers[b"host"], [DOMAIN3.encode()])
-        os.kill(proto.transport.pid, signal.SIGTERM)
+        os.kill(proto.pid, signal.SIGTERM)
         self.assertEqual((yield proto.ended), 0, proto.out + proto.err)
         records = [json.loads(line) for line in proto.out.decode().splitlines() if line.strip()]
         access = [r for r in records if r.get("type") == "access"]

@@ -1,18 +1,31 @@
-"""Graceful shutdown: count in-flight requests and wait for them (bounded) before stopping.
+"""Graceful shutdown: count in-flight requests and wait for them (bounded) before stopping;
+know the client connections, so that they are closed only once their answers are sent.
 
-On SIGTERM twistd stops the root service: listeners stop accepting first, then the requests
-already accepted finish (up to ``--shutdown-timeout``), and only then the upstream pool, the ACME
-issuer and the remaining connections are closed. No accepted request is lost to a restart.
+On SIGTERM twistd stops the root service: listeners stop accepting first (new connections are
+refused), then the requests already accepted finish (up to ``--shutdown-timeout``). Requests
+still waiting for the upstream after that get a 502 (the upstream connections are closed). Then
+every client connection is closed politely: what was written is flushed first (TLS ends with
+close_notify); one still open ``CLOSE_GRACE`` seconds later is aborted. Only then are the upstream
+pool, the ACME issuer and the admin listener stopped. No accepted request is lost to a restart.
 """
 
 from __future__ import annotations
 
 import gc
+import weakref
+from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+)
 from twisted.logger import Logger
 from twisted.web.server import Request
+from zope.interface import implementer
 
 log = Logger(namespace="trackingproxy.lifecycle")
 
@@ -61,6 +74,98 @@ class ActiveRequests:
                 count=self.count,
             )
             waiter.callback(False)
+
+
+CLOSE_GRACE = 2.0  # seconds a client connection gets to flush and close at shutdown
+_POLL = 0.05
+
+
+class OpenConnections:
+    """The client connections of the listeners (without wrapping them: nothing is added to a
+    connection's reads or writes), and their polite close at shutdown."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._protocols: weakref.WeakSet[IProtocol] = weakref.WeakSet()
+
+    def track(self, factory: IProtocolFactory) -> IProtocolFactory:
+        """``factory``, remembering every connection (outermost protocol) it builds."""
+        return _TrackedFactory(factory, self._protocols)
+
+    def close(self, grace: float = CLOSE_GRACE) -> Deferred[int]:
+        """Close every open connection politely (buffered output is sent first); fires once all
+        are closed, or after ``grace`` seconds with the number that had to be aborted."""
+        protocols = [p for p in list(self._protocols) if _is_open(p)]
+        for p in protocols:
+            _close(p, "loseConnection")
+        done: Deferred[int] = Deferred()
+        deadline = self._clock.seconds() + grace
+
+        def check() -> None:
+            still = [p for p in protocols if _is_open(p)]
+            if not still:
+                done.callback(0)
+            elif self._clock.seconds() >= deadline:
+                log.warn(
+                    "{count} client connection(s) still open {grace} s after the last answer;"
+                    " aborting them",
+                    count=len(still),
+                    grace=grace,
+                )
+                for p in still:
+                    _close(p, "abortConnection")
+                done.callback(len(still))
+            else:
+                self._clock.callLater(_POLL, check)
+
+        check()
+        return done
+
+
+@implementer(IProtocolFactory)
+class _TrackedFactory:
+    def __init__(self, factory: IProtocolFactory, protocols: weakref.WeakSet[IProtocol]) -> None:
+        self._factory = factory
+        self._protocols = protocols
+
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
+        protocol = self._factory.buildProtocol(addr)
+        if protocol is not None:
+            self._protocols.add(protocol)
+        return protocol
+
+    def doStart(self) -> None:
+        self._factory.doStart()
+
+    def doStop(self) -> None:
+        self._factory.doStop()
+
+    def logPrefix(self) -> str:
+        prefix = getattr(self._factory, "logPrefix", None)
+        return str(prefix()) if prefix is not None else type(self._factory).__name__
+
+
+def _socket_level(protocol: IProtocol) -> Any:
+    """The transport at the bottom of ``protocol``'s stack (the TCP connection)."""
+    transport: Any = getattr(protocol, "transport", None)
+    while getattr(transport, "transport", None) is not None:
+        transport = transport.transport
+    return transport
+
+
+def _is_open(protocol: IProtocol) -> bool:
+    transport = _socket_level(protocol)
+    return transport is not None and not getattr(transport, "disconnected", True)
+
+
+def _close(protocol: IProtocol, how: str) -> None:
+    """``protocol.loseConnection()`` or ``abortConnection()`` when it is itself a transport
+    (TLS, PROXY protocol wrappers), else the same on its transport (plain TCP)."""
+    target: Any = protocol if hasattr(protocol, how) else getattr(protocol, "transport", None)
+    try:
+        getattr(target, how)()
+    except Exception:
+        log.failure("Closing a client connection at shutdown failed")
 
 
 def tune_gc() -> None:

@@ -30,7 +30,7 @@ from trackingproxy.errors import ConfigError, exit_with
 from trackingproxy.forwarded import ForwardedFor
 from trackingproxy.h2server import choose_engine
 from trackingproxy.jsonlog import JSONLinesObserver
-from trackingproxy.lifecycle import ActiveRequests, tune_gc
+from trackingproxy.lifecycle import ActiveRequests, OpenConnections, tune_gc
 from trackingproxy.listeners import ListenerService
 from trackingproxy.logwriter import open_access_log
 from trackingproxy.proxy import TrackingResource, Upstream
@@ -63,9 +63,12 @@ class TrackingProxyService(MultiService):
     """The root service.
 
     Start-up problems (a port that cannot be bound) end the process with one line and exit
-    status 1 instead of a traceback. Stopping (SIGTERM) first stops the listeners, then waits for
-    the requests in flight (up to the shutdown timeout), then stops everything else. SIGHUP
-    reloads certificates, well-known files and the domains file (when ``install_signals``).
+    status 1 instead of a traceback. Stopping (SIGTERM) first stops the listeners (new
+    connections are refused), then waits for the requests in flight (up to the shutdown
+    timeout); requests still waiting for the upstream then get a 502 (the upstream connections
+    are closed). Then the client connections are closed once their answers are flushed (see
+    ``lifecycle``), then everything else is stopped. SIGHUP reloads certificates, well-known
+    files and the domains file (when ``install_signals``).
     """
 
     def __init__(
@@ -76,12 +79,14 @@ class TrackingProxyService(MultiService):
         active: ActiveRequests,
         shutdown_timeout: float,
         json_log: bool = False,
+        connections: OpenConnections | None = None,
     ) -> None:
         super().__init__()
         self.sni = sni
         self.runtime = runtime
         self.upstream = upstream
         self.active = active
+        self.connections = connections
         self.shutdown_timeout = shutdown_timeout
         self.reloader: Reloader | None = None
         self.reload_hooks: list[Callable[[], object]] = []  # also run on SIGHUP (--workers)
@@ -137,12 +142,24 @@ class TrackingProxyService(MultiService):
                 )
             return self.active.wait_idle(self.shutdown_timeout)
 
+        def fail_the_rest(idle: bool) -> Deferred[None] | None:
+            # Timed out: closing the upstream connections answers what waits for them (502).
+            return None if idle else self.upstream.close()
+
+        def close_connections(_: object) -> Deferred[int] | None:
+            return None if self.connections is None else self.connections.close()
+
         def stop_rest(_: object) -> Deferred[None]:
             if self.install_signals:
                 _exit_zero_after_sigterm()
             return maybeDeferred(MultiService.stopService, self)
 
-        return stopped.addCallback(drain).addCallback(stop_rest)
+        return (
+            stopped.addCallback(drain)
+            .addCallback(fail_the_rest)
+            .addCallback(close_connections)
+            .addCallback(stop_rest)
+        )
 
 
 class _UpstreamCloser(Service):
@@ -229,6 +246,7 @@ def build_service(
             acme, config.domains, config.user_covered, sni, reactor
         )
     active = ActiveRequests(reactor)
+    connections = OpenConnections(reactor)
     root = TrackingProxyService(
         sni,
         runtime,
@@ -236,6 +254,7 @@ def build_service(
         active,
         config.shutdown_timeout,
         json_log=config.log_format == "json",
+        connections=connections,
     )
 
     def same_certificate(sni: str, host: str) -> bool:
@@ -275,14 +294,14 @@ def build_service(
             "--http-port",
             config.http_port,
             listen("http-port", config.http_port),  # type: ignore[arg-type]
-            site("http"),
+            connections.track(site("http")),
         ).setServiceParent(root)
     if config.https_port is not None:
         ListenerService(
             "--https-port",
             config.https_port,
             listen("https-port", config.https_port),  # type: ignore[arg-type]
-            TLSMemoryBIOFactory(sni, False, site("https"), clock=reactor),
+            connections.track(TLSMemoryBIOFactory(sni, False, site("https"), clock=reactor)),
         ).setServiceParent(root)
     _UpstreamCloser(upstream, names).setServiceParent(root)
     acme_parts: list[Any] = []

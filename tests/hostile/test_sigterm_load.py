@@ -146,7 +146,7 @@ class SigtermUnderLoadTests(TestCase):
         for p in started:
             kind = p.answers[0].kind
             self.assertEqual(p.end.open_at_close, 0, kind)
-            if kind in ("http", "https"):
+            if kind in ("http", "https"):  # HTTP/2: test_http2_connections_close_politely
                 self.assertTrue(p.end.clean, f"{kind} connection reset at shutdown")
             if kind == "https":
                 self.assertEqual(p.end.alpn, b"http/1.1")
@@ -166,6 +166,26 @@ class SigtermUnderLoadTests(TestCase):
         )
         messages = [r.get("message", "") for r in records]
         self.assertFalse([m for m in messages if "Shutdown timeout reached" in m])
+
+    async def test_http2_connections_close_politely(self) -> None:
+        """HTTP/2 connections with streams in flight at SIGTERM are closed like HTTP/1.1 ones
+        once their streams are answered: a GOAWAY (NO_ERROR, refusing none of their streams)
+        if any, then a clean close (TLS close_notify, FIN), not a reset after the close grace;
+        so the process exits as soon as the last answer is sent."""
+        proto, standin, http_port, https_port = await self._start("--shutdown-timeout", "120")
+        clients, started = await self._load(standin, (http_port, https_port), 0, 0, (3, 10))
+        os.kill(proto.pid, signal.SIGTERM)
+        await wait_for_output(proto, b"waiting for 30 request(s) in flight")
+        standin.release()
+        answers = await clients
+        self.assertEqual(await proto.ended, 0, (proto.out + proto.err).decode())
+        await DeferredList([p.lost for p in started])
+
+        self.assertEqual(_problems(answers), [])
+        ends = [(p.end.alpn, p.end.goaway in (None, 0), p.end.clean) for p in started]
+        self.assertEqual(ends, [(b"h2", True, True)] * 3)
+        messages = [r.get("message", "") for r in self._no_traceback(proto)]
+        self.assertFalse([m for m in messages if "aborting them" in m])
 
     async def test_drain_timeout_shorter_than_the_upstream(self) -> None:
         """--shutdown-timeout 1 with an upstream that has not answered after it: the proxy logs

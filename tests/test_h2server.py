@@ -11,6 +11,7 @@ import h2.connection
 import h2.events as ev
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -83,6 +84,17 @@ def _request(
         (b":path", path),
         *extra,
     ]
+
+
+def _frames(data: bytes) -> list[Any]:
+    """The HTTP/2 frames in ``data`` (hyperframe, no HPACK)."""
+    frames = []
+    while len(data) >= 9:
+        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+        frame.parse_body(memoryview(data[9 : 9 + length]))
+        frames.append(frame)
+        data = data[9 + length :]
+    return frames
 
 
 class _Peer:
@@ -452,6 +464,35 @@ class ResetAndLifetimeTests:
         self.assertTrue(peer.transport.disconnecting)
         goaway = [e for e in peer.events if isinstance(e, ev.ConnectionTerminated)]
         self.assertEqual([g.error_code for g in goaway], [ErrorCodes.NO_ERROR])
+
+    def test_shutdown_notice_answers_the_streams_taken_then_closes(self) -> None:
+        """At shutdown: GOAWAY(NO_ERROR) naming the last stream taken; the streams taken are
+        still answered, and the connection closes itself after the last one. (Read as raw
+        frames: the h2 client library stops at a GOAWAY, real clients do not.)"""
+        server = _Server(answer=False)
+        peer = _Peer(self.engine, server)
+        first = peer.send(_request(b"/q/1"))
+        second = peer.send(_request(b"/q/2"))
+        peer.conn.shutdown_notice()
+        one, two = server.handled
+        one.respond(200, [], b"one")
+        self.assertFalse(peer.transport.disconnecting)
+        two.respond(200, [], b"two")
+        frames = _frames(peer.transport.value())
+        goaway = [f for f in frames if isinstance(f, GoAwayFrame)]
+        self.assertEqual([(g.error_code, g.last_stream_id) for g in goaway], [(0, second)])
+        data = {f.stream_id: f.data for f in frames if isinstance(f, DataFrame)}
+        self.assertEqual(data, {first: b"one", second: b"two"})
+        self.assertTrue(peer.transport.disconnecting)
+
+    def test_shutdown_notice_closes_an_idle_connection(self) -> None:
+        server = _Server()
+        peer = _Peer(self.engine, server)
+        peer.send(_request())
+        peer.conn.shutdown_notice()
+        frames = _frames(peer.transport.value())
+        self.assertEqual([f.error_code for f in frames if isinstance(f, GoAwayFrame)], [0])
+        self.assertTrue(peer.transport.disconnecting)
 
     def test_connection_lost_fails_streams_in_flight(self) -> None:
         server = _Server(answer=False)

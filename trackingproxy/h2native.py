@@ -221,6 +221,15 @@ class NativeH2Connection(H2ServerBase):
             )
         ):
             self._close()  # GOAWAY sent, or exchanged and every stream done
+            return
+        self._after_flush()
+
+    def _goaway_notice(self) -> None:
+        session = self._session
+        if session is not None:
+            lib = self._b.lib
+            last = lib.nghttp2_session_get_last_proc_stream_id(session)
+            lib.nghttp2_submit_goaway(session, ng.FLAG_NONE, last, ng.NO_ERROR, self._b.ffi.NULL, 0)
 
     def _goaway(self, code: int) -> None:
         if self._session is not None:

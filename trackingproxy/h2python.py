@@ -17,6 +17,7 @@ import h2.exceptions
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
 from twisted.logger import Logger
 
 from trackingproxy.h2request import H2Request
@@ -79,6 +80,13 @@ class PythonH2Connection(H2ServerBase):
         data = self._h2.data_to_send()
         if data and not self._closed and self._write is not None:
             self._write(data)
+        self._after_flush()
+
+    def _goaway_notice(self) -> None:
+        # Written as a raw frame: h2's close_connection() would end the streams still open.
+        frame = GoAwayFrame(0, last_stream_id=self._h2.highest_inbound_stream_id, error_code=0)
+        if not self._closed and self._write is not None:
+            self._write(self._h2.data_to_send() + frame.serialize())
 
     def _goaway(self, code: int) -> None:
         with contextlib.suppress(h2.exceptions.H2Error):

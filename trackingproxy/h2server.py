@@ -17,6 +17,9 @@ request handler as an `trackingproxy.h2request.H2Request`. What this module adds
   producer only while such a body streams, so a shutdown's loseConnection is never held back.)
 - The connection is closed (GOAWAY) when nothing has moved in either direction for the idle
   timeout; one timer per connection.
+- Shutdown (`shutdown_notice`, at SIGTERM): GOAWAY(NO_ERROR) naming the last stream taken, so
+  the client sends new requests elsewhere; the streams taken are answered, then the connection
+  closes itself.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ class H2ServerBase(TwistedProtocol):
         self._progress_at = 0.0
         self._timer: IDelayedCall | None = None
         self._write: Callable[[bytes], None] | None = None
+        self._draining = False  # shutdown_notice: GOAWAY sent, close when the streams are done
 
     # -- what an engine provides ----------------------------------------------------------
     def _start(self) -> None:
@@ -116,6 +120,24 @@ class H2ServerBase(TwistedProtocol):
     def _answer_complete(self, request: H2Request) -> None:
         """The handler finished the answer (its bytes may still be queued)."""
         raise NotImplementedError
+
+    def _goaway_notice(self) -> None:
+        """Queue GOAWAY(NO_ERROR) with the last stream taken; the streams taken go on."""
+        raise NotImplementedError
+
+    # -- shutdown -------------------------------------------------------------------------
+    def shutdown_notice(self) -> None:
+        """The server is stopping: take no new streams, close once the taken ones are done."""
+        if self._draining or self._closed:
+            return
+        self._draining = True
+        self._goaway_notice()
+        self._flush()
+
+    def _after_flush(self) -> None:
+        """Called by the engines' ``_flush`` once queued bytes are written."""
+        if self._draining and not self._streams:
+            self._close()
 
     # -- connection -----------------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -247,6 +269,8 @@ class H2ServerBase(TwistedProtocol):
         """Called by the request when its answer is complete (possibly still being sent)."""
         self._server.request_done(request)
         self._answer_complete(request)
+        if self._draining and not self._streams:
+            self._flush()  # then closes (see _after_flush)
 
     def _retire(self, request: H2Request) -> None:
         """The answer has left: forget the stream; RST_STREAM(NO_ERROR) if the client is

@@ -111,6 +111,9 @@ int nghttp2_submit_response(nghttp2_session *session, int32_t stream_id,
     const nghttp2_nv *nva, size_t nvlen, const nghttp2_data_provider *data_prd);
 int nghttp2_submit_rst_stream(nghttp2_session *session, uint8_t flags,
     int32_t stream_id, uint32_t error_code);
+int nghttp2_submit_goaway(nghttp2_session *session, uint8_t flags, int32_t last_stream_id,
+    uint32_t error_code, const uint8_t *opaque_data, size_t opaque_data_len);
+int32_t nghttp2_session_get_last_proc_stream_id(nghttp2_session *session);
 const char *nghttp2_strerror(int lib_error_code);
 
 typedef struct {

@@ -3,6 +3,7 @@
     python -m bench.run                  # 3 rounds, 10 s per scenario, 50 connections
     python -m bench.run --quick          # ~3 minutes: 1 round, short runs
     python -m bench.run --profile 20     # py-spy profile of trackingproxy under HTTPS keep-alive
+    python -m bench.run --idle-only      # only the idle-connection memory (no files written)
 
 Each round starts every proxy afresh (pinned to CPU 0; upstream and clients on CPU 1), checks
 that each one proxies correctly, measures idle-connection memory, then runs every scenario
@@ -96,23 +97,8 @@ def one_round(
             _spread(running["trackingproxy"].pid)
         if problems:
             raise RuntimeError("functional check failed: " + "; ".join(problems))
-        memory: dict[str, dict[str, float | int | None]] = {}
-        for name in order:
-            server = running[name]
-            clients.wrk(server.https, True, 10, 1.0)  # warm-up: upstream pool, allocator
-            base = procstat.memory_kib(server.pid)
-            held, failed, rss = loadgen.idle_connections(
-                server.https, args.idle, lambda s=server: procstat.memory_kib(s.pid)  # type: ignore[misc]
-            )
-            memory[name] = {
-                "rss_base_kib": base,
-                "idle_rss_kib": rss,
-                "idle_held": held,
-                "idle_failures": failed,
-                "kib_per_idle": (rss - base) / held if held else None,
-            }
-            log(f"  idle {name}: {held} held, {failed} failed, "
-                f"{memory[name]['kib_per_idle'] or 0:.1f} KiB each")
+        memory = {name: idle_memory(name, running[name], clients, args.idle)
+                  for name in order}
         load: dict[str, dict[str, object]] = {}
         for sc in SCENARIOS:
             load[sc] = {}
@@ -141,6 +127,46 @@ def one_round(
     finally:
         for server in running.values():
             server.stop()
+
+
+def idle_memory(
+    name: str, server: Server, clients: Clients, count: int
+) -> dict[str, float | int | None]:
+    """RSS per idle TLS connection: ``count`` connections that made one request each, held."""
+    clients.wrk(server.https, True, 10, 1.0)  # warm-up: upstream pool, allocator
+    base = procstat.memory_kib(server.pid)
+    held, failed, rss = loadgen.idle_connections(
+        server.https, count, lambda: procstat.memory_kib(server.pid)
+    )
+    result: dict[str, float | int | None] = {
+        "rss_base_kib": base,
+        "idle_rss_kib": rss,
+        "idle_held": held,
+        "idle_failures": failed,
+        "kib_per_idle": (rss - base) / held if held else None,
+    }
+    log(f"  idle {name}: {held} held, {failed} failed, "
+        f"{result['kib_per_idle'] or 0:.1f} KiB each (RSS {base} -> {rss} KiB)")
+    return result
+
+
+def idle_only(
+    args: argparse.Namespace, workdir: Path, certs: servers.Certs, up: Server, clients: Clients,
+    extra: list[str],
+) -> int:
+    """--idle-only: each of --proxies started afresh, checked, and its idle memory measured."""
+    for _ in range(args.rounds):
+        for name in args.proxies:
+            server = servers.start_proxy(name, workdir, certs, up.https, REPO, extra)
+            try:
+                servers.wait_ready(server)
+                problems = servers.check_proxy(server)
+                if problems:
+                    raise RuntimeError("functional check failed: " + "; ".join(problems))
+                idle_memory(name, server, clients, args.idle)
+            finally:
+                server.stop()
+    return 0
 
 
 def _spread(root: int) -> None:
@@ -217,6 +243,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-write", action="store_true", help="do not write RESULTS.md/latest.json")
     p.add_argument("--workers", type=int, default=1,
                    help="trackingproxy --workers N (above 1 it may use every CPU, not only CPU 0)")
+    p.add_argument("--idle-only", action="store_true",
+                   help="instead: only measure idle-connection memory (--rounds times; no files)")
+    p.add_argument("--proxies", nargs="+", choices=PROXIES, default=list(PROXIES),
+                   help="with --idle-only: which proxies (default: all)")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.warmup, args.latency_duration = 1, 3.0, 1.0, 4.0
@@ -253,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
 
             status = profile(args.profile, workdir, certs, up, clients, REPO, extra,
                              scenario=args.profile_scenario)
+            shutil.rmtree(workdir, ignore_errors=True)
+            return status
+        if args.idle_only:
+            status = idle_only(args, workdir, certs, up, clients, extra)
             shutil.rmtree(workdir, ignore_errors=True)
             return status
         command = "make bench-quick" if args.quick else "make bench"

@@ -11,6 +11,10 @@ answered in order (pipelining), with the limits and timeouts of the listener.
   re-armed per request: it wakes at most every header timeout and checks the state.
 - Keep-alive: HTTP/1.1 unless ``Connection: close``; HTTP/1.0 closes after each answer.
 - TLS connections whose ALPN chose ``h2`` are handed to `trackingproxy.h2server`.
+- Memory: an idle keep-alive connection keeps no parser (about 0.9 KiB with its bound callbacks;
+  a new one costs ~0.3 us when the next request starts) and no copy of the last request's head.
+  A closed connection drops its parser, whose callbacks point back at it: without that, every
+  connection would be a reference cycle left for the (tuned, rarely running) collector.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class HTTP1Connection(TwistedProtocol):
         "_content_length",
         "_current",
         "_error_status",
+        "_h1",
         "_h2",
         "_head_raw",
         "_head_started",
@@ -99,13 +104,21 @@ class HTTP1Connection(TwistedProtocol):
         "_timer",
         "_url",
         "_write",
+        # Protocol's own attributes, slotted too: the connection then has no __dict__ at all.
+        "connected",
+        "factory",
+        "transport",
     )
 
     def __init__(self, server: Server) -> None:
+        self.connected = 0
+        self.factory = None
+        self.transport = None
         self._server = server
         self._clock = server.clock
         self._parser: Any = None
         self._h2: IProtocol | None = None
+        self._h1 = False  # the client speaks HTTP/1.x (no ALPN h2): decided on the first bytes
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
@@ -150,8 +163,11 @@ class HTTP1Connection(TwistedProtocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if self._h2 is not None:
-            self._h2.connectionLost(reason)
+        self._parser = None  # its callbacks are bound methods of this connection: a cycle
+        self._write = None
+        h2, self._h2 = self._h2, None  # it holds this connection (its owner): a cycle
+        if h2 is not None:
+            h2.connectionLost(reason)
         active, self._active = self._active, None
         self._queue.clear()
         if active is not None:
@@ -193,12 +209,14 @@ class HTTP1Connection(TwistedProtocol):
     def dataReceived(self, data: bytes) -> None:
         parser = self._parser
         if parser is None:
-            if self._h2 is not None:
-                self._h2.dataReceived(data)
-                return
-            if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
-                self._switch_to_h2(data)
-                return
+            if not self._h1:
+                if self._h2 is not None:
+                    self._h2.dataReceived(data)
+                    return
+                if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+                    self._switch_to_h2(data)
+                    return
+                self._h1 = True
             parser = self._parser = httptools.HttpRequestParser(self)
         if self._stopped:
             return
@@ -347,6 +365,12 @@ class HTTP1Connection(TwistedProtocol):
                     self.transport.resumeProducing()  # type: ignore[union-attr]
                 if not self._in_head:
                     self._idle_since = self._clock.seconds()
+                    if self._current is None and not self._stopped:
+                        # Idle between requests: the parser is between messages, so a new
+                        # one (made when bytes arrive) is equivalent; the head is answered.
+                        self._parser = None
+                        self._url = b""
+                        self._headers = []
                 break
         finally:
             self._pumping = False

@@ -1,17 +1,21 @@
-"""Memory per connection: what an idle or closed HTTP/1.1 connection keeps."""
+"""Memory per connection: what an idle or closed HTTP/1.1 connection keeps, and the allocator
+trim after a wave of closed connections (``trackingproxy.memory``), on a Clock."""
 
 from __future__ import annotations
 
 import gc
+import platform
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_http1server import H, _connect, _Server
+from trackingproxy.memory import AllocatorTrim, glibc_malloc_trim, trim_for
 
 
 @contextmanager
@@ -76,3 +80,78 @@ class ConnectionMemoryTests(SynchronousTestCase):
         self.assertIsNotNone(conn._parser)
         conn.dataReceived(b"cd")
         self.assertEqual(server.handled[2].body(), b"abcd")
+
+
+class AllocatorTrimTests(SynchronousTestCase):
+    def test_one_trim_after_a_wave_of_closes(self) -> None:
+        """Nothing is trimmed below ``after`` closed connections; reaching it schedules one trim
+        ``delay`` seconds later, however many more close meanwhile; the count starts again."""
+        clock, calls, collections = Clock(), [], []
+        trimmer = AllocatorTrim(
+            clock,
+            lambda: calls.append(clock.seconds()),
+            collect=lambda: collections.append(len(calls)),
+            after=3,
+            delay=5,
+        )
+        trimmer.connection_closed()
+        trimmer.connection_closed()
+        clock.advance(60)
+        self.assertEqual(calls, [])
+        for _ in range(10):
+            trimmer.connection_closed()
+        clock.advance(4.9)
+        self.assertEqual(calls, [])
+        clock.advance(0.1)
+        self.assertEqual(calls, [65.0])
+        self.assertEqual(collections, [0])  # the collection runs first
+        self.assertEqual(clock.getDelayedCalls(), [])
+        trimmer.connection_closed()
+        trimmer.connection_closed()
+        clock.advance(60)
+        self.assertEqual(len(calls), 1)
+        trimmer.connection_closed()
+        clock.advance(5)
+        self.assertEqual(len(calls), 2)
+
+    def test_no_trim_function_still_collects(self) -> None:
+        """Without a trim function (a C library other than glibc) the collection still runs."""
+        clock, collections = Clock(), []
+        trimmer = AllocatorTrim(clock, None, collect=lambda: collections.append(1), after=2)
+        for _ in range(5):
+            trimmer.connection_closed()
+        clock.advance(5)
+        self.assertEqual((collections, trimmer.trims), ([1], 1))
+
+    def test_stop_cancels_a_pending_trim(self) -> None:
+        """stop() cancels a scheduled trim."""
+        clock, calls = Clock(), []
+        trimmer = AllocatorTrim(clock, lambda: calls.append(1), collect=lambda: None, after=1)
+        trimmer.connection_closed()
+        trimmer.stop()
+        clock.advance(60)
+        self.assertEqual((calls, clock.getDelayedCalls()), ([], []))
+
+    def test_glibc_trim_function(self) -> None:
+        """Under glibc the trim function is malloc_trim(0), which runs and answers 0 or 1;
+        under another C library there is none."""
+        trim = glibc_malloc_trim()
+        if platform.libc_ver()[0] == "glibc":
+            assert trim is not None
+            self.assertIn(trim(), (0, 1))
+        else:
+            self.assertIsNone(trim)
+
+    def test_connections_of_one_reactor_share_a_trimmer(self) -> None:
+        """Closed HTTP/1.1 connections report to the one trimmer of their server's clock."""
+        server = _Server()
+        trimmer = trim_for(server.clock)
+        self.assertIs(trim_for(server.clock), trimmer)
+        self.assertIsNot(trim_for(Clock()), trimmer)
+        trimmer._trim = trimmer._collect = lambda: None
+        trimmer._after = 2
+        for _ in range(2):
+            conn, _transport = _connect(server)
+            conn.connectionLost(Failure(ConnectionDone()))
+        server.clock.advance(5)
+        self.assertEqual(trimmer.trims, 1)

@@ -1,0 +1,106 @@
+"""Giving the memory of closed connections back to the system: the cycles they leave are
+collected, then glibc's ``malloc_trim`` returns the free heap pages.
+
+A TLS connection costs about 25 KiB of OpenSSL state allocated with ``malloc``. When a wave of
+connections (a burst of clicks, thousands of slow or half-open clients) has been closed, glibc
+keeps the freed memory: it only returns the top of the heap on its own, and what the closed
+connections leave free is scattered between chunks still in use. ``malloc_trim(0)`` also hands
+back those free pages in the middle of the heap (``madvise``), which brings the RSS back near
+where it was before the wave.
+
+Some closed connections are also left in reference cycles that only the garbage collector frees,
+and ``lifecycle.tune_gc`` makes full collections rare: a TLS connection cut during its handshake
+(slowloris on the HTTPS port) stays alive, OpenSSL state included, through the Failure Twisted
+makes of the EOF in ``TLSMemoryBIOProtocol._flushReceiveBIO`` (its traceback holds the frame that
+holds it). So the trim starts with a full collection.
+
+:class:`AllocatorTrim` counts closed connections; once ``after`` of them have closed it collects
+and trims ``delay`` seconds later, on the reactor: never on the path of a request, and at most
+once per ``delay`` seconds however fast connections churn (keep-alive traffic closes few
+connections and so rarely triggers it). Where the C library is not glibc (musl: Alpine images)
+there is no trim function and only the collection runs.
+
+Connections find the trimmer of their reactor with :func:`trim_for`; the clock and the trim
+function are injected, so tests use a ``Clock`` and a recording function.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import platform
+import weakref
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+__all__ = ["AllocatorTrim", "glibc_malloc_trim", "trim_for"]
+
+TRIM_AFTER = 1000  # closed connections
+TRIM_DELAY = 5.0  # seconds after the count is reached: batches a wave's closes into one trim
+
+
+def glibc_malloc_trim() -> Callable[[], object] | None:
+    """``malloc_trim(0)`` of the running glibc, or None under another C library."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        function = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_size_t]
+    function.restype = ctypes.c_int
+    return lambda: function(0)
+
+
+class AllocatorTrim:
+    """See the module docstring. ``trim`` None: only ``collect`` runs."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        trim: Callable[[], object] | None,
+        collect: Callable[[], object] = gc.collect,
+        after: int = TRIM_AFTER,
+        delay: float = TRIM_DELAY,
+    ) -> None:
+        self._clock = clock
+        self._trim = trim
+        self._collect = collect
+        self._after = after
+        self._delay = delay
+        self._closed = 0
+        self._timer: IDelayedCall | None = None
+        self.trims = 0
+
+    def connection_closed(self) -> None:
+        """One connection closed (cheap: a counter, and at most one timer per ``delay``)."""
+        self._closed += 1
+        if self._closed >= self._after and self._timer is None:
+            self._timer = self._clock.callLater(self._delay, self._run)
+
+    def _run(self) -> None:
+        self._timer = None
+        self._closed = 0
+        self.trims += 1
+        self._collect()
+        if self._trim is not None:
+            self._trim()
+
+    def stop(self) -> None:
+        """Cancel a pending trim."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
+_TRIMMERS: weakref.WeakKeyDictionary[IReactorTime, AllocatorTrim] = weakref.WeakKeyDictionary()
+
+
+def trim_for(clock: IReactorTime) -> AllocatorTrim:
+    """The one trimmer of ``clock`` (the reactor of the listeners), made on first use with the
+    C library's trim function."""
+    trimmer = _TRIMMERS.get(clock)
+    if trimmer is None:
+        trimmer = _TRIMMERS[clock] = AllocatorTrim(clock, glibc_malloc_trim())
+    return trimmer

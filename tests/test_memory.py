@@ -15,7 +15,13 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_http1server import H, _connect, _Server
-from trackingproxy.memory import AllocatorTrim, glibc_malloc_trim, trim_for
+from trackingproxy.memory import (
+    AllocatorTrim,
+    glibc_malloc_trim,
+    start_trims,
+    stop_trims,
+    trim_for,
+)
 
 
 @contextmanager
@@ -124,13 +130,37 @@ class AllocatorTrimTests(SynchronousTestCase):
         self.assertEqual((collections, trimmer.trims), ([1], 1))
 
     def test_stop_cancels_a_pending_trim(self) -> None:
-        """stop() cancels a scheduled trim."""
+        """stop() cancels a scheduled trim and closes schedule none until start(); the closes
+        meanwhile still count."""
         clock, calls = Clock(), []
-        trimmer = AllocatorTrim(clock, lambda: calls.append(1), collect=lambda: None, after=1)
+        trimmer = AllocatorTrim(clock, lambda: calls.append(1), collect=lambda: None, after=2)
+        trimmer.connection_closed()
         trimmer.connection_closed()
         trimmer.stop()
+        trimmer.connection_closed()
         clock.advance(60)
         self.assertEqual((calls, clock.getDelayedCalls()), ([], []))
+        trimmer.start()
+        trimmer.connection_closed()
+        clock.advance(5)
+        self.assertEqual(calls, [1])
+
+    def test_stop_and_start_every_trimmer(self) -> None:
+        """stop_trims() (listeners stopping) cancels the pending trim of every reactor's
+        trimmer; start_trims() lets them schedule again."""
+        clocks = [Clock(), Clock()]
+        for clock in clocks:
+            trimmer = trim_for(clock)
+            trimmer._trim = trimmer._collect = lambda: None
+            trimmer._after = 1
+            trimmer.connection_closed()
+        stop_trims()
+        self.assertEqual([c.getDelayedCalls() for c in clocks], [[], []])
+        trim_for(clocks[0]).connection_closed()
+        self.assertEqual(clocks[0].getDelayedCalls(), [])
+        start_trims()
+        trim_for(clocks[0]).connection_closed()
+        self.assertEqual(len(clocks[0].getDelayedCalls()), 1)
 
     def test_glibc_trim_function(self) -> None:
         """Under glibc the trim function is malloc_trim(0), which runs and answers 0 or 1;

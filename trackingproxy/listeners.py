@@ -1,4 +1,7 @@
-"""Listening services: one endpoint + factory each, failing start-up with one clear line."""
+"""Listening services: one endpoint + factory each, failing start-up with one clear line.
+
+Stopping a listener also stops the memory trimmers of its connections (``trackingproxy.memory``).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from trackingproxy.errors import ConfigError
+from trackingproxy.memory import start_trims, stop_trims
 
 log = Logger(namespace="trackingproxy.listeners")
 
@@ -48,6 +52,7 @@ class ListenerService(Service):
     def startService(self) -> None:
         if self.port is None and self._failure is None:
             self.privilegedStartService()
+        start_trims()
         super().startService()
 
     def _listening(self, port: IListeningPort) -> None:
@@ -65,6 +70,7 @@ class ListenerService(Service):
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
+        stop_trims()  # no trim timer outlives the listeners (trackingproxy.memory)
         port, self.port = self.port, None
         if port is not None:
             result: Deferred[None] | None = port.stopListening()

@@ -21,7 +21,9 @@ connections and so rarely triggers it). Where the C library is not glibc (musl: 
 there is no trim function and only the collection runs.
 
 Connections find the trimmer of their reactor with :func:`trim_for`; the clock and the trim
-function are injected, so tests use a ``Clock`` and a recording function.
+function are injected, so tests use a ``Clock`` and a recording function. The listeners stop the
+trimmers when they stop (:func:`stop_trims`: a pending trim is cancelled, and connections closed
+during shutdown schedule none) and start them again when they start (:func:`start_trims`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from collections.abc import Callable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-__all__ = ["AllocatorTrim", "glibc_malloc_trim", "trim_for"]
+__all__ = ["AllocatorTrim", "glibc_malloc_trim", "start_trims", "stop_trims", "trim_for"]
 
 TRIM_AFTER = 1000  # closed connections
 TRIM_DELAY = 5.0  # seconds after the count is reached: batches a wave's closes into one trim
@@ -71,12 +73,13 @@ class AllocatorTrim:
         self._delay = delay
         self._closed = 0
         self._timer: IDelayedCall | None = None
+        self._running = True
         self.trims = 0
 
     def connection_closed(self) -> None:
         """One connection closed (cheap: a counter, and at most one timer per ``delay``)."""
         self._closed += 1
-        if self._closed >= self._after and self._timer is None:
+        if self._closed >= self._after and self._timer is None and self._running:
             self._timer = self._clock.callLater(self._delay, self._run)
 
     def _run(self) -> None:
@@ -88,10 +91,15 @@ class AllocatorTrim:
             self._trim()
 
     def stop(self) -> None:
-        """Cancel a pending trim."""
+        """Cancel a pending trim; schedule none until start()."""
+        self._running = False
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+    def start(self) -> None:
+        """Schedule trims again (a stopped trimmer still counts closes)."""
+        self._running = True
 
 
 _TRIMMERS: weakref.WeakKeyDictionary[IReactorTime, AllocatorTrim] = weakref.WeakKeyDictionary()
@@ -104,3 +112,15 @@ def trim_for(clock: IReactorTime) -> AllocatorTrim:
     if trimmer is None:
         trimmer = _TRIMMERS[clock] = AllocatorTrim(clock, glibc_malloc_trim())
     return trimmer
+
+
+def stop_trims() -> None:
+    """Stop every trimmer (the listeners are stopping: no timer outlives the service)."""
+    for trimmer in list(_TRIMMERS.values()):
+        trimmer.stop()
+
+
+def start_trims() -> None:
+    """Start every trimmer again (a listener is starting)."""
+    for trimmer in list(_TRIMMERS.values()):
+        trimmer.start()

@@ -11,17 +11,15 @@ from contextlib import contextmanager
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
 
 from tests.test_http1server import H, _connect, _Server
-from trackingproxy.memory import (
-    AllocatorTrim,
-    glibc_malloc_trim,
-    start_trims,
-    stop_trims,
-    trim_for,
-)
+from trackingproxy.accesslog import AccessLog
+from trackingproxy.memory import AllocatorTrim, glibc_malloc_trim
+from trackingproxy.site import ProxySite
 
 
 @contextmanager
@@ -145,22 +143,22 @@ class AllocatorTrimTests(SynchronousTestCase):
         clock.advance(5)
         self.assertEqual(calls, [1])
 
-    def test_stop_and_start_every_trimmer(self) -> None:
-        """stop_trims() (listeners stopping) cancels the pending trim of every reactor's
-        trimmer; start_trims() lets them schedule again."""
-        clocks = [Clock(), Clock()]
-        for clock in clocks:
-            trimmer = trim_for(clock)
-            trimmer._trim = trimmer._collect = lambda: None
-            trimmer._after = 1
-            trimmer.connection_closed()
-        stop_trims()
-        self.assertEqual([c.getDelayedCalls() for c in clocks], [[], []])
-        trim_for(clocks[0]).connection_closed()
-        self.assertEqual(clocks[0].getDelayedCalls(), [])
-        start_trims()
-        trim_for(clocks[0]).connection_closed()
-        self.assertEqual(len(clocks[0].getDelayedCalls()), 1)
+    def test_stopping_the_service_cancels_a_pending_trim(self) -> None:
+        """As a Service: stopping (SIGTERM) cancels the pending trim and schedules none until
+        started again."""
+        clock = Clock()
+        calls: list[int] = []
+        trimmer = AllocatorTrim(clock, lambda: calls.append(1), collect=lambda: None, after=1)
+        trimmer.startService()
+        trimmer.connection_closed()
+        trimmer.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])
+        trimmer.connection_closed()
+        self.assertEqual(clock.getDelayedCalls(), [])
+        trimmer.startService()
+        trimmer.connection_closed()
+        clock.advance(5)
+        self.assertEqual(calls, [1])
 
     def test_glibc_trim_function(self) -> None:
         """Under glibc the trim function is malloc_trim(0), which runs and answers 0 or 1;
@@ -172,16 +170,14 @@ class AllocatorTrimTests(SynchronousTestCase):
         else:
             self.assertIsNone(trim)
 
-    def test_connections_of_one_reactor_share_a_trimmer(self) -> None:
-        """Closed HTTP/1.1 connections report to the one trimmer of their server's clock."""
-        server = _Server()
-        trimmer = trim_for(server.clock)
-        self.assertIs(trim_for(server.clock), trimmer)
-        self.assertIsNot(trim_for(Clock()), trimmer)
-        trimmer._trim = trimmer._collect = lambda: None
-        trimmer._after = 2
+    def test_a_site_reports_its_closed_connections(self) -> None:
+        """Closed HTTP/1.1 connections of a listener's site reach the trimmer it was given."""
+        clock = Clock()
+        trimmer = AllocatorTrim(clock, None, collect=lambda: None, after=2)
+        site = ProxySite(Resource(), AccessLog(write=None), "http", clock, trimmer=trimmer)
         for _ in range(2):
-            conn, _transport = _connect(server)
+            conn = site.buildProtocol(None)
+            conn.makeConnection(StringTransport())
             conn.connectionLost(Failure(ConnectionDone()))
-        server.clock.advance(5)
+        clock.advance(5)
         self.assertEqual(trimmer.trims, 1)

@@ -31,7 +31,6 @@ from twisted.python.failure import Failure
 
 from trackingproxy.exchange import status_line
 from trackingproxy.h1request import H1Request
-from trackingproxy.memory import trim_for
 from trackingproxy.proxy import MAX_BODY
 
 log = Logger(namespace="trackingproxy.http1server")
@@ -174,7 +173,6 @@ class HTTP1Connection(TwistedProtocol):
         if active is not None:
             active.connection_lost()
         self._server.connection_closed()
-        trim_for(self._clock).connection_closed()
 
     def peer_host(self) -> str:
         if self._peer is None:

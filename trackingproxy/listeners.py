@@ -1,6 +1,5 @@
 """Listening services: one endpoint + factory each, failing start-up with one clear line.
 
-Stopping a listener also stops the memory trimmers of its connections (``trackingproxy.memory``).
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from trackingproxy.errors import ConfigError
-from trackingproxy.memory import start_trims, stop_trims
 
 log = Logger(namespace="trackingproxy.listeners")
 
@@ -52,7 +50,6 @@ class ListenerService(Service):
     def startService(self) -> None:
         if self.port is None and self._failure is None:
             self.privilegedStartService()
-        start_trims()
         super().startService()
 
     def _listening(self, port: IListeningPort) -> None:
@@ -70,7 +67,6 @@ class ListenerService(Service):
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
-        stop_trims()  # no trim timer outlives the listeners (trackingproxy.memory)
         port, self.port = self.port, None
         if port is not None:
             result: Deferred[None] | None = port.stopListening()

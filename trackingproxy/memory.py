@@ -20,10 +20,10 @@ once per ``delay`` seconds however fast connections churn (keep-alive traffic cl
 connections and so rarely triggers it). Where the C library is not glibc (musl: Alpine images)
 there is no trim function and only the collection runs.
 
-Connections find the trimmer of their reactor with :func:`trim_for`; the clock and the trim
-function are injected, so tests use a ``Clock`` and a recording function. The listeners stop the
-trimmers when they stop (:func:`stop_trims`: a pending trim is cancelled, and connections closed
-during shutdown schedule none) and start them again when they start (:func:`start_trims`).
+The service tree builds one trimmer and hands it to the listeners' sites, which report every
+closed connection; it is a Service, so stopping the tree cancels a pending trim (and
+connections closed during shutdown schedule none). The clock and the trim function are
+injected, so tests use a ``Clock`` and a recording function.
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from __future__ import annotations
 import ctypes
 import gc
 import platform
-import weakref
 from collections.abc import Callable
 
+from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-__all__ = ["AllocatorTrim", "glibc_malloc_trim", "start_trims", "stop_trims", "trim_for"]
+__all__ = ["AllocatorTrim", "glibc_malloc_trim"]
 
 TRIM_AFTER = 1000  # closed connections
 TRIM_DELAY = 5.0  # seconds after the count is reached: batches a wave's closes into one trim
@@ -55,7 +55,7 @@ def glibc_malloc_trim() -> Callable[[], object] | None:
     return lambda: function(0)
 
 
-class AllocatorTrim:
+class AllocatorTrim(Service):
     """See the module docstring. ``trim`` None: only ``collect`` runs."""
 
     def __init__(
@@ -101,26 +101,10 @@ class AllocatorTrim:
         """Schedule trims again (a stopped trimmer still counts closes)."""
         self._running = True
 
+    def startService(self) -> None:
+        super().startService()
+        self.start()
 
-_TRIMMERS: weakref.WeakKeyDictionary[IReactorTime, AllocatorTrim] = weakref.WeakKeyDictionary()
-
-
-def trim_for(clock: IReactorTime) -> AllocatorTrim:
-    """The one trimmer of ``clock`` (the reactor of the listeners), made on first use with the
-    C library's trim function."""
-    trimmer = _TRIMMERS.get(clock)
-    if trimmer is None:
-        trimmer = _TRIMMERS[clock] = AllocatorTrim(clock, glibc_malloc_trim())
-    return trimmer
-
-
-def stop_trims() -> None:
-    """Stop every trimmer (the listeners are stopping: no timer outlives the service)."""
-    for trimmer in list(_TRIMMERS.values()):
-        trimmer.stop()
-
-
-def start_trims() -> None:
-    """Start every trimmer again (a listener is starting)."""
-    for trimmer in list(_TRIMMERS.values()):
-        trimmer.start()
+    def stopService(self) -> None:
+        super().stopService()
+        self.stop()

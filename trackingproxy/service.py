@@ -33,6 +33,7 @@ from trackingproxy.jsonlog import JSONLinesObserver
 from trackingproxy.lifecycle import ActiveRequests, OpenConnections, tune_gc
 from trackingproxy.listeners import ListenerService
 from trackingproxy.logwriter import open_access_log
+from trackingproxy.memory import AllocatorTrim, glibc_malloc_trim
 from trackingproxy.proxy import TrackingResource, Upstream
 from trackingproxy.reload import Reloader
 from trackingproxy.site import ProxySite
@@ -275,6 +276,8 @@ def build_service(
 
     h2_engine, h2_note = choose_engine(config.http2_engine)
     log.info(h2_note)
+    trimmer = AllocatorTrim(reactor, glibc_malloc_trim())
+    trimmer.setServiceParent(root)
 
     def site(scheme: str) -> ProxySite:
         return ProxySite(
@@ -287,6 +290,7 @@ def build_service(
             active=active,
             observer=admin.site(scheme) if admin else None,
             h2_engine=h2_engine,
+            trimmer=trimmer,
         )
 
     if config.http_port is not None:

@@ -16,6 +16,7 @@ from trackingproxy.exchange import ClientExchange
 from trackingproxy.h2server import H2ServerBase, Owner, choose_engine
 from trackingproxy.http1server import MAX_HEADER_BYTES, MAX_HEADERS, HTTP1Connection
 from trackingproxy.lifecycle import ActiveRequests
+from trackingproxy.memory import AllocatorTrim
 
 __all__ = [
     "HEADER_TIMEOUT",
@@ -57,11 +58,13 @@ class ProxySite(Site):
         active: ActiveRequests | None = None,
         observer: SiteObserver | None = None,
         h2_engine: type[H2ServerBase] | None = None,
+        trimmer: AllocatorTrim | None = None,
     ) -> None:
         super().__init__(resource, timeout=idle_timeout, reactor=reactor)
         if h2_engine is None:
             h2_engine = choose_engine("auto")[0]
         self.h2_engine = h2_engine
+        self._trimmer = trimmer
         self.clock = reactor
         self.handler: Handler = resource  # type: ignore[assignment]
         self.idle_timeout = idle_timeout
@@ -88,6 +91,8 @@ class ProxySite(Site):
     def connection_closed(self) -> None:
         if self.observer is not None:
             self.observer.connection_closed()
+        if self._trimmer is not None:
+            self._trimmer.connection_closed()
 
     def handle(self, exchange: ClientExchange) -> None:
         if not exchange.tp_started:

@@ -90,14 +90,8 @@ class AllocatorTrimTests(SynchronousTestCase):
     def test_one_trim_after_a_wave_of_closes(self) -> None:
         """Nothing is trimmed below ``after`` closed connections; reaching it schedules one trim
         ``delay`` seconds later, however many more close meanwhile; the count starts again."""
-        clock, calls, collections = Clock(), [], []
-        trimmer = AllocatorTrim(
-            clock,
-            lambda: calls.append(clock.seconds()),
-            collect=lambda: collections.append(len(calls)),
-            after=3,
-            delay=5,
-        )
+        clock, calls = Clock(), []
+        trimmer = AllocatorTrim(clock, lambda: calls.append(clock.seconds()), after=3, delay=5)
         trimmer.connection_closed()
         trimmer.connection_closed()
         clock.advance(60)
@@ -108,7 +102,6 @@ class AllocatorTrimTests(SynchronousTestCase):
         self.assertEqual(calls, [])
         clock.advance(0.1)
         self.assertEqual(calls, [65.0])
-        self.assertEqual(collections, [0])  # the collection runs first
         self.assertEqual(clock.getDelayedCalls(), [])
         trimmer.connection_closed()
         trimmer.connection_closed()
@@ -118,20 +111,11 @@ class AllocatorTrimTests(SynchronousTestCase):
         clock.advance(5)
         self.assertEqual(len(calls), 2)
 
-    def test_no_trim_function_still_collects(self) -> None:
-        """Without a trim function (a C library other than glibc) the collection still runs."""
-        clock, collections = Clock(), []
-        trimmer = AllocatorTrim(clock, None, collect=lambda: collections.append(1), after=2)
-        for _ in range(5):
-            trimmer.connection_closed()
-        clock.advance(5)
-        self.assertEqual((collections, trimmer.trims), ([1], 1))
-
     def test_stop_cancels_a_pending_trim(self) -> None:
         """stop() cancels a scheduled trim and closes schedule none until start(); the closes
         meanwhile still count."""
         clock, calls = Clock(), []
-        trimmer = AllocatorTrim(clock, lambda: calls.append(1), collect=lambda: None, after=2)
+        trimmer = AllocatorTrim(clock, lambda: calls.append(1), after=2)
         trimmer.connection_closed()
         trimmer.connection_closed()
         trimmer.stop()
@@ -148,7 +132,7 @@ class AllocatorTrimTests(SynchronousTestCase):
         started again."""
         clock = Clock()
         calls: list[int] = []
-        trimmer = AllocatorTrim(clock, lambda: calls.append(1), collect=lambda: None, after=1)
+        trimmer = AllocatorTrim(clock, lambda: calls.append(1), after=1)
         trimmer.startService()
         trimmer.connection_closed()
         trimmer.stopService()
@@ -173,7 +157,7 @@ class AllocatorTrimTests(SynchronousTestCase):
     def test_a_site_reports_its_closed_connections(self) -> None:
         """Closed HTTP/1.1 connections of a listener's site reach the trimmer it was given."""
         clock = Clock()
-        trimmer = AllocatorTrim(clock, None, collect=lambda: None, after=2)
+        trimmer = AllocatorTrim(clock, lambda: None, after=2)
         site = ProxySite(Resource(), AccessLog(write=None), "http", clock, trimmer=trimmer)
         for _ in range(2):
             conn = site.buildProtocol(None)

@@ -1,26 +1,21 @@
-"""Giving the memory of closed connections back to the system: the cycles they leave are
-collected, then glibc's ``malloc_trim`` returns the free heap pages.
+"""Giving the memory of closed connections back to the system with glibc's ``malloc_trim``.
 
 A TLS connection costs about 25 KiB of OpenSSL state allocated with ``malloc``. When a wave of
 connections (a burst of clicks, thousands of slow or half-open clients) has been closed, glibc
 keeps the freed memory: it only returns the top of the heap on its own, and what the closed
 connections leave free is scattered between chunks still in use. ``malloc_trim(0)`` also hands
 back those free pages in the middle of the heap (``madvise``), which brings the RSS back near
-where it was before the wave.
+where it was before the wave. (Closed connections are freed by reference counting, without
+the garbage collector: see ``tlsserver`` and ``http1server``. A full collection here measured
+as a reactor stall long enough to change what a TLS scanner saw.)
 
-Some closed connections are also left in reference cycles that only the garbage collector frees,
-and ``lifecycle.tune_gc`` makes full collections rare: a TLS connection cut during its handshake
-(slowloris on the HTTPS port) stays alive, OpenSSL state included, through the Failure Twisted
-makes of the EOF in ``TLSMemoryBIOProtocol._flushReceiveBIO`` (its traceback holds the frame that
-holds it). So the trim starts with a full collection.
+:class:`AllocatorTrim` counts closed connections; once ``after`` of them have closed it trims
+``delay`` seconds later, on the reactor: never on the path of a request, and at most once per
+``delay`` seconds however fast connections churn (keep-alive traffic closes few connections
+and so rarely triggers it). Where the C library is not glibc (musl: Alpine images) there is no
+trim function and no trimmer.
 
-:class:`AllocatorTrim` counts closed connections; once ``after`` of them have closed it collects
-and trims ``delay`` seconds later, on the reactor: never on the path of a request, and at most
-once per ``delay`` seconds however fast connections churn (keep-alive traffic closes few
-connections and so rarely triggers it). Where the C library is not glibc (musl: Alpine images)
-there is no trim function and only the collection runs.
-
-The service tree builds one trimmer and hands it to the listeners' sites, which report every
+The service tree builds the trimmer and hands it to the listeners' sites, which report every
 closed connection; it is a Service, so stopping the tree cancels a pending trim (and
 connections closed during shutdown schedule none). The clock and the trim function are
 injected, so tests use a ``Clock`` and a recording function.
@@ -29,7 +24,6 @@ injected, so tests use a ``Clock`` and a recording function.
 from __future__ import annotations
 
 import ctypes
-import gc
 import platform
 from collections.abc import Callable
 
@@ -56,19 +50,17 @@ def glibc_malloc_trim() -> Callable[[], object] | None:
 
 
 class AllocatorTrim(Service):
-    """See the module docstring. ``trim`` None: only ``collect`` runs."""
+    """See the module docstring."""
 
     def __init__(
         self,
         clock: IReactorTime,
-        trim: Callable[[], object] | None,
-        collect: Callable[[], object] = gc.collect,
+        trim: Callable[[], object],
         after: int = TRIM_AFTER,
         delay: float = TRIM_DELAY,
     ) -> None:
         self._clock = clock
         self._trim = trim
-        self._collect = collect
         self._after = after
         self._delay = delay
         self._closed = 0
@@ -86,9 +78,7 @@ class AllocatorTrim(Service):
         self._timer = None
         self._closed = 0
         self.trims += 1
-        self._collect()
-        if self._trim is not None:
-            self._trim()
+        self._trim()
 
     def stop(self) -> None:
         """Cancel a pending trim; schedule none until start()."""

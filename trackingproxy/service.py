@@ -17,7 +17,6 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IResolver
 from twisted.logger import ILogObserver, Logger
 from twisted.names import client as names_client
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.components import Componentized
 from twisted.web.resource import IResource
 
@@ -38,6 +37,7 @@ from trackingproxy.proxy import TrackingResource, Upstream
 from trackingproxy.reload import Reloader
 from trackingproxy.site import ProxySite
 from trackingproxy.sni import SNIContextMap
+from trackingproxy.tlsserver import TLSServerFactory
 from trackingproxy.upstream.client import UpstreamClient
 from trackingproxy.upstream.dns import CachingResolver
 from trackingproxy.upstream.pool import ConnectionPool, EndpointConnector, make_trust_root
@@ -276,8 +276,10 @@ def build_service(
 
     h2_engine, h2_note = choose_engine(config.http2_engine)
     log.info(h2_note)
-    trimmer = AllocatorTrim(reactor, glibc_malloc_trim())
-    trimmer.setServiceParent(root)
+    trim = glibc_malloc_trim()
+    trimmer = None if trim is None else AllocatorTrim(reactor, trim)
+    if trimmer is not None:
+        trimmer.setServiceParent(root)
 
     def site(scheme: str) -> ProxySite:
         return ProxySite(
@@ -305,7 +307,7 @@ def build_service(
             "--https-port",
             config.https_port,
             listen("https-port", config.https_port),  # type: ignore[arg-type]
-            connections.track(TLSMemoryBIOFactory(sni, False, site("https"), clock=reactor)),
+            connections.track(TLSServerFactory(sni, False, site("https"), clock=reactor)),
         ).setServiceParent(root)
     _UpstreamCloser(upstream, names).setServiceParent(root)
     acme_parts: list[Any] = []

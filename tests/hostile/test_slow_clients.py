@@ -5,7 +5,8 @@ connect and send nothing; or one byte of a request line; plain and TLS) cost a b
 of memory that is given back once they are cut, while normal requests keep being answered.
 Repeated waves show the difference between a leak (every wave adds) and memory the process
 keeps for reuse (later waves cost nothing more); here neither: RSS returns near the baseline
-after each wave (``trackingproxy.memory``: collection + ``malloc_trim`` after many closes).
+after each wave (``trackingproxy.memory``: ``malloc_trim`` after many closes; closed
+connections are freed without the garbage collector).
 """
 
 from __future__ import annotations

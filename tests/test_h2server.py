@@ -466,9 +466,8 @@ class ResetAndLifetimeTests:
         self.assertEqual([g.error_code for g in goaway], [ErrorCodes.NO_ERROR])
 
     def test_shutdown_notice_answers_the_streams_taken_then_closes(self) -> None:
-        """At shutdown: GOAWAY(NO_ERROR) naming the last stream taken; the streams taken are
-        still answered, and the connection closes itself after the last one. (Read as raw
-        frames: the h2 client library stops at a GOAWAY, real clients do not.)"""
+        """At shutdown the streams taken are still answered; after the last one, GOAWAY
+        (NO_ERROR) naming it, and the connection closes itself. (Read as raw frames.)"""
         server = _Server(answer=False)
         peer = _Peer(self.engine, server)
         first = peer.send(_request(b"/q/1"))
@@ -483,6 +482,7 @@ class ResetAndLifetimeTests:
         self.assertEqual([(g.error_code, g.last_stream_id) for g in goaway], [(0, second)])
         data = {f.stream_id: f.data for f in frames if isinstance(f, DataFrame)}
         self.assertEqual(data, {first: b"one", second: b"two"})
+        self.assertIs(frames[-1], goaway[0])  # after every answer
         self.assertTrue(peer.transport.disconnecting)
 
     def test_shutdown_notice_closes_an_idle_connection(self) -> None:

@@ -212,3 +212,41 @@ class TimeoutTests(SynchronousTestCase):
         self.assertEqual(server.done, [])
         self.assertEqual((server.opened, server.closed), (1, 1))
         self.assertEqual(server.clock.getDelayedCalls(), [])
+
+
+class ShutdownNoticeTests(SynchronousTestCase):
+    def test_idle_connection_closes_at_once(self) -> None:
+        server = _Server()
+        conn, transport = _connect(server)
+        conn.dataReceived(b"GET / HTTP/1.1\r\n" + H + b"\r\n")
+        self.assertFalse(transport.disconnecting)
+        conn.shutdown_notice()
+        self.assertTrue(transport.disconnecting)
+
+    def test_answers_owed_close_the_connection_after_them(self) -> None:
+        """A request in flight and one pipelined behind it are both answered, the last with
+        ``Connection: close``, then the connection closes."""
+        server = _Server(answer=False)
+        conn, transport = _connect(server)
+        conn.dataReceived(
+            b"GET /a HTTP/1.1\r\n" + H + b"\r\n" + b"GET /b HTTP/1.1\r\n" + H + b"\r\n"
+        )
+        conn.shutdown_notice()
+        server.handled[0].respond(200, [], b"a")
+        self.assertNotIn(b"Connection: close", transport.value())
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual([r.uri for r in server.handled], [b"/a", b"/b"])
+        server.handled[1].respond(200, [], b"b")
+        self.assertIn(b"Connection: close", transport.value())
+        self.assertTrue(transport.disconnecting)
+
+    def test_request_after_the_notice_gets_connection_close(self) -> None:
+        server = _Server(answer=False)
+        conn, transport = _connect(server)
+        conn.dataReceived(b"GET / HTTP/1.1\r\n" + H)  # head not complete yet: not closed
+        conn.shutdown_notice()
+        self.assertFalse(transport.disconnecting)
+        conn.dataReceived(b"\r\n")
+        server.handled[0].respond(200, [], b"ok")
+        self.assertIn(b"Connection: close", transport.value())
+        self.assertTrue(transport.disconnecting)

@@ -230,6 +230,7 @@ class NativeH2Connection(H2ServerBase):
             lib = self._b.lib
             last = lib.nghttp2_session_get_last_proc_stream_id(session)
             lib.nghttp2_submit_goaway(session, ng.FLAG_NONE, last, ng.NO_ERROR, self._b.ffi.NULL, 0)
+            self._flush()
 
     def _goaway(self, code: int) -> None:
         if self._session is not None:

@@ -83,7 +83,7 @@ class PythonH2Connection(H2ServerBase):
         self._after_flush()
 
     def _goaway_notice(self) -> None:
-        # Written as a raw frame: h2's close_connection() would end the streams still open.
+        # A raw frame: h2's close_connection() would also refuse the rest of this connection.
         frame = GoAwayFrame(0, last_stream_id=self._h2.highest_inbound_stream_id, error_code=0)
         if not self._closed and self._write is not None:
             self._write(self._h2.data_to_send() + frame.serialize())

@@ -17,9 +17,8 @@ request handler as an `trackingproxy.h2request.H2Request`. What this module adds
   producer only while such a body streams, so a shutdown's loseConnection is never held back.)
 - The connection is closed (GOAWAY) when nothing has moved in either direction for the idle
   timeout; one timer per connection.
-- Shutdown (`shutdown_notice`, at SIGTERM): GOAWAY(NO_ERROR) naming the last stream taken, so
-  the client sends new requests elsewhere; the streams taken are answered, then the connection
-  closes itself.
+- Shutdown (`shutdown_notice`, at SIGTERM): the streams taken are answered; then GOAWAY(NO_ERROR)
+  naming the last one, so the client sends new requests elsewhere, and the connection closes.
 """
 
 from __future__ import annotations
@@ -122,21 +121,24 @@ class H2ServerBase(TwistedProtocol):
         raise NotImplementedError
 
     def _goaway_notice(self) -> None:
-        """Queue GOAWAY(NO_ERROR) with the last stream taken; the streams taken go on."""
+        """Send GOAWAY(NO_ERROR) with the last stream taken."""
         raise NotImplementedError
 
     # -- shutdown -------------------------------------------------------------------------
     def shutdown_notice(self) -> None:
-        """The server is stopping: take no new streams, close once the taken ones are done."""
+        """The server is stopping: once no stream is in flight, GOAWAY(NO_ERROR) naming the
+        last stream taken, then close. Not earlier: a GOAWAY with streams in flight is legal,
+        but some clients (the Python ``h2`` library) stop reading at it and lose the answers."""
         if self._draining or self._closed:
             return
         self._draining = True
-        self._goaway_notice()
-        self._flush()
+        self._flush()  # the engines' flush ends in _after_flush
 
     def _after_flush(self) -> None:
         """Called by the engines' ``_flush`` once queued bytes are written."""
-        if self._draining and not self._streams:
+        if self._draining and not self._streams and not self._closed:
+            self._draining = False
+            self._goaway_notice()
             self._close()
 
     # -- connection -----------------------------------------------------------------------

@@ -9,7 +9,8 @@ answered in order (pipelining), with the limits and timeouts of the listener.
   is aborted); an idle keep-alive connection, or one where nothing moves in either direction
   while a request is open, is closed after the idle timeout. One timer per connection, never
   re-armed per request: it wakes at most every header timeout and checks the state.
-- Keep-alive: HTTP/1.1 unless ``Connection: close``; HTTP/1.0 closes after each answer.
+- Keep-alive: HTTP/1.1 unless ``Connection: close``; HTTP/1.0 closes after each answer; after
+  a shutdown notice (SIGTERM) every answer closes the connection, and an idle one closes at once.
 - TLS connections whose ALPN chose ``h2`` are handed to `trackingproxy.h2server`.
 - Memory: an idle keep-alive connection keeps no parser (about 0.9 KiB with its bound callbacks;
   a new one costs ~0.3 us when the next request starts) and no copy of the last request's head.
@@ -80,6 +81,7 @@ class HTTP1Connection(TwistedProtocol):
         "_connection",
         "_content_length",
         "_current",
+        "_draining",
         "_error_status",
         "_h1",
         "_h2",
@@ -129,6 +131,7 @@ class HTTP1Connection(TwistedProtocol):
         self._body: list[bytes] | None = None
         self._body_size = 0
         self._current: H1Request | None = None  # head complete, body still arriving
+        self._draining = False  # shutdown_notice: answer what was asked, then close
         self._in_head = False
         self._head_started = 0.0
         self._head_raw = 0
@@ -173,6 +176,22 @@ class HTTP1Connection(TwistedProtocol):
         if active is not None:
             active.connection_lost()
         self._server.connection_closed()
+
+    def shutdown_notice(self) -> None:
+        """The server is stopping: requests already received are answered with
+        ``Connection: close`` and the connection closes after them; an idle one closes now.
+        HTTP/2 connections send GOAWAY (`trackingproxy.h2server`)."""
+        if self._closed or self._draining:
+            return
+        self._draining = True
+        if self._h2 is not None:
+            self._h2.shutdown_notice()  # type: ignore[attr-defined]
+            return
+        owed = [r for r in (self._active, *self._queue) if r is not None]
+        if owed:
+            owed[-1].close_after()  # the earlier ones are answered first, on this connection
+        elif not self._in_head and self._current is None:
+            self.close()
 
     def peer_host(self) -> str:
         if self._peer is None:
@@ -295,8 +314,10 @@ class HTTP1Connection(TwistedProtocol):
         version = _VERSIONS.get(parser.get_http_version())
         if version is None:
             raise _Stop(505)
-        persistent = version == b"HTTP/1.1" and (
-            not self._connection or b"close" not in _tokens(self._connection)
+        persistent = (
+            version == b"HTTP/1.1"
+            and not self._draining
+            and (not self._connection or b"close" not in _tokens(self._connection))
         )
         request = H1Request(
             self,

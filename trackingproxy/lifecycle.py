@@ -92,6 +92,21 @@ class OpenConnections:
         """``factory``, remembering every connection (outermost protocol) it builds."""
         return _TrackedFactory(factory, self._protocols)
 
+    def notify_shutdown(self) -> None:
+        """Tell every connection the server is stopping (``shutdown_notice``): HTTP/1.1 ones
+        close after the answers they owe (idle ones now), HTTP/2 ones send GOAWAY, so clients
+        take new requests to another server instead of racing the final close."""
+        for p in list(self._protocols):
+            if not _is_open(p):
+                continue
+            app = getattr(p, "wrappedProtocol", p)  # under TLS: the HTTP connection
+            notice = getattr(app, "shutdown_notice", None)
+            if notice is not None:
+                try:
+                    notice()
+                except Exception:
+                    log.failure("Telling a client connection about the shutdown failed")
+
     def close(self, grace: float = CLOSE_GRACE) -> Deferred[int]:
         """Close every open connection politely (buffered output is sent first); fires once all
         are closed, or after ``grace`` seconds with the number that had to be aborted."""

@@ -65,7 +65,8 @@ class TrackingProxyService(MultiService):
 
     Start-up problems (a port that cannot be bound) end the process with one line and exit
     status 1 instead of a traceback. Stopping (SIGTERM) first stops the listeners (new
-    connections are refused), then waits for the requests in flight (up to the shutdown
+    connections are refused) and tells the open ones (HTTP/1.1 answers close their connection,
+    HTTP/2 connections get GOAWAY), then waits for the requests in flight (up to the shutdown
     timeout); requests still waiting for the upstream then get a 502 (the upstream connections
     are closed). Then the client connections are closed once their answers are flushed (see
     ``lifecycle``), then everything else is stopped. SIGHUP reloads certificates, well-known
@@ -136,6 +137,8 @@ class TrackingProxyService(MultiService):
         stopped = DeferredList([maybeDeferred(s.stopService) for s in listeners])
 
         def drain(_: object) -> Deferred[bool]:
+            if self.connections is not None:
+                self.connections.notify_shutdown()  # HTTP/1.1: close after; HTTP/2: GOAWAY
             if self.active.count:
                 log.info(
                     "Stopped accepting; waiting for {count} request(s) in flight",

@@ -306,6 +306,7 @@ def main() -> int:
             "-p",
             "no:cacheprovider",
             str(REPO / "tests" / "hostile" / "test_properties.py"),
+            str(REPO / "tests" / "hostile" / "test_h2_frames.py"),
         ],
         env={**os.environ, "TP_PROPERTY_SCALE": str(scale), "TP_PROPERTY_COUNTS": str(counts)},
         capture_output=True,

@@ -1,5 +1,6 @@
 """`python -m bench.run --profile SECONDS [--profile-scenario h2]`: where trackingproxy spends
-its CPU under HTTPS keep-alive load (wrk, 50 connections) or HTTP/2 load (h2load, 50 clients),
+its CPU under HTTPS keep-alive load (wrk, 50 connections), HTTP/2 load (h2load, 50 clients) or
+full TLS handshakes (fresh h2load clients),
 sampled with py-spy (`pip install py-spy`).
 
 Writes the collapsed stacks to bench/results/profile-<time>.txt (load it into speedscope or
@@ -78,6 +79,10 @@ def profile(
         if scenario == "h2":
             load = threading.Thread(
                 target=clients.h2, args=(server.https, 50, seconds + 2), daemon=True
+            )
+        elif scenario == "https-full":
+            load = threading.Thread(
+                target=clients.fresh, args=(server.https, 50, seconds + 2), daemon=True
             )
         else:
             load = threading.Thread(

@@ -238,8 +238,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-duration", type=float, default=10.0)
     p.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
                    help="instead: profile trackingproxy under HTTPS keep-alive with py-spy")
-    p.add_argument("--profile-scenario", choices=("https-ka", "h2"), default="https-ka",
-                   help="the load profiled: wrk over TLS, or h2load")
+    p.add_argument("--profile-scenario", choices=("https-ka", "h2", "https-full"),
+                   default="https-ka",
+                   help="the load profiled: wrk over TLS, h2load, or full handshakes")
     p.add_argument("--no-write", action="store_true", help="do not write RESULTS.md/latest.json")
     p.add_argument("--workers", type=int, default=1,
                    help="trackingproxy --workers N (above 1 it may use every CPU, not only CPU 0)")

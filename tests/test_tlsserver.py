@@ -11,7 +11,7 @@ from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.testing import StringTransport
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -47,6 +47,12 @@ class TLSServerTests(SynchronousTestCase):
         tls_protocol, openssl_connection = _cut_mid_handshake(TLSServerFactory)
         self.assertIsNone(tls_protocol())
         self.assertIsNone(openssl_connection())
+
+    def test_small_writes_are_still_aggregated(self) -> None:
+        """The protocol is Twisted's default one underneath (BufferingTLSTransport): small
+        writes of one reactor turn leave as one TLS record."""
+        self.assertTrue(issubclass(TLSServerFactory.protocol, BufferingTLSTransport))
+        self.assertTrue(issubclass(TLSServerFactory.protocol, TLSMemoryBIOFactory.protocol))
 
     def test_twisted_alone_leaves_a_cycle(self) -> None:
         """Why the subclass exists: with Twisted's own factory the same connection is only

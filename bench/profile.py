@@ -1,7 +1,7 @@
-"""`python -m bench.run --profile SECONDS [--profile-scenario h2]`: where trackingproxy spends
-its CPU under HTTPS keep-alive load (wrk, 50 connections), HTTP/2 load (h2load, 50 clients) or
-full TLS handshakes (fresh h2load clients),
-sampled with py-spy (`pip install py-spy`).
+"""`python -m bench.run --profile SECONDS [--profile-scenario h2|https-full]`: where
+trackingproxy spends its CPU under HTTPS keep-alive load (wrk, 50 connections), HTTP/2 load
+(h2load, 50 clients) or full TLS handshakes (fresh h2load clients), sampled with py-spy
+(`pip install py-spy`).
 
 Writes the collapsed stacks to bench/results/profile-<time>.txt (load it into speedscope or
 flamegraph.pl) and prints the top functions by self time and by inclusive time.

@@ -517,3 +517,23 @@ for _mixin in (
     for _engine, _label in ((PythonH2Connection, "Python"), (NativeH2Connection, "Nghttp2")):
         _name = f"{_label}{_mixin.__name__}"
         globals()[_name] = type(_name, (_mixin, SynchronousTestCase), {"engine": _engine})
+
+
+class NativeCallbackFailureTests(SynchronousTestCase):
+    def test_an_exception_in_a_callback_closes_that_connection_only(self) -> None:
+        """A Python error inside a libnghttp2 callback is logged and fails that session (the
+        connection is closed), not the process; a fresh connection still works."""
+
+        class Broken(NativeH2Connection):
+            def on_header(self, stream_id: int, name: bytes, value: bytes) -> int:
+                raise RuntimeError("bug in a callback")
+
+        server = _Server()
+        peer = _Peer(Broken, server)
+        peer.send(_request())
+        self.assertTrue(peer.transport.disconnecting)
+        self.assertEqual(server.handled, [])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        fine = _Peer(NativeH2Connection, server)
+        sid = fine.send(_request())
+        self.assertEqual(fine.response(sid)[b":status"], b"200")

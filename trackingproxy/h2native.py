@@ -8,9 +8,9 @@ with PROTOCOL_ERROR; a field with characters no HTTP field may hold (CR, LF, NUL
 trailing white space) resets its stream too, rather than being dropped silently. Its own
 limits stay on: a RST_STREAM rate limit (rapid reset) and at most 8 CONTINUATION frames.
 
-Memory rules of the binding: the session is deleted in ``connectionLost`` and every call into
-the library first checks it is still there; the cffi handle that lets callbacks find their
-connection lives exactly as long as the session.
+Memory rules: the session is deleted in ``connectionLost`` (once the library has returned) and
+every call into the library first checks it is still there; the cffi handle that lets the
+callbacks (`trackingproxy.nghttp2`) find their connection lives exactly as long as the session.
 """
 
 from __future__ import annotations
@@ -43,69 +43,22 @@ _HEADER_BYTES_CAP = 4 * MAX_HEADER_BYTES  # beyond this a header block is not ev
 _Incoming = tuple[dict[bytes, bytes], list[tuple[bytes, bytes]], list[int]]
 
 
-class _Binding:
-    """The bound library and the callbacks, made once per process."""
+_settings: Any = None
 
-    def __init__(self, bound: ng.Bound) -> None:
-        ffi, lib = bound.ffi, bound.lib
-        self.ffi, self.lib = ffi, lib
-        fail = ng.ERR_CALLBACK_FAILURE
-        cb = ffi.callback
-        # Kept as attributes: the C side holds raw pointers to them.
-        self.on_begin_headers = cb(
-            "nghttp2_on_begin_headers_callback", _on_begin_headers, error=fail, onerror=_on_error
-        )
-        self.on_header = cb("nghttp2_on_header_callback", _on_header, error=fail, onerror=_on_error)
-        self.on_invalid_header = cb(
-            "nghttp2_on_invalid_header_callback", _on_invalid_header, error=fail, onerror=_on_error
-        )
-        self.on_frame_recv = cb(
-            "nghttp2_on_frame_recv_callback", _on_frame_recv, error=fail, onerror=_on_error
-        )
-        self.on_data_chunk = cb(
-            "nghttp2_on_data_chunk_recv_callback", _on_data_chunk, error=fail, onerror=_on_error
-        )
-        self.on_stream_close = cb(
-            "nghttp2_on_stream_close_callback", _on_stream_close, error=fail, onerror=_on_error
-        )
-        self.read = cb("nghttp2_data_source_read_callback", _read, error=fail, onerror=_on_error)
-        pp = ffi.new("nghttp2_session_callbacks **")
-        if lib.nghttp2_session_callbacks_new(pp) != 0:
-            raise MemoryError("nghttp2_session_callbacks_new")
-        self.callbacks = ffi.gc(pp[0], lib.nghttp2_session_callbacks_del)
-        cbs = self.callbacks
-        lib.nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, self.on_begin_headers)
-        lib.nghttp2_session_callbacks_set_on_header_callback(cbs, self.on_header)
-        lib.nghttp2_session_callbacks_set_on_invalid_header_callback(cbs, self.on_invalid_header)
-        lib.nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, self.on_frame_recv)
-        lib.nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, self.on_data_chunk)
-        lib.nghttp2_session_callbacks_set_on_stream_close_callback(cbs, self.on_stream_close)
-        op = ffi.new("nghttp2_option **")
-        if lib.nghttp2_option_new(op) != 0:
-            raise MemoryError("nghttp2_option_new")
-        self.option = ffi.gc(op[0], lib.nghttp2_option_del)
-        self.provider = ffi.new("nghttp2_data_provider *")
-        self.provider.read_callback = self.read
-        self.settings = ffi.new(
+
+def _bind() -> ng.Callbacks:
+    """The bound library and its callbacks, and this server's SETTINGS, made once."""
+    global _settings
+    callbacks = ng.callbacks()
+    if _settings is None:
+        _settings = callbacks.ffi.new(
             "nghttp2_settings_entry[2]",
             [
                 (ng.SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS),
                 (ng.SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST),
             ],
         )
-
-
-_binding: _Binding | None = None
-
-
-def _bind() -> _Binding:
-    global _binding
-    if _binding is None:
-        bound = ng.load()
-        if isinstance(bound, str):
-            raise RuntimeError(bound)
-        _binding = _Binding(bound)
-    return _binding
+    return callbacks
 
 
 class NativeH2Connection(H2ServerBase):
@@ -135,7 +88,7 @@ class NativeH2Connection(H2ServerBase):
 
     def _start(self) -> None:
         b = self._b
-        b.lib.nghttp2_submit_settings(self._session, ng.FLAG_NONE, b.settings, 2)
+        b.lib.nghttp2_submit_settings(self._session, ng.FLAG_NONE, _settings, 2)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
@@ -300,7 +253,7 @@ class NativeH2Connection(H2ServerBase):
         if not self._receiving:
             self._flush()
 
-    def _take(self, stream_id: int, buf: Any, length: int, data_flags: Any) -> int:
+    def on_read(self, stream_id: int, buf: Any, length: int, data_flags: Any) -> int:
         """The library asks for up to ``length`` answer bytes of ``stream_id``."""
         pending = self._pending.get(stream_id)
         if pending is None:
@@ -323,12 +276,15 @@ class NativeH2Connection(H2ServerBase):
                 return ng.ERR_DEFERRED
         return n
 
-    # -- callbacks' side ------------------------------------------------------------------
-    def _begin_headers(self, stream_id: int) -> None:
+    # -- ng.SessionHandler: what the library's callbacks call ----------------------------
+    def on_data_chunk(self, stream_id: int, data: bytes) -> None:
+        self._body_chunk(stream_id, data)
+
+    def on_begin_headers(self, stream_id: int) -> None:
         if stream_id not in self._streams:  # otherwise: trailers, ignored
             self._incoming[stream_id] = ({}, [], [0])
 
-    def _header(self, stream_id: int, name: bytes, value: bytes) -> int:
+    def on_header(self, stream_id: int, name: bytes, value: bytes) -> int:
         incoming = self._incoming.get(stream_id)
         if incoming is None:
             return 0
@@ -343,7 +299,7 @@ class NativeH2Connection(H2ServerBase):
         incoming[1].append((name, value))
         return 0
 
-    def _invalid_header(self, stream_id: int) -> int:
+    def on_invalid_header(self, stream_id: int) -> int:
         self._incoming.pop(stream_id, None)
         if self._session is not None:
             self._b.lib.nghttp2_submit_rst_stream(
@@ -351,7 +307,7 @@ class NativeH2Connection(H2ServerBase):
             )
         return ng.ERR_TEMPORAL_CALLBACK_FAILURE
 
-    def _frame(self, kind: int, flags: int, stream_id: int) -> None:
+    def on_frame(self, kind: int, flags: int, stream_id: int) -> None:
         if kind == ng.HEADERS:
             incoming = self._incoming.pop(stream_id, None)
             if incoming is not None:
@@ -369,7 +325,7 @@ class NativeH2Connection(H2ServerBase):
         elif kind == ng.DATA and flags & ng.FLAG_END_STREAM:
             self._ready.append(stream_id)
 
-    def _closed_stream(self, stream_id: int) -> None:
+    def on_stream_close(self, stream_id: int) -> None:
         self._incoming.pop(stream_id, None)
         request = self._streams.get(stream_id)
         if request is None:
@@ -378,76 +334,3 @@ class NativeH2Connection(H2ServerBase):
             self._forget(stream_id)  # closed the normal way: both sides ended
         else:
             self._stream_reset(stream_id)
-
-
-# -- the C callbacks (user_data is the connection's handle) --------------------------------
-def _conn(user_data: Any) -> NativeH2Connection:
-    return _binding.ffi.from_handle(user_data)  # type: ignore[union-attr,no-any-return]
-
-
-def _on_begin_headers(session: Any, frame: Any, user_data: Any) -> int:
-    _conn(user_data)._begin_headers(frame.hd.stream_id)
-    return 0
-
-
-def _on_header(
-    session: Any,
-    frame: Any,
-    name: Any,
-    namelen: int,
-    value: Any,
-    valuelen: int,
-    flags: int,
-    user_data: Any,
-) -> int:
-    unpack = _binding.ffi.unpack  # type: ignore[union-attr]
-    return _conn(user_data)._header(
-        frame.hd.stream_id, unpack(name, namelen), unpack(value, valuelen)
-    )
-
-
-def _on_invalid_header(
-    session: Any,
-    frame: Any,
-    name: Any,
-    namelen: int,
-    value: Any,
-    valuelen: int,
-    flags: int,
-    user_data: Any,
-) -> int:
-    return _conn(user_data)._invalid_header(frame.hd.stream_id)
-
-
-def _on_frame_recv(session: Any, frame: Any, user_data: Any) -> int:
-    hd = frame.hd
-    _conn(user_data)._frame(hd.type, hd.flags, hd.stream_id)
-    return 0
-
-
-def _on_data_chunk(
-    session: Any, flags: int, stream_id: int, data: Any, length: int, user_data: Any
-) -> int:
-    _conn(user_data)._body_chunk(stream_id, _binding.ffi.unpack(data, length))  # type: ignore[union-attr]
-    return 0
-
-
-def _on_stream_close(session: Any, stream_id: int, error_code: int, user_data: Any) -> int:
-    _conn(user_data)._closed_stream(stream_id)
-    return 0
-
-
-def _read(
-    session: Any,
-    stream_id: int,
-    buf: Any,
-    length: int,
-    data_flags: Any,
-    source: Any,
-    user_data: Any,
-) -> int:
-    return _conn(user_data)._take(stream_id, buf, length, data_flags)
-
-
-def _on_error(exception: type[BaseException], value: BaseException, tb: Any) -> None:
-    log.failure("HTTP/2 callback failed", Failure(value, exception, tb))

@@ -1,18 +1,28 @@
 """The part of libnghttp2's C API the HTTP/2 server uses, bound with cffi in ABI mode (no
 compiler needed: the library is opened at run time; Debian/Ubuntu package ``libnghttp2-14``).
 
-`load()` returns the bound library, or None with the reason when it cannot be opened (then the
-pure-Python HTTP/2 engine is used). The declarations follow nghttp2.h (1.52); structs the server
-only receives pointers to are declared up to the fields it reads.
+`load()` returns the bound library, or the reason it cannot be opened (then the pure-Python
+HTTP/2 engine is used). The declarations follow nghttp2.h (1.52); structs the server only
+receives pointers to are declared up to the fields it reads.
+
+`callbacks()` gives the session callbacks, made once per process: each C callback finds its
+`SessionHandler` (the connection, `trackingproxy.h2native`) through the cffi handle passed as
+the session's ``user_data``. A Python exception in a callback is logged and fails the session
+(the connection is closed), never the process.
 """
 
 from __future__ import annotations
 
 import ctypes.util
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["Bound", "load"]
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+__all__ = ["Bound", "Callbacks", "SessionHandler", "callbacks", "load"]
+
+log = Logger(namespace="trackingproxy.nghttp2")
 
 CDEF = """
 typedef struct nghttp2_session nghttp2_session;
@@ -190,3 +200,148 @@ def _load() -> Bound | str:
     return "libnghttp2 not found (Debian/Ubuntu: apt-get install libnghttp2-14): " + "; ".join(
         errors
     )
+
+
+class SessionHandler(Protocol):
+    """What the session callbacks call (the connection); the ints are nghttp2 return codes."""
+
+    def on_begin_headers(self, stream_id: int) -> None: ...
+    def on_header(self, stream_id: int, name: bytes, value: bytes) -> int: ...
+    def on_invalid_header(self, stream_id: int) -> int: ...
+    def on_frame(self, kind: int, flags: int, stream_id: int) -> None: ...
+    def on_data_chunk(self, stream_id: int, data: bytes) -> None: ...
+    def on_stream_close(self, stream_id: int) -> None: ...
+    def on_read(self, stream_id: int, buf: Any, length: int, data_flags: Any) -> int: ...
+
+
+class Callbacks:
+    """The bound library, the session callbacks and options, and the data provider."""
+
+    def __init__(self, bound: Bound) -> None:
+        ffi, lib = bound.ffi, bound.lib
+        self.ffi, self.lib, self.version = ffi, lib, bound.version
+        fail = ERR_CALLBACK_FAILURE
+        cb = ffi.callback
+        # Kept as attributes: the C side holds raw pointers to them.
+        self.on_begin_headers = cb(
+            "nghttp2_on_begin_headers_callback", _on_begin_headers, error=fail, onerror=_on_error
+        )
+        self.on_header = cb("nghttp2_on_header_callback", _on_header, error=fail, onerror=_on_error)
+        self.on_invalid_header = cb(
+            "nghttp2_on_invalid_header_callback", _on_invalid_header, error=fail, onerror=_on_error
+        )
+        self.on_frame_recv = cb(
+            "nghttp2_on_frame_recv_callback", _on_frame_recv, error=fail, onerror=_on_error
+        )
+        self.on_data_chunk = cb(
+            "nghttp2_on_data_chunk_recv_callback", _on_data_chunk, error=fail, onerror=_on_error
+        )
+        self.on_stream_close = cb(
+            "nghttp2_on_stream_close_callback", _on_stream_close, error=fail, onerror=_on_error
+        )
+        self.read = cb("nghttp2_data_source_read_callback", _read, error=fail, onerror=_on_error)
+        pp = ffi.new("nghttp2_session_callbacks **")
+        if lib.nghttp2_session_callbacks_new(pp) != 0:
+            raise MemoryError("nghttp2_session_callbacks_new")
+        self.callbacks = ffi.gc(pp[0], lib.nghttp2_session_callbacks_del)
+        cbs = self.callbacks
+        lib.nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, self.on_begin_headers)
+        lib.nghttp2_session_callbacks_set_on_header_callback(cbs, self.on_header)
+        lib.nghttp2_session_callbacks_set_on_invalid_header_callback(cbs, self.on_invalid_header)
+        lib.nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, self.on_frame_recv)
+        lib.nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, self.on_data_chunk)
+        lib.nghttp2_session_callbacks_set_on_stream_close_callback(cbs, self.on_stream_close)
+        op = ffi.new("nghttp2_option **")
+        if lib.nghttp2_option_new(op) != 0:
+            raise MemoryError("nghttp2_option_new")
+        self.option = ffi.gc(op[0], lib.nghttp2_option_del)
+        self.provider = ffi.new("nghttp2_data_provider *")
+        self.provider.read_callback = self.read
+
+
+_callbacks: Callbacks | None = None
+
+
+def callbacks() -> Callbacks:
+    """The process's callbacks (raises RuntimeError with the reason if the library is missing)."""
+    global _callbacks
+    if _callbacks is None:
+        bound = load()
+        if isinstance(bound, str):
+            raise RuntimeError(bound)
+        _callbacks = Callbacks(bound)
+    return _callbacks
+
+
+# -- the C callbacks (user_data is the handler's handle) -------------------------------------
+def _handler(user_data: Any) -> SessionHandler:
+    return _callbacks.ffi.from_handle(user_data)  # type: ignore[union-attr,no-any-return]
+
+
+def _on_begin_headers(session: Any, frame: Any, user_data: Any) -> int:
+    _handler(user_data).on_begin_headers(frame.hd.stream_id)
+    return 0
+
+
+def _on_header(
+    session: Any,
+    frame: Any,
+    name: Any,
+    namelen: int,
+    value: Any,
+    valuelen: int,
+    flags: int,
+    user_data: Any,
+) -> int:
+    unpack = _callbacks.ffi.unpack  # type: ignore[union-attr]
+    return _handler(user_data).on_header(
+        frame.hd.stream_id, unpack(name, namelen), unpack(value, valuelen)
+    )
+
+
+def _on_invalid_header(
+    session: Any,
+    frame: Any,
+    name: Any,
+    namelen: int,
+    value: Any,
+    valuelen: int,
+    flags: int,
+    user_data: Any,
+) -> int:
+    return _handler(user_data).on_invalid_header(frame.hd.stream_id)
+
+
+def _on_frame_recv(session: Any, frame: Any, user_data: Any) -> int:
+    hd = frame.hd
+    _handler(user_data).on_frame(hd.type, hd.flags, hd.stream_id)
+    return 0
+
+
+def _on_data_chunk(
+    session: Any, flags: int, stream_id: int, data: Any, length: int, user_data: Any
+) -> int:
+    data_bytes = _callbacks.ffi.unpack(data, length)  # type: ignore[union-attr]
+    _handler(user_data).on_data_chunk(stream_id, data_bytes)
+    return 0
+
+
+def _on_stream_close(session: Any, stream_id: int, error_code: int, user_data: Any) -> int:
+    _handler(user_data).on_stream_close(stream_id)
+    return 0
+
+
+def _read(
+    session: Any,
+    stream_id: int,
+    buf: Any,
+    length: int,
+    data_flags: Any,
+    source: Any,
+    user_data: Any,
+) -> int:
+    return _handler(user_data).on_read(stream_id, buf, length, data_flags)
+
+
+def _on_error(exception: type[BaseException], value: BaseException, tb: Any) -> None:
+    log.failure("HTTP/2 callback failed", Failure(value, exception, tb))

@@ -2,7 +2,7 @@
 
 `ClientExchange` is what `trackingproxy.proxy.TrackingResource` works on. Two implementations:
 the HTTP/1.1 server's request (`trackingproxy.h1request.H1Request`) and the HTTP/2 server's
-(`trackingproxy.h2request.H2Request`).
+(`trackingproxy.h2request.H2Request`), both on `trackingproxy.serverrequest.ServerRequest`.
 
 Header names passed in are lower case; header lists passed out are ``(name, value)`` pairs.
 """

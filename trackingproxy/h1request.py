@@ -7,48 +7,23 @@ HTTP/1.1 clients and delimited by closing the connection for HTTP/1.0 clients.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
-from twisted.python.failure import Failure
-
 from trackingproxy.exchange import date_line, status_line
+from trackingproxy.serverrequest import DONE, NEW, STARTED, ServerRequest
 
 if TYPE_CHECKING:
     from trackingproxy.http1server import HTTP1Connection
 
-NEW, STARTED, DONE = 0, 1, 2
 _CLOSE = b"Connection: close\r\n"
 _CHUNKED = b"Transfer-Encoding: chunked\r\n"
 
 
-class H1Request:
+class H1Request(ServerRequest):
     """A parsed request (see `trackingproxy.exchange.ClientExchange`)."""
 
-    __slots__ = (
-        "_body",
-        "_chunked",
-        "_conn",
-        "_finished",
-        "_head",
-        "_lost_callback",
-        "_no_body",
-        "_state",
-        "clientproto",
-        "code",
-        "headers",
-        "method",
-        "persistent",
-        "sent",
-        "tp_client",
-        "tp_host",
-        "tp_started",
-        "tp_too_large",
-        "tp_upstream_error",
-        "uri",
-    )
+    __slots__ = ("_body", "_chunked", "_head", "_no_body", "persistent")
+    _conn: HTTP1Connection
 
     def __init__(
         self,
@@ -60,55 +35,18 @@ class H1Request:
         persistent: bool,
         started: float,
     ) -> None:
-        self._conn = conn
-        self.method = method
-        self.uri = uri
-        self.clientproto = clientproto
-        self.headers = headers
+        super().__init__(conn, method, uri, clientproto, headers, started)
         self.persistent = persistent
-        self.tp_started = started
-        self.tp_host = "-"
-        self.tp_client: str | None = None
-        self.tp_upstream_error: str | None = None
-        self.tp_too_large = False
-        self.code = 200
-        self.sent = 0
         self._body = b""
-        self._state = NEW
         self._head = b""
         self._chunked = False
         self._no_body = False
-        self._lost_callback: Callable[[], None] | None = None
-        self._finished: Deferred[None] | None = None
-
-    # -- the request ----------------------------------------------------------------------
-    def header(self, name: bytes) -> bytes | None:
-        for n, v in reversed(self.headers):
-            if n == name:
-                return v
-        return None
-
-    def header_values(self, name: bytes) -> list[bytes]:
-        return [v for n, v in self.headers if n == name]
-
-    def header_items(self) -> Iterable[tuple[bytes, bytes]]:
-        return self.headers
 
     def body(self) -> bytes:
         return self._body
 
     def set_body(self, body: bytes) -> None:
         self._body = body
-
-    def peer_host(self) -> str:
-        return self._conn.peer_host()
-
-    def sni(self) -> str | None:
-        return self._conn.sni()
-
-    @property
-    def done(self) -> bool:
-        return self._state == DONE
 
     # -- the answer -----------------------------------------------------------------------
     def respond(self, code: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
@@ -199,33 +137,3 @@ class H1Request:
 
     def unregister_producer(self) -> None:
         self._conn.unregister_producer()
-
-    def on_lost(self, callback: Callable[[], None]) -> None:
-        self._lost_callback = callback
-
-    def notifyFinish(self) -> Deferred[None]:
-        """Fires when the answer is finished, fails if the client goes away first."""
-        if self._finished is None:
-            self._finished = Deferred()
-        return self._finished
-
-    # -- the connection's side ------------------------------------------------------------
-    def _done(self) -> None:
-        self._state = DONE
-        self._lost_callback = None  # it refers back to us: no cycle left for the collector
-        self._conn.request_done(self)
-        finished, self._finished = self._finished, None
-        if finished is not None:
-            finished.callback(None)
-
-    def connection_lost(self) -> None:
-        """The client went away before the answer was finished."""
-        if self._state == DONE:
-            return
-        self._state = DONE
-        callback, self._lost_callback = self._lost_callback, None
-        if callback is not None:
-            callback()
-        finished, self._finished = self._finished, None
-        if finished is not None:
-            finished.errback(Failure(ConnectionDone("the client went away")))

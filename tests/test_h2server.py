@@ -171,7 +171,9 @@ class _Peer:
         return dict(response.headers)
 
 
-class AnswerTests:
+class _EngineCases:
+    """The cases below run once per engine (the classes made at the end of this module)."""
+
     engine: type[H2ServerBase]
     assertEqual: Any
     assertTrue: Any
@@ -181,6 +183,8 @@ class AnswerTests:
     assertIs: Any
     assertIsNone: Any
 
+
+class AnswerTests(_EngineCases):
     def test_get_is_answered_with_length_and_date(self) -> None:
         """A GET reaches the handler as an HTTP/2 exchange (Host from :authority) and its
         answer arrives as one response with Content-Length and Date, then END_STREAM."""
@@ -252,16 +256,7 @@ class AnswerTests:
         self.assertEqual([peer.body(s) for s in sids], [b"GET /q/%d " % i for i in range(30)])
 
 
-class FlowControlTests:
-    engine: type[H2ServerBase]
-    assertEqual: Any
-    assertTrue: Any
-    assertFalse: Any
-    assertIn: Any
-    assertLess: Any
-    assertIs: Any
-    assertIsNone: Any
-
+class FlowControlTests(_EngineCases):
     def test_answer_larger_than_the_window_waits_and_pauses_the_producer(self) -> None:
         """A 300 KiB answer to a client with a 16 KiB window: only the window leaves, and the
         upstream producer is paused (beyond the engine's buffer); as the client acknowledges
@@ -313,16 +308,7 @@ class FlowControlTests:
         self.assertEqual(producer.paused, 1)
 
 
-class BodyAndLimitTests:
-    engine: type[H2ServerBase]
-    assertEqual: Any
-    assertTrue: Any
-    assertFalse: Any
-    assertIn: Any
-    assertLess: Any
-    assertIs: Any
-    assertIsNone: Any
-
+class BodyAndLimitTests(_EngineCases):
     def test_post_body_is_collected(self) -> None:
         server = _Server()
         peer = _Peer(self.engine, server)
@@ -363,16 +349,7 @@ class BodyAndLimitTests:
         self.assertEqual(server.handled, [])
 
 
-class RefusedTests:
-    engine: type[H2ServerBase]
-    assertEqual: Any
-    assertTrue: Any
-    assertFalse: Any
-    assertIn: Any
-    assertLess: Any
-    assertIs: Any
-    assertIsNone: Any
-
+class RefusedTests(_EngineCases):
     def test_connect_is_reset(self) -> None:
         server = _Server()
         peer = _Peer(self.engine, server)
@@ -404,16 +381,7 @@ class RefusedTests:
             self.assertEqual(server.handled, [], extra)
 
 
-class ResetAndLifetimeTests:
-    engine: type[H2ServerBase]
-    assertEqual: Any
-    assertTrue: Any
-    assertFalse: Any
-    assertIn: Any
-    assertLess: Any
-    assertIs: Any
-    assertIsNone: Any
-
+class ResetAndLifetimeTests(_EngineCases):
     def test_client_reset_tells_the_handler(self) -> None:
         server = _Server(answer=False)
         peer = _Peer(self.engine, server)

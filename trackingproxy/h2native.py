@@ -74,8 +74,6 @@ class NativeH2Connection(H2ServerBase):
             raise MemoryError("nghttp2_session_server_new2")
         self._session: Any = pp[0]
         self._out = ffi.new("const uint8_t **")
-        # stream -> [answer bytes not yet taken by the library, end of stream after them]
-        self._pending: dict[int, list[Any]] = {}
         self._incoming: dict[
             int, tuple[dict[bytes, bytes], list[tuple[bytes, bytes]], list[int]]
         ] = {}
@@ -93,7 +91,6 @@ class NativeH2Connection(H2ServerBase):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         self._lost = True
-        self._pending.clear()
         self._incoming.clear()
         if not (self._receiving or self._flushing):
             self._delete()  # else: once the library has returned
@@ -201,16 +198,8 @@ class NativeH2Connection(H2ServerBase):
                 self._flush()
 
     def _blocked(self, stream_id: int) -> bool:
-        pending = self._pending.get(stream_id)
+        pending = self._queued.get(stream_id)
         return pending is not None and len(pending[0]) > HIGH_WATER
-
-    def _forget(self, stream_id: int) -> H2Request | None:
-        self._pending.pop(stream_id, None)
-        return super()._forget(stream_id)
-
-    def _answer_complete(self, request: H2Request) -> None:
-        if request.stream_id not in self._pending:
-            self._retire(request)
 
     # -- sending --------------------------------------------------------------------------
     def send(
@@ -229,17 +218,17 @@ class NativeH2Connection(H2ServerBase):
             if end and not data:
                 provider = ffi.NULL
             else:
-                self._pending[stream_id] = [bytearray(data), end]
+                self._queued[stream_id] = [bytearray(data), end]
                 provider = b.provider
             if b.lib.nghttp2_submit_response(session, stream_id, nva, len(keep), provider) != 0:
-                self._pending.pop(stream_id, None)  # the stream is gone (reset meanwhile)
+                self._queued.pop(stream_id, None)  # the stream is gone (reset meanwhile)
                 return
             if len(data) > HIGH_WATER:
                 producer = self._producers.get(stream_id)
                 if producer is not None:
                     producer.pauseProducing()
         else:
-            pending = self._pending.get(stream_id)
+            pending = self._queued.get(stream_id)
             if pending is None:
                 return  # the stream is gone, or its end was sent already
             was_blocked = len(pending[0]) > HIGH_WATER
@@ -255,7 +244,7 @@ class NativeH2Connection(H2ServerBase):
 
     def on_read(self, stream_id: int, buf: Any, length: int, data_flags: Any) -> int:
         """The library asks for up to ``length`` answer bytes of ``stream_id``."""
-        pending = self._pending.get(stream_id)
+        pending = self._queued.get(stream_id)
         if pending is None:
             data_flags[0] |= ng.DATA_FLAG_EOF
             return 0
@@ -270,7 +259,7 @@ class NativeH2Connection(H2ServerBase):
         if not data:
             if pending[1]:
                 data_flags[0] |= ng.DATA_FLAG_EOF
-                del self._pending[stream_id]
+                del self._queued[stream_id]
                 self._drained.append(stream_id)
             elif not n:
                 return ng.ERR_DEFERRED

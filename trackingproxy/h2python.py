@@ -47,7 +47,6 @@ class PythonH2Connection(H2ServerBase):
         super().__init__(server, owner)
         self._h2 = H2Connection(_CONFIG)
         self._h2.local_settings = Settings(client=False, initial_values=_SETTINGS)
-        self._queued: dict[int, list[Any]] = {}  # stream -> [bytes waiting for window, end]
         self._receiving = False  # events are being handled: one flush at the end
 
     def _start(self) -> None:
@@ -102,14 +101,6 @@ class PythonH2Connection(H2ServerBase):
 
     def _blocked(self, stream_id: int) -> bool:
         return stream_id in self._queued
-
-    def _forget(self, stream_id: int) -> H2Request | None:
-        self._queued.pop(stream_id, None)
-        return super()._forget(stream_id)
-
-    def _answer_complete(self, request: H2Request) -> None:
-        if request.stream_id not in self._queued:
-            self._retire(request)
 
     # -- events ---------------------------------------------------------------------------
     def _on_request(self, event: ev.RequestReceived) -> None:

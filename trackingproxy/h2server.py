@@ -78,6 +78,8 @@ class H2ServerBase(TwistedProtocol):
         self._clock = server.clock
         self._streams: dict[int, H2Request] = {}
         self._producers: dict[int, Any] = {}
+        # stream -> [answer bytes the engine has not sent yet (flow control), END_STREAM after]
+        self._queued: dict[int, list[Any]] = {}
         self._paused = False
         self._closed = False
         self._opened = 0
@@ -116,9 +118,6 @@ class H2ServerBase(TwistedProtocol):
         """Send the answer's head (if given), ``data``, and END_STREAM if ``end``."""
         raise NotImplementedError
 
-    def _answer_complete(self, request: H2Request) -> None:
-        """The handler finished the answer (its bytes may still be queued)."""
-        raise NotImplementedError
 
     def _goaway_notice(self) -> None:
         """Send GOAWAY(NO_ERROR) with the last stream taken."""
@@ -156,6 +155,7 @@ class H2ServerBase(TwistedProtocol):
         self._timer = None
         streams, self._streams = self._streams, {}
         self._producers.clear()
+        self._queued.clear()
         for request in streams.values():
             request.connection_lost()
 
@@ -263,6 +263,7 @@ class H2ServerBase(TwistedProtocol):
         self._dispatch(request)  # the handler answers 413 at once
 
     def _forget(self, stream_id: int) -> H2Request | None:
+        self._queued.pop(stream_id, None)
         if self._producers.pop(stream_id, None) is not None:
             self._producers_changed()
         return self._streams.pop(stream_id, None)
@@ -270,7 +271,8 @@ class H2ServerBase(TwistedProtocol):
     def request_done(self, request: H2Request) -> None:
         """Called by the request when its answer is complete (possibly still being sent)."""
         self._server.request_done(request)
-        self._answer_complete(request)
+        if request.stream_id not in self._queued:
+            self._retire(request)  # else once the queued bytes have left (_unblocked)
         if self._draining and not self._streams:
             self._flush()  # then closes (see _after_flush)
 

@@ -14,12 +14,16 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.resource import Resource
 
 from tests.test_http1server import H, _connect, _Server
 from trackingproxy.accesslog import AccessLog
 from trackingproxy.memory import AllocatorTrim, glibc_malloc_trim
 from trackingproxy.site import ProxySite
+
+
+class _Handler:
+    def handle(self, exchange: object) -> None:
+        raise AssertionError("no request expected")
 
 
 @contextmanager
@@ -158,7 +162,7 @@ class AllocatorTrimTests(SynchronousTestCase):
         """Closed HTTP/1.1 connections of a listener's site reach the trimmer it was given."""
         clock = Clock()
         trimmer = AllocatorTrim(clock, lambda: None, after=2)
-        site = ProxySite(Resource(), AccessLog(write=None), "http", clock, trimmer=trimmer)
+        site = ProxySite(_Handler(), AccessLog(write=None), "http", clock, trimmer=trimmer)
         for _ in range(2):
             conn = site.buildProtocol(None)
             conn.makeConnection(StringTransport())

@@ -1,6 +1,6 @@
 """The seam between the HTTP servers and the request handler: one client request and its answer.
 
-`ClientExchange` is what `trackingproxy.proxy.TrackingResource` works on. Two implementations:
+`ClientExchange` is what `trackingproxy.proxy.TrackingHandler` works on. Two implementations:
 the HTTP/1.1 server's request (`trackingproxy.h1request.H1Request`) and the HTTP/2 server's
 (`trackingproxy.h2request.H2Request`), both on `trackingproxy.serverrequest.ServerRequest`.
 

@@ -22,7 +22,6 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
-from twisted.web.resource import Resource
 
 from trackingproxy.challenges import ChallengeResponder
 from trackingproxy.domains import host_from_header
@@ -135,10 +134,8 @@ def _plain(exchange: ClientExchange, code: int, body: bytes, *extra: tuple[bytes
     exchange.respond(code, [_TEXT, _NO_STORE, *extra], body)
 
 
-class TrackingResource(Resource):
+class TrackingHandler:
     """The request handler of a listener (`handle`), for the HTTP/1.1 and HTTP/2 servers."""
-
-    isLeaf = True
 
     def __init__(
         self,
@@ -152,7 +149,6 @@ class TrackingResource(Resource):
         redirect_http: bool = False,
         sni_check: SniCheck | None = None,
     ) -> None:
-        super().__init__()
         self._scheme = scheme
         self._domains = domains
         self._upstream = upstream

@@ -18,7 +18,6 @@ from twisted.internet.interfaces import IResolver
 from twisted.logger import ILogObserver, Logger
 from twisted.names import client as names_client
 from twisted.python.components import Componentized
-from twisted.web.resource import IResource
 
 from trackingproxy.accesslog import AccessLog
 from trackingproxy.acme.settings import build_acme
@@ -33,7 +32,7 @@ from trackingproxy.lifecycle import ActiveRequests, OpenConnections, tune_gc
 from trackingproxy.listeners import ListenerService
 from trackingproxy.logwriter import open_access_log
 from trackingproxy.memory import AllocatorTrim, glibc_malloc_trim
-from trackingproxy.proxy import TrackingResource, Upstream
+from trackingproxy.proxy import TrackingHandler, Upstream
 from trackingproxy.reload import Reloader
 from trackingproxy.site import ProxySite
 from trackingproxy.sni import SNIContextMap
@@ -265,8 +264,8 @@ def build_service(
         cert = sni_map.certificate_for(sni)
         return cert is not None and cert is sni_map.certificate_for(host)
 
-    def resource(scheme: bytes, upstream_: Upstream) -> IResource:
-        return TrackingResource(
+    def handler(scheme: bytes, upstream_: Upstream) -> TrackingHandler:
+        return TrackingHandler(
             scheme=scheme,
             domains=runtime.current_domains,
             upstream=upstream_,
@@ -286,7 +285,7 @@ def build_service(
 
     def site(scheme: str) -> ProxySite:
         return ProxySite(
-            resource(scheme.encode(), admin.instrument(upstream) if admin else upstream),
+            handler(scheme.encode(), admin.instrument(upstream) if admin else upstream),
             access_log,
             scheme,
             reactor,

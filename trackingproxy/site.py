@@ -8,8 +8,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IAddress, IProtocol, IReactorTime
-from twisted.web.resource import IResource
-from twisted.web.server import Site
+from twisted.internet.protocol import ServerFactory
 
 from trackingproxy.accesslog import AccessEntry, AccessLog
 from trackingproxy.exchange import ClientExchange
@@ -31,7 +30,7 @@ IDLE_TIMEOUT = 60.0
 
 
 class Handler(Protocol):
-    """The request handler (``trackingproxy.proxy.TrackingResource``)."""
+    """The request handler (``trackingproxy.proxy.TrackingHandler``)."""
 
     def handle(self, exchange: ClientExchange) -> None: ...
 
@@ -44,12 +43,12 @@ class SiteObserver(Protocol):
     def connection_closed(self) -> None: ...
 
 
-class ProxySite(Site):
+class ProxySite(ServerFactory):
     """One listener: builds the connections and runs the per-request hooks."""
 
     def __init__(
         self,
-        resource: IResource,
+        handler: Handler,
         access_log: AccessLog,
         scheme: str,
         reactor: IReactorTime,
@@ -60,20 +59,18 @@ class ProxySite(Site):
         h2_engine: type[H2ServerBase] | None = None,
         trimmer: AllocatorTrim | None = None,
     ) -> None:
-        super().__init__(resource, timeout=idle_timeout, reactor=reactor)
         if h2_engine is None:
             h2_engine = choose_engine("auto")[0]
         self.h2_engine = h2_engine
         self._trimmer = trimmer
         self.clock = reactor
-        self.handler: Handler = resource  # type: ignore[assignment]
+        self.handler = handler
         self.idle_timeout = idle_timeout
         self.header_timeout = header_timeout
         self._access_log = access_log
         self._active = active
         self.observer = observer
         self._scheme = scheme
-        self.displayTracebacks = False
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         protocol = HTTP1Connection(self)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from twisted.internet.defer import Deferred
 from twisted.web.http import RESPONSES
 
 # Reason phrases twisted.web does not know (RFC 9110).
@@ -96,6 +97,9 @@ class ClientExchange(Protocol):
 
     def on_lost(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` if the client goes away before the answer is finished."""
+
+    def notifyFinish(self) -> Deferred[None]:
+        """Fires when the answer is finished, fails if the client goes away first."""
 
 
 _cached_second = -1

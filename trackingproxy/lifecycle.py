@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import gc
 import weakref
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
@@ -24,10 +24,15 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.logger import Logger
-from twisted.web.server import Request
 from zope.interface import implementer
 
 log = Logger(namespace="trackingproxy.lifecycle")
+
+
+class _Finishing(Protocol):
+    """A request in flight (``trackingproxy.serverrequest.ServerRequest``)."""
+
+    def notifyFinish(self) -> Deferred[None]: ...
 
 
 class ActiveRequests:
@@ -38,7 +43,7 @@ class ActiveRequests:
         self.count = 0
         self._waiters: list[Deferred[bool]] = []
 
-    def started(self, request: Request) -> None:
+    def started(self, request: _Finishing) -> None:
         self.count += 1
         request.notifyFinish().addBoth(self._finished)
 

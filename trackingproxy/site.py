@@ -95,7 +95,7 @@ class ProxySite(ServerFactory):
         if not exchange.tp_started:
             exchange.tp_started = self.clock.seconds()
         if self._active is not None:
-            self._active.started(exchange)  # type: ignore[arg-type]
+            self._active.started(exchange)
         self.handler.handle(exchange)
 
     def request_done(self, exchange: ClientExchange) -> None:

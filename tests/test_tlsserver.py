@@ -14,8 +14,10 @@ from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import Interface, directlyProvidedBy, directlyProvides, providedBy
 
 from tests.certs import issue, make_ca
+from trackingproxy import tlsserver
 from trackingproxy.tlsserver import TLSServerFactory
 
 # The start of a ClientHello: the peer goes away before the rest.
@@ -64,3 +66,56 @@ class TLSServerTests(SynchronousTestCase):
         self.assertIsNotNone(openssl_connection())
         gc.collect()
         self.assertIsNone(tls_protocol())
+
+
+class _Marked(Interface):
+    """An interface one transport instance provides on top of its class."""
+
+
+class _CountsConnections(Protocol):
+    made = 0
+
+    def connectionMade(self) -> None:
+        self.made += 1
+
+
+def _connected(factory_class: type[TLSMemoryBIOFactory], transport: StringTransport) -> Any:
+    leaf = issue(make_ca(), "click.example.com")
+    pem = leaf.private_key_pem.bytes() + leaf.cert_chain_pems[0].bytes()
+    options = PrivateCertificate.loadPEM(pem).options()
+    factory = factory_class(options, False, Factory.forProtocol(_CountsConnections))
+    factory.doStart()
+    protocol = factory.buildProtocol(None)
+    protocol.makeConnection(transport)
+    return protocol
+
+
+class TransportInterfacesTests(SynchronousTestCase):
+    """TLSServerProtocol.makeConnection ends as Twisted's does (interfaces declared, the wrapped
+    protocol connected once, the protocol registered), declaring once per class pair."""
+
+    def _same_as_twisted(self, transport: StringTransport) -> None:
+        twisted_protocol = _connected(TLSMemoryBIOFactory, transport)
+        ours = _connected(TLSServerFactory, transport)
+        self.assertEqual(list(directlyProvidedBy(ours)), list(directlyProvidedBy(twisted_protocol)))
+        self.assertTrue(list(directlyProvidedBy(ours)))
+        self.assertEqual((ours.wrappedProtocol.made, twisted_protocol.wrappedProtocol.made), (1, 1))
+        self.assertIs(ours.transport, transport)
+        self.assertIsNotNone(ours.getHandle())
+        self.assertIs(ours.wrappedProtocol.transport, ours)
+        self.assertIn(ours, ours.factory.protocols)
+
+    def test_first_and_cached_connections_match_twisted(self) -> None:
+        tlsserver._declarations.clear()
+        self._same_as_twisted(StringTransport())
+        self.assertEqual(len(tlsserver._declarations), 1)
+        self._same_as_twisted(StringTransport())
+
+    def test_transport_with_its_own_interfaces_is_not_cached(self) -> None:
+        tlsserver._declarations.clear()
+        transport = StringTransport()
+        directlyProvides(transport, _Marked)
+        self._same_as_twisted(transport)
+        self.assertEqual(tlsserver._declarations, {})
+        self._same_as_twisted(StringTransport())
+        self.assertNotIn(_Marked, list(providedBy(_connected(TLSServerFactory, StringTransport()))))

@@ -3,13 +3,17 @@ mid-handshake) is freed by reference counting, without the garbage collector."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import weakref
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import PrivateCertificate
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -18,7 +22,7 @@ from zope.interface import Interface, directlyProvidedBy, directlyProvides, prov
 
 from tests.certs import issue, make_ca
 from trackingproxy import tlsserver
-from trackingproxy.tlsserver import TLSServerFactory
+from trackingproxy.tlsserver import TLSServerFactory, renew_memory_bios
 
 # The start of a ClientHello: the peer goes away before the rest.
 PARTIAL_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 20
@@ -119,3 +123,99 @@ class TransportInterfacesTests(SynchronousTestCase):
         self.assertEqual(tlsserver._declarations, {})
         self._same_as_twisted(StringTransport())
         self.assertNotIn(_Marked, list(providedBy(_connected(TLSServerFactory, StringTransport()))))
+
+
+class _Echo(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+class MemoryBIORenewalTests(SynchronousTestCase):
+    """After the handshake the server connection trades its grown memory BIOs for new ones,
+    once, without losing a byte either way."""
+
+    def setUp(self) -> None:
+        ca = make_ca()
+        leaf = issue(ca, "click.example.com")
+        pem = leaf.private_key_pem.bytes() + leaf.cert_chain_pems[0].bytes()
+        self.clock = Clock()
+        factory = TLSServerFactory(
+            PrivateCertificate.loadPEM(pem).options(),
+            False,
+            Factory.forProtocol(_Echo),
+            clock=self.clock,
+        )
+        factory.doStart()
+        self.server = factory.buildProtocol(None)
+        self.wire = StringTransport()
+        self.server.makeConnection(self.wire)
+        self.first_bios = (
+            self.server._tlsConnection._into_ssl,
+            self.server._tlsConnection._from_ssl,
+        )
+        client_context = SSL.Context(SSL.TLS_METHOD)
+        client_context.set_min_proto_version(SSL.TLS1_3_VERSION)
+        self.client = SSL.Connection(client_context, None)
+        self.client.set_connect_state()
+        self.client.set_tlsext_host_name(b"click.example.com")
+
+    def _pump(self) -> bytes:
+        """Move bytes both ways until neither side has any; return what the client read."""
+        received = b""
+        for _ in range(200):
+            self.clock.advance(0)
+            moved = False
+            with contextlib.suppress(SSL.WantReadError):
+                self.client.do_handshake()
+            with contextlib.suppress(SSL.WantReadError):
+                out = self.client.bio_read(1 << 20)
+                if out:
+                    self.server.dataReceived(out)
+                    moved = True
+            back = self.wire.value()
+            self.wire.clear()
+            if back:
+                self.client.bio_write(back)
+                moved = True
+            while True:
+                try:
+                    received += self.client.recv(1 << 20)
+                except SSL.WantReadError:
+                    break
+            if not moved:
+                return received
+        raise AssertionError("the connection never went quiet")
+
+    def _echo(self, payload: bytes) -> bytes:
+        sent = 0
+        received = b""
+        while sent < len(payload):
+            sent += self.client.send(payload[sent : sent + 16384])
+            received += self._pump()
+        return received + self._pump()
+
+    def test_renewed_once_after_the_handshake_and_bytes_still_flow(self) -> None:
+        self._pump()
+        self.assertTrue(self.server._handshakeDone)
+        self.assertTrue(self.server._bios_renewed)
+        renewed = (self.server._tlsConnection._into_ssl, self.server._tlsConnection._from_ssl)
+        self.assertNotEqual(renewed[0], self.first_bios[0])
+        self.assertNotEqual(renewed[1], self.first_bios[1])
+        payload = os.urandom(300_000)
+        self.assertEqual(self._echo(payload), payload)
+        again = (self.server._tlsConnection._into_ssl, self.server._tlsConnection._from_ssl)
+        self.assertEqual(again, renewed)
+
+    def test_not_renewed_while_a_bio_holds_bytes(self) -> None:
+        self._pump()
+        connection = self.server._tlsConnection
+        self.client.send(b"unread request")
+        connection.bio_write(self.client.bio_read(65536))
+        self.assertFalse(renew_memory_bios(connection))
+        self.assertEqual(connection.recv(100), b"unread request")
+        connection.send(b"unsent answer")
+        self.assertFalse(renew_memory_bios(connection))
+        self.client.bio_write(connection.bio_read(65536))
+        self.assertEqual(self.client.recv(100), b"unsent answer")
+        self.assertTrue(renew_memory_bios(connection))
+        self.assertEqual(self._echo(b"after"), b"after")

@@ -1,6 +1,7 @@
 """The TLS layer of the HTTPS listener: Twisted's (BufferingTLSTransport), without the reference
 cycle it leaves when a connection ends in a TLS error, and with its per-connection set-up done
-once instead of several times (see `TLSServerProtocol.makeConnection`).
+once instead of several times (see `TLSServerProtocol.makeConnection`), and with the memory
+its handshake left behind given back (`renew_memory_bios`).
 
 When the peer goes away mid-handshake (slowloris, scanners, half-open clients), Twisted's
 ``_flushReceiveBIO`` catches the ``SSL.Error`` into a local ``Failure`` whose traceback holds
@@ -15,6 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
 from twisted.internet.interfaces import ITransport
 from twisted.internet.protocol import Protocol
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
@@ -41,6 +45,34 @@ def _declare_transport_interfaces(protocol: Any, transport: ITransport) -> None:
         protocol.__provides__ = declared
 
 
+def renew_memory_bios(connection: SSL.Connection) -> bool:
+    """Give ``connection`` two new, empty memory BIOs if both of its own are drained.
+
+    A memory BIO never shrinks: after a TLS 1.3 handshake the outgoing one keeps room for the
+    server's whole first flight (certificate chain, signature, tickets) and the incoming one
+    for the ClientHello, about 4 KiB per connection that an idle keep-alive connection holds
+    for nothing (measured with massif: ``python -m bench.tls_memory``). The new pair only
+    grows to the size of the requests and answers. Returns whether it renewed; the BIOs are
+    pyOpenSSL's private state (pyOpenSSL 23-26), covered by tests/test_tlsserver.py.
+    """
+    old_in, old_out = connection._into_ssl, connection._from_ssl
+    if old_in is None or _lib.BIO_get_mem_data(old_in, _ffi.NULL) != 0:
+        return False
+    if _lib.BIO_get_mem_data(old_out, _ffi.NULL) != 0:
+        return False
+    new_in = _lib.BIO_new(_lib.BIO_s_mem())
+    new_out = _lib.BIO_new(_lib.BIO_s_mem())
+    if new_in == _ffi.NULL or new_out == _ffi.NULL:
+        for bio in (new_in, new_out):
+            if bio != _ffi.NULL:
+                _lib.BIO_free(bio)
+        return False
+    # SSL_set_bio takes both new BIOs and frees both old ones (none is shared).
+    _lib.SSL_set_bio(connection._ssl, new_in, new_out)
+    connection._into_ssl, connection._from_ssl = new_in, new_out
+    return True
+
+
 class TLSServerProtocol(BufferingTLSTransport):
     # Twisted's default server protocol (it aggregates small writes into one TLS record: the
     # HTTPS keep-alive benchmark lost 15 % when this derived from TLSMemoryBIOProtocol).
@@ -60,6 +92,15 @@ class TLSServerProtocol(BufferingTLSTransport):
         if self._connectWrapped:
             self.wrappedProtocol.makeConnection(self)
         self._checkHandshakeStatus()
+
+    _bios_renewed = False
+
+    def _flushSendBIO(self) -> None:
+        # Private Twisted hook: every TLS byte leaves through here, so this is where both
+        # BIOs are empty at some point soon after the handshake.
+        super()._flushSendBIO()
+        if self._handshakeDone and not self._bios_renewed:
+            self._bios_renewed = renew_memory_bios(self._tlsConnection)
 
     def _tlsShutdownFinished(self, reason: Failure | None) -> None:
         # Private Twisted hook (twisted.protocols.tls, 22.x-26.x): called with the Failure of

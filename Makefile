@@ -62,7 +62,7 @@ demo: debs $(STAMP)
 
 # trackingproxy against nginx (SparkPost's recipe, and tuned) and Caddy, on loopback; writes
 # bench/RESULTS.md and bench/results/latest.json (see bench/README.md). bench-quick: ~3 minutes.
-BENCH_DEBS := nginx caddy wrk nghttp2-client util-linux
+BENCH_DEBS := nginx caddy wrk nghttp2-client util-linux strace
 .PHONY: bench bench-quick
 bench: $(STAMP)
 	@$(MAKE) --no-print-directory debs APT_PACKAGES="$(BENCH_DEBS)"

@@ -1,10 +1,14 @@
-"""`python -m bench.run --profile SECONDS [--profile-scenario h2|https-full]`: where
-trackingproxy spends its CPU under HTTPS keep-alive load (wrk, 50 connections), HTTP/2 load
-(h2load, 50 clients) or full TLS handshakes (fresh h2load clients), sampled with py-spy
+"""`python -m bench.run --profile SECONDS [--profile-scenario h2|https-full] [--syscalls]`:
+where trackingproxy spends its CPU under HTTPS keep-alive load (wrk, 50 connections), HTTP/2
+load (h2load, 50 clients) or full TLS handshakes (fresh h2load clients), sampled with py-spy
 (`pip install py-spy`).
 
 Writes the collapsed stacks to bench/results/profile-<time>.txt (load it into speedscope or
 flamegraph.pl) and prints the top functions by self time and by inclusive time.
+
+With ``--syscalls``, counts the proxy's system calls with ``strace -c`` instead and prints them
+per request: on a machine where system calls are expensive (virtual machines) they are a large
+part of what a new connection costs, and the count, unlike the time, does not depend on noise.
 """
 
 # ruff: noqa: S603  (a benchmark harness: it runs the tools it measures, from PATH)
@@ -18,6 +22,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from bench import servers
 from bench.loadgen import Clients
@@ -55,6 +60,25 @@ def summarise(collapsed: Path, top: int = 25) -> str:
     return "\n".join(out)
 
 
+def per_request(strace_summary: str, requests: float) -> str:
+    """``strace -c``'s table with the calls divided by the requests served meanwhile."""
+    out = [f"{'calls/request':>13}  {'calls':>8}  syscall"]
+    for line in strace_summary.splitlines():
+        fields = line.split()
+        if len(fields) in (5, 6) and fields[3].isdigit() and fields[-1] != "total":
+            calls = int(fields[3])
+            out.append(f"{calls / requests:13.2f}  {calls:8d}  {fields[-1]}")
+    return "\n".join(out)
+
+
+def _load(clients: Clients, port: int, scenario: str, seconds: float) -> Any:
+    if scenario == "h2":
+        return clients.h2(port, 50, seconds)
+    if scenario == "https-full":
+        return clients.fresh(port, 50, seconds)
+    return clients.wrk(port, True, 50, seconds)
+
+
 def profile(
     seconds: float,
     workdir: Path,
@@ -65,34 +89,39 @@ def profile(
     extra: list[str],
     native: bool = True,
     scenario: str = "https-ka",
+    syscalls: bool = False,
 ) -> int:
     server = servers.start_proxy("trackingproxy", workdir, certs, up.https, repo, extra)
     try:
         servers.wait_ready(server)
         clients.wrk(server.https, True, 50, 1.0)  # warm-up
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        out = repo / "bench" / "results" / f"profile-{stamp}.txt"
-        argv = [_py_spy(), "record", "-p", str(server.pid), "-d", f"{seconds:g}", "-r", "200",
-                "--format", "raw", "-o", str(out)]
-        if native:
-            argv.append("--native")
-        if scenario == "h2":
-            load = threading.Thread(
-                target=clients.h2, args=(server.https, 50, seconds + 2), daemon=True
-            )
-        elif scenario == "https-full":
-            load = threading.Thread(
-                target=clients.fresh, args=(server.https, 50, seconds + 2), daemon=True
-            )
+        loads: list[Any] = []
+        load = threading.Thread(
+            target=lambda: loads.append(_load(clients, server.https, scenario, seconds + 2)),
+            daemon=True,
+        )
+        if syscalls:
+            argv = ["timeout", "-s", "INT", f"{seconds:g}", "strace", "-c", "-f",
+                    "-p", str(server.pid)]
         else:
-            load = threading.Thread(
-                target=clients.wrk, args=(server.https, True, 50, seconds + 2), daemon=True
-            )
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            out = repo / "bench" / "results" / f"profile-{stamp}.txt"
+            argv = [_py_spy(), "record", "-p", str(server.pid), "-d", f"{seconds:g}", "-r",
+                    "200", "--format", "raw", "-o", str(out)]
+            if native:
+                argv.append("--native")
         load.start()
         time.sleep(0.5)
         res = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60,
                              check=False)
         load.join(timeout=seconds + 40)
+        if syscalls:
+            if "total" not in res.stderr or not loads:
+                sys.exit(f"bench: strace failed ({res.returncode}): {res.stderr.strip()}")
+            # The load ran seconds + 2 s, strace saw `seconds` of it (the proxy slowed alike).
+            served = loads[0].requests * seconds / loads[0].seconds
+            print(per_request(res.stderr, served))
+            return 0
         if res.returncode != 0 or not out.exists():
             sys.exit(f"bench: py-spy failed ({res.returncode}): {res.stderr.strip()}")
         print(summarise(out))

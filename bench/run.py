@@ -241,6 +241,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-scenario", choices=("https-ka", "h2", "https-full"),
                    default="https-ka",
                    help="the load profiled: wrk over TLS, h2load, or full handshakes")
+    p.add_argument("--syscalls", action="store_true",
+                   help="with --profile: count system calls per request (strace -c), no py-spy")
     p.add_argument("--no-write", action="store_true", help="do not write RESULTS.md/latest.json")
     p.add_argument("--workers", type=int, default=1,
                    help="trackingproxy --workers N (above 1 it may use every CPU, not only CPU 0)")
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             from bench.profile import profile
 
             status = profile(args.profile, workdir, certs, up, clients, REPO, extra,
-                             scenario=args.profile_scenario)
+                             scenario=args.profile_scenario, syscalls=args.syscalls)
             shutil.rmtree(workdir, ignore_errors=True)
             return status
         if args.idle_only:

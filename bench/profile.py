@@ -11,11 +11,12 @@ per request: on a machine where system calls are expensive (virtual machines) th
 part of what a new connection costs, and the count, unlike the time, does not depend on noise.
 """
 
-# ruff: noqa: S603  (a benchmark harness: it runs the tools it measures, from PATH)
+# ruff: noqa: S603, S607  (a benchmark harness: it runs the tools it measures, from PATH)
 
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -79,6 +80,21 @@ def _load(clients: Clients, port: int, scenario: str, seconds: float) -> Any:
     return clients.wrk(port, True, 50, seconds)
 
 
+def _count_syscalls(server: servers.Server, clients: Clients, scenario: str,
+                    seconds: float) -> int:
+    """strace attached for the whole of one load run, so every request it serves is counted."""
+    strace = subprocess.Popen(["strace", "-c", "-f", "-p", str(server.pid)],
+                              stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # attached (strace prints nothing until it detaches)
+    load = _load(clients, server.https, scenario, seconds)
+    strace.send_signal(signal.SIGINT)
+    _, summary = strace.communicate(timeout=60)
+    if "total" not in summary:
+        sys.exit(f"bench: strace failed ({strace.returncode}): {summary.strip()}")
+    print(per_request(summary, load.requests))
+    return 0
+
+
 def profile(
     seconds: float,
     workdir: Path,
@@ -95,33 +111,22 @@ def profile(
     try:
         servers.wait_ready(server)
         clients.wrk(server.https, True, 50, 1.0)  # warm-up
-        loads: list[Any] = []
-        load = threading.Thread(
-            target=lambda: loads.append(_load(clients, server.https, scenario, seconds + 2)),
-            daemon=True,
-        )
         if syscalls:
-            argv = ["timeout", "-s", "INT", f"{seconds:g}", "strace", "-c", "-f",
-                    "-p", str(server.pid)]
-        else:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            out = repo / "bench" / "results" / f"profile-{stamp}.txt"
-            argv = [_py_spy(), "record", "-p", str(server.pid), "-d", f"{seconds:g}", "-r",
-                    "200", "--format", "raw", "-o", str(out)]
-            if native:
-                argv.append("--native")
+            return _count_syscalls(server, clients, scenario, seconds)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = repo / "bench" / "results" / f"profile-{stamp}.txt"
+        argv = [_py_spy(), "record", "-p", str(server.pid), "-d", f"{seconds:g}", "-r", "200",
+                "--format", "raw", "-o", str(out)]
+        if native:
+            argv.append("--native")
+        load = threading.Thread(
+            target=_load, args=(clients, server.https, scenario, seconds + 2), daemon=True
+        )
         load.start()
         time.sleep(0.5)
         res = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60,
                              check=False)
         load.join(timeout=seconds + 40)
-        if syscalls:
-            if "total" not in res.stderr or not loads:
-                sys.exit(f"bench: strace failed ({res.returncode}): {res.stderr.strip()}")
-            # The load ran seconds + 2 s, strace saw `seconds` of it (the proxy slowed alike).
-            served = loads[0].requests * seconds / loads[0].seconds
-            print(per_request(res.stderr, served))
-            return 0
         if res.returncode != 0 or not out.exists():
             sys.exit(f"bench: py-spy failed ({res.returncode}): {res.stderr.strip()}")
         print(summarise(out))

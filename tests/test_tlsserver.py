@@ -28,15 +28,22 @@ from trackingproxy.tlsserver import TLSServerFactory, renew_memory_bios
 PARTIAL_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 20
 
 
-def _cut_mid_handshake(
-    factory_class: type[TLSMemoryBIOFactory],
-) -> tuple[weakref.ref[Any], weakref.ref[Any]]:
+def _server_factory(
+    factory_class: type[TLSMemoryBIOFactory], wrapped: type[Protocol], **kw: Any
+) -> TLSMemoryBIOFactory:
+    """A started server TLS factory with a fresh certificate for click.example.com."""
     leaf = issue(make_ca(), "click.example.com")
     pem = leaf.private_key_pem.bytes() + leaf.cert_chain_pems[0].bytes()
     options = PrivateCertificate.loadPEM(pem).options()
-    factory = factory_class(options, False, Factory.forProtocol(Protocol))
+    factory = factory_class(options, False, Factory.forProtocol(wrapped), **kw)
     factory.doStart()
-    protocol = factory.buildProtocol(None)
+    return factory
+
+
+def _cut_mid_handshake(
+    factory_class: type[TLSMemoryBIOFactory],
+) -> tuple[weakref.ref[Any], weakref.ref[Any]]:
+    protocol = _server_factory(factory_class, Protocol).buildProtocol(None)
     protocol.makeConnection(StringTransport())
     protocol.dataReceived(PARTIAL_HELLO)
     refs = weakref.ref(protocol), weakref.ref(protocol._tlsConnection)
@@ -84,12 +91,7 @@ class _CountsConnections(Protocol):
 
 
 def _connected(factory_class: type[TLSMemoryBIOFactory], transport: StringTransport) -> Any:
-    leaf = issue(make_ca(), "click.example.com")
-    pem = leaf.private_key_pem.bytes() + leaf.cert_chain_pems[0].bytes()
-    options = PrivateCertificate.loadPEM(pem).options()
-    factory = factory_class(options, False, Factory.forProtocol(_CountsConnections))
-    factory.doStart()
-    protocol = factory.buildProtocol(None)
+    protocol = _server_factory(factory_class, _CountsConnections).buildProtocol(None)
     protocol.makeConnection(transport)
     return protocol
 
@@ -135,17 +137,8 @@ class MemoryBIORenewalTests(SynchronousTestCase):
     once, without losing a byte either way."""
 
     def setUp(self) -> None:
-        ca = make_ca()
-        leaf = issue(ca, "click.example.com")
-        pem = leaf.private_key_pem.bytes() + leaf.cert_chain_pems[0].bytes()
         self.clock = Clock()
-        factory = TLSServerFactory(
-            PrivateCertificate.loadPEM(pem).options(),
-            False,
-            Factory.forProtocol(_Echo),
-            clock=self.clock,
-        )
-        factory.doStart()
+        factory = _server_factory(TLSServerFactory, _Echo, clock=self.clock)
         self.server = factory.buildProtocol(None)
         self.wire = StringTransport()
         self.server.makeConnection(self.wire)

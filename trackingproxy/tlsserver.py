@@ -56,16 +56,13 @@ def renew_memory_bios(connection: SSL.Connection) -> bool:
     pyOpenSSL's private state (pyOpenSSL 23-26), covered by tests/test_tlsserver.py.
     """
     old_in, old_out = connection._into_ssl, connection._from_ssl
-    if old_in is None or _lib.BIO_get_mem_data(old_in, _ffi.NULL) != 0:
-        return False
-    if _lib.BIO_get_mem_data(old_out, _ffi.NULL) != 0:
-        return False
+    if old_in is None or any(_lib.BIO_get_mem_data(b, _ffi.NULL) for b in (old_in, old_out)):
+        return False  # a socket connection, or bytes still to read or to send
     new_in = _lib.BIO_new(_lib.BIO_s_mem())
     new_out = _lib.BIO_new(_lib.BIO_s_mem())
-    if new_in == _ffi.NULL or new_out == _ffi.NULL:
-        for bio in (new_in, new_out):
-            if bio != _ffi.NULL:
-                _lib.BIO_free(bio)
+    if new_in == _ffi.NULL or new_out == _ffi.NULL:  # out of memory: keep the old pair
+        _lib.BIO_free(new_in)  # BIO_free(NULL) does nothing
+        _lib.BIO_free(new_out)
         return False
     # SSL_set_bio takes both new BIOs and frees both old ones (none is shared).
     _lib.SSL_set_bio(connection._ssl, new_in, new_out)

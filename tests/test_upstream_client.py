@@ -16,8 +16,6 @@ from twisted.web._newclient import (
     RequestTransmissionFailed,
     ResponseNeverReceived,
 )
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
 
 from tests.upstream_standin import MemoryConnector, StaticDNS
 from trackingproxy.upstream.client import UpstreamClient
@@ -27,10 +25,11 @@ from trackingproxy.upstream.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
+from trackingproxy.upstream.http1 import LeanResponse
 from trackingproxy.upstream.pool import ConnectionPool, PooledConnection
 from trackingproxy.upstream.target import UpstreamTarget
 
-HEADERS = Headers({b"host": [b"click.example.com"], b"x-a": [b"1"]})
+HEADERS = [(b"host", b"click.example.com"), (b"x-a", b"1")]
 
 
 class Collect(Protocol):
@@ -56,7 +55,7 @@ class ClientOverPool(SynchronousTestCase):
         self.pool = ConnectionPool(self.clock, target, resolver, self.connector)
         self.client = UpstreamClient(self.pool, self.clock, response_timeout=10.0)
 
-    def send(self, method: bytes = b"GET", path: bytes = b"/", body: bytes | None = None) -> Deferred[IResponse]:
+    def send(self, method: bytes = b"GET", path: bytes = b"/", body: bytes | None = None) -> Deferred[LeanResponse]:
         attempts = len(self.connector.attempts)
         d = self.client.request(method, path, HEADERS, body)
         if len(self.connector.attempts) > attempts:
@@ -74,8 +73,7 @@ class ClientOverPool(SynchronousTestCase):
         self.send(path=b"/a%2Fb/?x=1&&y=%zz;z")
         sent = self.wire.value()
         self.assertTrue(sent.startswith(b"GET /a%2Fb/?x=1&&y=%zz;z HTTP/1.1\r\n"), sent)
-        self.assertIn(b"\r\nHost: click.example.com\r\n", sent)
-        self.assertIn(b"\r\nX-A: 1\r\n", sent)
+        self.assertIn(b"\r\nhost: click.example.com\r\nx-a: 1\r\n", sent)
         self.assertNotIn(b"Connection", sent)
         self.assertNotIn(b"Content-Length", sent)
         self.assertTrue(sent.endswith(b"\r\n\r\n"))
@@ -85,6 +83,31 @@ class ClientOverPool(SynchronousTestCase):
         d = self.client.request(b"GET", b"/a b", HEADERS, None)
         self.assertEqual(self.failureResultOf(d, UpstreamError).value.cause, "protocol")
         self.assertEqual(self.connector.attempts, [])
+
+    def test_unsendable_header_field_fails_at_once(self) -> None:
+        """A field name that is not a token, or CR, LF or NUL in a field, fails with 'protocol'
+        before any connection is made: nothing can split the request."""
+        for field in [
+            (b"x-a", b"1\r\nX-Evil: 1"),
+            (b"x-a", b"1\nX-Evil: 1"),
+            (b"x-a", b"1\rX"),
+            (b"x-a", b"a\x00b"),
+            (b"x a", b"1"),
+            (b"x:a", b"1"),
+            (b"", b"1"),
+            (b"x-\xe9", b"1"),
+            (b"x-a\r\nX-Evil", b"1"),
+        ]:
+            with self.subTest(field=field):
+                d = self.client.request(b"GET", b"/", [*HEADERS, field], None)
+                self.assertEqual(self.failureResultOf(d, UpstreamError).value.cause, "protocol")
+        self.assertEqual(self.connector.attempts, [])
+
+    def test_header_values_may_hold_any_other_byte(self) -> None:
+        """Tabs, spaces, colons and obs-text in a value go out as given."""
+        self.client.request(b"GET", b"/", [*HEADERS, (b"x-b", b"\t: a\x80\xff ")], None)
+        self.connector.last.succeed()
+        self.assertIn(b"\r\nx-b: \t: a\x80\xff \r\n\r\n", self.wire.value())
 
     def test_post_body_is_framed_by_content_length(self) -> None:
         """A body is written after the headers with a Content-Length."""
@@ -98,7 +121,10 @@ class ClientOverPool(SynchronousTestCase):
         d = self.send()
         self.wire.protocol.dataReceived(b"HTTP/1.1 302 Found\r\nLocation: /x\r\nContent-Length: 5\r\n\r\n")
         response = self.successResultOf(d)
-        self.assertEqual((response.code, response.headers.getRawHeaders(b"location")), (302, [b"/x"]))
+        self.assertEqual(
+            (response.code, response.raw_headers), (302, [(b"Location", b"/x"), (b"Content-Length", b"5")])
+        )
+        self.assertEqual(response.headers.getRawHeaders(b"location"), [b"/x"])  # IResponse's view
         body = Collect()
         response.deliverBody(body)
         self.assertEqual(self.pool.idle_count, 0)
@@ -224,7 +250,7 @@ class ScriptedPool:
 class RetryRule(SynchronousTestCase):
     """Retry once, on a fresh connection, only when the request provably was not sent."""
 
-    def run_with(self, *conns: tuple[Exception | None, bool]) -> tuple[ScriptedPool, Deferred[IResponse]]:
+    def run_with(self, *conns: tuple[Exception | None, bool]) -> tuple[ScriptedPool, Deferred[LeanResponse]]:
         pool = ScriptedPool(*conns)
         client = UpstreamClient(pool, Clock())
         return pool, client.request(b"GET", b"/click", HEADERS, None)

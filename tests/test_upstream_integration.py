@@ -14,7 +14,6 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseDone
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from tests.upstream_standin import (
@@ -44,11 +43,8 @@ from trackingproxy.upstream.target import UpstreamTarget
 HOST = "upstream.test"
 
 
-def headers(host: bytes = b"click.example.com", **extra: bytes) -> Headers:
-    h = Headers({b"host": [host]})
-    for name, value in extra.items():
-        h.addRawHeader(name.replace("_", "-").encode(), value)
-    return h
+def headers(host: bytes = b"click.example.com", **extra: bytes) -> list[tuple[bytes, bytes]]:
+    return [(b"host", host), *((name.replace("_", "-").encode(), v) for name, v in extra.items())]
 
 
 def _restore_env(name: str, value: str | None) -> None:

@@ -12,13 +12,12 @@ from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web._newclient import Request
-from twisted.web.http_headers import Headers
 
 from tests.upstream_standin import MemoryConnector, StaticDNS
 from trackingproxy.errors import ConfigError
 from trackingproxy.upstream.dns import CachingResolver
 from trackingproxy.upstream.errors import DNSLookupFailed, UpstreamConnectFailed, UpstreamTLSFailed
+from trackingproxy.upstream.http1 import UpstreamRequest
 from trackingproxy.upstream.pool import ConnectionPool, PooledConnection, make_trust_root
 from trackingproxy.upstream.target import UpstreamTarget
 
@@ -43,7 +42,7 @@ class PoolTests(SynchronousTestCase):
 
     def serve(self, conn: PooledConnection) -> None:
         """Run one request/response on the connection so that it goes quiescent."""
-        d = conn.protocol.request(Request(b"GET", b"/", Headers({b"host": [b"h"]}), None, persistent=True))
+        d = conn.protocol.request(UpstreamRequest(b"GET", b"/", [(b"host", b"h")], None))
         conn.protocol.dataReceived(OK)
         self.assertEqual(self.successResultOf(d).code, 200)
 
@@ -95,7 +94,7 @@ class PoolTests(SynchronousTestCase):
         conn = self.new()
         transport = self.connector.last.transport
         assert transport is not None
-        d = conn.protocol.request(Request(b"GET", b"/", Headers({b"host": [b"h"]}), None, persistent=True))
+        d = conn.protocol.request(UpstreamRequest(b"GET", b"/", [(b"host", b"h")], None))
         self.clock.advance(121)
         conn.protocol.dataReceived(OK)
         self.successResultOf(d)

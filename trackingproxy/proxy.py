@@ -20,14 +20,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
 
 from trackingproxy.challenges import ChallengeResponder
 from trackingproxy.domains import host_from_header
 from trackingproxy.exchange import ClientExchange
 from trackingproxy.forwarded import ForwardedFor
 from trackingproxy.upstream.errors import UpstreamError, UpstreamReset, UpstreamTimeout
+from trackingproxy.upstream.http1 import LeanResponse
 from trackingproxy.wellknown import WellKnownFile
 
 log = Logger(namespace="trackingproxy.proxy")
@@ -67,40 +66,37 @@ _INBOUND_DROP = HOP_BY_HOP | {
 _OUTBOUND_DROP = HOP_BY_HOP | {b"server", b"content-length"}
 
 
-def _canonical(names: Iterable[bytes]) -> frozenset[bytes]:
-    """``names`` as twisted's Headers spells them (Content-Length, TE): the upstream response's
-    header names come in that form, so no per-header ``lower()`` is needed to drop them."""
-    headers = Headers()
-    for name in names:
-        headers.setRawHeaders(name, [b""])
-    return frozenset(name for name, _ in headers.getAllRawHeaders())
-
-
-_OUTBOUND_DROP_CANONICAL = _canonical(_OUTBOUND_DROP)
 _drop_by_connection: dict[tuple[bytes, ...], frozenset[bytes]] = {}
 
 
 def _outbound_drop(connection: Sequence[bytes]) -> frozenset[bytes]:
-    """The response header names not to pass on, given the upstream's Connection values (the
-    upstream sends the same few, e.g. ``keep-alive``, on every response: cached)."""
+    """The response header names (lower case) not to pass on, given the upstream's Connection
+    values (the upstream sends the same few, e.g. ``keep-alive``, on every response: cached)."""
     key = tuple(connection)
     drop = _drop_by_connection.get(key)
     if drop is None:
-        named = _canonical(t for t in _tokens(connection) if _TOKEN_NAME.match(t))
-        drop = _OUTBOUND_DROP_CANONICAL | named
+        drop = _OUTBOUND_DROP | {t for t in _tokens(connection) if _TOKEN_NAME.match(t)}
         if len(_drop_by_connection) < 64:
             _drop_by_connection[key] = drop
     return drop
+
+
+def _one_line(value: bytes) -> bytes:
+    """``value`` with any CR or LF turned into a space (as twisted.web's Headers does): the
+    parsers already refuse them, this keeps a forwarded field from ever splitting the request."""
+    if b"\r" in value or b"\n" in value:
+        return b" ".join(value.splitlines())
+    return value
 
 
 class Upstream(Protocol):
     """What the proxy needs from the upstream client (trackingproxy.upstream.client)."""
 
     def request(
-        self, method: bytes, path: bytes, headers: Headers, body: bytes | None
-    ) -> Deferred[IResponse]: ...
+        self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], body: bytes | None
+    ) -> Deferred[LeanResponse]: ...
 
-    def abandon(self, response: IResponse) -> None: ...
+    def abandon(self, response: LeanResponse) -> None: ...
 
 
 class SniCheck(Protocol):
@@ -233,25 +229,27 @@ class TrackingHandler:
         )
 
     # -- proxying -------------------------------------------------------------------------
-    def _outbound_headers(self, exchange: ClientExchange, host: str) -> Headers:
+    def _outbound_headers(self, exchange: ClientExchange, host: str) -> list[tuple[bytes, bytes]]:
+        """The client's fields minus the dropped ones, then the four the proxy sets; names in
+        lower case, as the client's parser gives them (as HTTP/2 and Envoy send them)."""
         drop = _INBOUND_DROP
         connection = exchange.header_values(b"connection")
         if connection:
             drop = drop | _tokens(connection)
-        headers = Headers()
-        add = headers.addRawHeader
-        for name, value in exchange.header_items():
-            if name not in drop:
-                add(name, value)
+        headers = [
+            (name, _one_line(value)) for name, value in exchange.header_items() if name not in drop
+        ]
         addr = self._forwarded.resolve(
             exchange.peer_host(), exchange.header_values(b"x-forwarded-for")
         )
         exchange.tp_client = addr.client
         host_b = host.encode("ascii")
-        add(b"host", host_b)
-        add(b"x-forwarded-for", addr.forwarded_for)
-        add(b"x-forwarded-proto", self._scheme)
-        add(b"x-forwarded-host", host_b)
+        headers += (
+            (b"host", host_b),
+            (b"x-forwarded-for", addr.forwarded_for),
+            (b"x-forwarded-proto", self._scheme),
+            (b"x-forwarded-host", host_b),
+        )
         return headers
 
     def _proxy(self, exchange: ClientExchange, host: str, target: bytes) -> None:
@@ -273,7 +271,7 @@ class _Forward(TwistedProtocol):
         self._upstream = upstream
         self._host = host
         self._client_gone = False
-        self._response: IResponse | None = None
+        self._response: LeanResponse | None = None
         self._head: tuple[int, bytes, list[tuple[bytes, bytes]], int | None, bool] | None = None
         self._done = False
         self._producing = False
@@ -286,23 +284,23 @@ class _Forward(TwistedProtocol):
             self._done = True
             self._upstream.abandon(response)
 
-    def got_response(self, response: IResponse) -> None:
+    def got_response(self, response: LeanResponse) -> None:
         if self._client_gone:
             response.deliverBody(_Discard())
             return
         self._response = response
-        upstream_headers = response.headers
-        connection = upstream_headers.getRawHeaders(b"connection")
-        drop = _outbound_drop(connection) if connection else _OUTBOUND_DROP_CANONICAL
+        fields = response.raw_headers
+        connection = [value for name, value in fields if name.lower() == b"connection"]
+        drop = _outbound_drop(connection) if connection else _OUTBOUND_DROP
         headers = []
         has_date = False
-        for name, values in upstream_headers.getAllRawHeaders():
-            if name in drop:
+        for name, value in fields:
+            lower = name.lower()
+            if lower in drop:
                 continue
-            if name == b"Date":
+            if lower == b"date":
                 has_date = True
-            for value in values:
-                headers.append((name, value))
+            headers.append((name, _one_line(value)))
         length = response.length
         # The head is sent with the first body byte (or the end), so an upstream that fails
         # before any body byte still gets the client a clean 502/504, never a bare close.

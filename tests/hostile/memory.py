@@ -25,8 +25,6 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
 from zope.interface import implementer
 
 from tests.certs import issue, make_ca, write_pair
@@ -35,6 +33,7 @@ from trackingproxy.challenges import ChallengeResponder
 from trackingproxy.config import config_from_options
 from trackingproxy.options import Options
 from trackingproxy.service import TrackingProxyService, build_service
+from trackingproxy.upstream.http1 import LeanResponse
 
 
 @define
@@ -43,11 +42,11 @@ class Forwarded:
 
     method: bytes
     path: bytes
-    headers: list[tuple[bytes, list[bytes]]]
+    headers: list[tuple[bytes, bytes]]
     body: bytes | None
 
     def values(self, name: bytes) -> list[bytes]:
-        return [v for k, vs in self.headers if k.lower() == name.lower() for v in vs]
+        return [v for k, v in self.headers if k.lower() == name.lower()]
 
 
 @define
@@ -56,19 +55,17 @@ class RecordingUpstream:
     exchange is not what these tests look at)."""
 
     seen: list[Forwarded] = field(factory=list)
-    pending: list[Deferred[IResponse]] = field(factory=list)
+    pending: list[Deferred[LeanResponse]] = field(factory=list)
 
     def request(
-        self, method: bytes, path: bytes, headers: Headers, body: bytes | None
-    ) -> Deferred[IResponse]:
-        self.seen.append(
-            Forwarded(method, path, [(k, list(v)) for k, v in headers.getAllRawHeaders()], body)
-        )
-        d: Deferred[IResponse] = Deferred()
+        self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], body: bytes | None
+    ) -> Deferred[LeanResponse]:
+        self.seen.append(Forwarded(method, path, list(headers), body))
+        d: Deferred[LeanResponse] = Deferred()
         self.pending.append(d)
         return d
 
-    def abandon(self, response: IResponse) -> None:
+    def abandon(self, response: LeanResponse) -> None:
         pass
 
     def close(self) -> Deferred[None]:

@@ -369,16 +369,14 @@ def test_forwarded_headers_are_clean(
     connection_named = {
         t.strip().lower() for n, v in sent if n == b"connection" for t in v.split(b",")
     }
-    for name, values in seen.headers:
+    for name, value in seen.headers:
         lname = name.lower()
         assert not CTL.search(name), name
-        for value in values:
-            assert not CTL.search(value), (name, value)
+        assert not CTL.search(value), (name, value)
         assert lname not in NEVER_FROM_CLIENT, name
         assert lname not in connection_named, name
         if lname not in SET_BY_PROXY:
-            for value in values:
-                assert (lname, value.strip(b" \t")) in sent, (name, value)
+            assert (lname, value.strip(b" \t")) in sent, (name, value)
     assert seen.values(b"host") == [host.encode()]
     assert seen.values(b"x-forwarded-for") == [PEER.encode()]
     assert seen.values(b"x-forwarded-proto") == [b"http"]

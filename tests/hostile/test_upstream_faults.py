@@ -23,8 +23,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web._newclient import ParseError, Request, ResponseDone, ResponseFailed
-from twisted.web.http_headers import Headers
+from twisted.web._newclient import ParseError, ResponseDone, ResponseFailed
 from twisted.web.iweb import IResponse
 
 from tests.hostile import faulty_upstream as fu
@@ -38,7 +37,7 @@ from tests.hostile.wire import (
     start_fault_proxy,
 )
 from trackingproxy.upstream.errors import UpstreamTimeout
-from trackingproxy.upstream.http1 import MAX_HEAD_BYTES, LeanHTTP11ClientProtocol
+from trackingproxy.upstream.http1 import MAX_HEAD_BYTES, LeanHTTP11ClientProtocol, UpstreamRequest
 
 RESULTS = Path(__file__).resolve().parents[2] / "build" / "hostile-results" / "upstream-faults"
 UPSTREAM_TIMEOUT = 1.0
@@ -74,7 +73,7 @@ class ClientProtocolLimits(SynchronousTestCase):
         self.results: list[Any] = []
 
     def send(self) -> None:
-        request = Request(b"GET", b"/f/x", Headers({b"host": [b"h"]}), None, persistent=True)
+        request = UpstreamRequest(b"GET", b"/f/x", [(b"host", b"h")], None)
         d = self.protocol.request(request)
         d.addBoth(self.results.append)
 
@@ -150,7 +149,7 @@ class ClientProtocolLimits(SynchronousTestCase):
         self.send()
         self.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         self.assertEqual(
-            list(self.response().headers.getAllRawHeaders()), [(b"Content-Length", [b"0"])]
+            self.response().raw_headers, [(b"Content-Length", b"0")]
         )
 
     def test_stalled_body_times_out(self) -> None:

@@ -24,11 +24,10 @@ from prometheus_client import (
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
 
 from trackingproxy.proxy import Upstream
 from trackingproxy.upstream.errors import CAUSES, UpstreamError
+from trackingproxy.upstream.http1 import LeanResponse
 
 __all__ = [
     "ERROR_CAUSES",
@@ -112,8 +111,8 @@ class InstrumentedUpstream:
         self._metrics = metrics
 
     def request(
-        self, method: bytes, path: bytes, headers: Headers, body: bytes | None
-    ) -> Deferred[IResponse]:
+        self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], body: bytes | None
+    ) -> Deferred[LeanResponse]:
         m = self._metrics
         m.upstream_count += 1
         m.upstream_requests.inc()
@@ -122,10 +121,10 @@ class InstrumentedUpstream:
         d.addCallbacks(self._answered, self._failed, callbackArgs=(started,))
         return d
 
-    def abandon(self, response: IResponse) -> None:
+    def abandon(self, response: LeanResponse) -> None:
         self._upstream.abandon(response)
 
-    def _answered(self, response: IResponse, started: float) -> IResponse:
+    def _answered(self, response: LeanResponse, started: float) -> LeanResponse:
         self._metrics.upstream_latency.observe(self._clock.seconds() - started)
         return response
 

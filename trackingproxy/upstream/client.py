@@ -15,23 +15,20 @@ never be mistaken for the next one.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Final, Protocol
 
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from twisted.web._newclient import (
     ParseError,
-    Request,
     RequestGenerationFailed,
     RequestNotSent,
     RequestTransmissionFailed,
     ResponseFailed,
 )
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
-from zope.interface import implementer
 
 from trackingproxy.upstream.errors import (
     UpstreamError,
@@ -39,6 +36,7 @@ from trackingproxy.upstream.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
+from trackingproxy.upstream.http1 import LeanResponse, UpstreamRequest
 from trackingproxy.upstream.pool import PooledConnection
 
 RESPONSE_TIMEOUT: Final = 10.0
@@ -50,28 +48,6 @@ class Pool(Protocol):
     def acquire(self, fresh: bool = False) -> Deferred[PooledConnection]: ...
 
     def close(self) -> Deferred[None]: ...
-
-
-@implementer(IBodyProducer)
-class _BytesBody:
-    """A request body that is already in memory: written at once, with a Content-Length."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class UpstreamClient:
@@ -91,29 +67,32 @@ class UpstreamClient:
         self._body_timeout = response_timeout if body_timeout is None else body_timeout
 
     def request(
-        self, method: bytes, path: bytes, headers: Headers, body: bytes | None
-    ) -> Deferred[IResponse]:
-        """Send `method path` with exactly `headers` (which must hold the Host header).
+        self,
+        method: bytes,
+        path: bytes,
+        headers: Iterable[tuple[bytes, bytes]],
+        body: bytes | None,
+    ) -> Deferred[LeanResponse]:
+        """Send `method path` with exactly `headers`, (name, value) pairs sent in order as
+        spelled (they must hold the Host header).
 
         `path` is sent byte for byte (query string included). Framing is ours: `headers` must not
         hold Connection, Content-Length or Transfer-Encoding. Fails with an `UpstreamError`;
         cancelling the Deferred (the client went away) aborts the upstream connection.
         """
-        producer = None if body is None else _BytesBody(body)
         try:
-            request = Request(method, path, headers, producer, persistent=True)
-        except ValueError as e:  # a method or path that cannot go on the wire
+            request = UpstreamRequest(method, path, headers, body)
+        except ValueError as e:  # a method, path or header field that cannot go on the wire
             return fail(UpstreamProtocolError(f"the request cannot be sent: {e}", e))
         return _Exchange(self, request).start()
 
-    def abandon(self, response: IResponse) -> None:
+    def abandon(self, response: LeanResponse) -> None:
         """Stop reading `response`'s body: its connection is closed, never reused.
 
         Does nothing if the body has already been read completely (the connection is back in
         the pool by then).
         """
-        proxy: Any = getattr(response, "_transport", None)
-        transport: Any = getattr(proxy, "_producer", None)
+        transport: Any = response._transport._producer
         if transport is not None:
             transport.abortConnection()
 
@@ -136,17 +115,17 @@ class _Exchange:
         "_timer",
     )
 
-    def __init__(self, client: UpstreamClient, request: Request) -> None:
+    def __init__(self, client: UpstreamClient, request: UpstreamRequest) -> None:
         self._client = client
         self._request = request  # reusable: writing it again writes the same bytes
         self._retried = False
         self._settled = False
         self._conn: PooledConnection | None = None
         self._pending: Deferred[Any] | None = None
-        self._result: Deferred[IResponse] = Deferred(self._cancel)
+        self._result: Deferred[LeanResponse] = Deferred(self._cancel)
         self._timer: IDelayedCall | None = None
 
-    def start(self) -> Deferred[IResponse]:
+    def start(self) -> Deferred[LeanResponse]:
         client = self._client
         self._timer = client._clock.callLater(client._timeout, self._timed_out)
         self._attempt(fresh=False)
@@ -172,7 +151,7 @@ class _Exchange:
         self._pending = d
         d.addCallbacks(self._responded, self._failed)
 
-    def _responded(self, response: IResponse) -> None:
+    def _responded(self, response: LeanResponse) -> None:
         self._pending = None
         if self._settled:
             return
@@ -212,7 +191,7 @@ class _Exchange:
             UpstreamTimeout(f"no response headers from the upstream within {seconds:g} s")
         )
 
-    def _cancel(self, _: Deferred[IResponse]) -> None:
+    def _cancel(self, _: Deferred[LeanResponse]) -> None:
         if self._settled:
             return
         self._settled = True  # Deferred.cancel then fails the result with CancelledError

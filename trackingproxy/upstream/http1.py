@@ -2,12 +2,14 @@
 parsed by httptools (llhttp, in C), the request written in one ``write``.
 
 It is a drop-in for the subset of ``twisted.web._newclient.HTTP11ClientProtocol`` the pool and
-the client use: ``request(Request) -> Deferred[IResponse]``, the ``state`` attribute
+the client use: ``request(UpstreamRequest) -> Deferred[LeanResponse]``, the ``state`` attribute
 (``QUIESCENT`` when reusable), the quiescent callback, and the same failure types
 (``RequestNotSent``, ``ResponseNeverReceived``, ``ResponseFailed`` with a ``ParseError`` for
 garbage), so the retry rule of ``client.py`` keeps its meaning. What it saves per request:
-Twisted's line-by-line Python parser, the per-response pause/resume of the transport, and
-several Deferred hops.
+Twisted's line-by-line Python parser, the per-response pause/resume of the transport, several
+Deferred hops, and twisted.web's ``Headers`` both ways (the request's header block is built and
+checked once, when the `UpstreamRequest` is made; the response's fields stay the list the parser
+produced, ``raw_headers``, and ``headers`` is only built if someone asks for it).
 
 Limits against a misbehaving upstream: a response head (status line, headers, interim 1xx
 responses) or a chunked trailer section larger than ``MAX_HEAD_BYTES`` is a protocol error
@@ -19,7 +21,7 @@ is not pausing it) fails with an ``UpstreamTimeout`` and the connection is abort
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import httptools
@@ -29,12 +31,13 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web._newclient import (
     ParseError,
-    Request,
     RequestNotSent,
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
     TransportProxyProducer,
+    _ensureValidMethod,
+    _ensureValidURI,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -53,6 +56,53 @@ _HTTP11 = (b"HTTP", 1, 1)
 
 
 _DONE = Failure(ResponseDone())  # shared: making a Failure per response is not free
+# RFC 9110 5.6.2 tchar: what a field name may hold (bytes.translate deletes them; left over: bad).
+_TCHAR: Final = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+class UpstreamRequest:
+    """One request as it goes on the wire, built and checked once (a retry sends it again).
+
+    ``headers`` are sent as given, in order, names as spelled (they must include Host; framing
+    is ours: no Connection, Content-Length or Transfer-Encoding). Raises ``ValueError`` for a
+    method, target, field name or value that cannot go on the wire unchanged: a name that is not
+    an RFC 9110 token, or CR, LF or NUL anywhere (so nothing can split the request).
+    """
+
+    __slots__ = ("method", "persistent", "uri", "wire")
+
+    def __init__(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Iterable[tuple[bytes, bytes]],
+        body: bytes | None,
+        persistent: bool = True,
+    ) -> None:
+        self.method: bytes = _ensureValidMethod(method)
+        self.uri: bytes = _ensureValidURI(uri)
+        self.persistent = persistent
+        lines = [method, b" ", uri, b" HTTP/1.1\r\n"]
+        names = []
+        for name, value in headers:
+            names.append(name)
+            lines += (name, b": ", value, b"\r\n")
+        if not persistent:
+            lines.append(b"Connection: close\r\n")
+        if body is not None:
+            lines.append(b"Content-Length: %d\r\n" % len(body))
+        lines.append(b"\r\n")
+        head = b"".join(lines)
+        line_ends = 2 + len(names) + (not persistent) + (body is not None)
+        if (
+            head.count(b"\n") != line_ends
+            or head.count(b"\r") != line_ends
+            or b"\x00" in head
+            or not all(names)
+            or b"".join(names).translate(None, _TCHAR)
+        ):
+            raise ValueError("a header field name is not a token, or a field holds CR, LF or NUL")
+        self.wire = head if body is None else head + body
 
 
 class _HeadDone(Exception):
@@ -61,7 +111,8 @@ class _HeadDone(Exception):
 
 @implementer(IResponse)
 class LeanResponse:
-    """The response handed to the proxy: status, headers, and the body on ``deliverBody``."""
+    """The response handed to the proxy: status, header fields (``raw_headers``: (name, value)
+    pairs as the upstream sent them, in order), and the body on ``deliverBody``."""
 
     previousResponse = None
 
@@ -69,21 +120,31 @@ class LeanResponse:
         self,
         code: int,
         phrase: bytes,
-        headers: Headers,
+        raw_headers: list[tuple[bytes, bytes]],
         length: int | object,
         transport: TransportProxyProducer,
-        request: Request,
+        request: UpstreamRequest,
     ) -> None:
         self.version = _HTTP11
         self.code = code
         self.phrase = phrase
-        self.headers = headers
+        self.raw_headers = raw_headers
         self.length = length
         self.request = request
         self._transport = transport  # client.abandon() reaches the connection through this
         self._protocol: Protocol | None = None
         self._buffer: list[bytes] = []
         self._end: Failure | None = None
+        self._headers: Headers | None = None
+
+    @property
+    def headers(self) -> Headers:
+        """``raw_headers`` as twisted.web's ``Headers`` (IResponse), made on first use."""
+        if self._headers is None:
+            self._headers = Headers()
+            for name, value in self.raw_headers:
+                self._headers.addRawHeader(name, value)
+        return self._headers
 
     def setPreviousResponse(self, response: IResponse) -> None:
         self.previousResponse = response
@@ -140,8 +201,8 @@ class LeanHTTP11ClientProtocol(Protocol):
         self._quiescent = quiescentCallback
         self.state = QUIESCENT
         self._parser = httptools.HttpResponseParser(self)
-        self._request: Request | None = None
-        self._result: Deferred[IResponse] | None = None
+        self._request: UpstreamRequest | None = None
+        self._result: Deferred[LeanResponse] | None = None
         self._response: LeanResponse | None = None
         self._header_list: list[tuple[bytes, bytes]] = []
         self._phrase = b""
@@ -155,32 +216,20 @@ class LeanHTTP11ClientProtocol(Protocol):
         self._paused = False
 
     # -- sending --------------------------------------------------------------------------
-    def request(self, request: Request) -> Deferred[IResponse]:
+    def request(self, request: UpstreamRequest) -> Deferred[LeanResponse]:
         transport = self.transport
         if self.state != QUIESCENT or transport is None:
             return fail(RequestNotSent())
-        lines = [request.method, b" ", request.uri, b" HTTP/1.1\r\n"]
-        for name, values in request.headers.getAllRawHeaders():
-            for value in values:
-                lines += [name, b": ", value, b"\r\n"]
-        if not request.persistent:
-            lines.append(b"Connection: close\r\n")
-        body = request.bodyProducer
-        if body is not None:
-            data: bytes = body._body  # client._BytesBody
-            lines += [b"Content-Length: ", str(len(data)).encode("ascii"), b"\r\n\r\n", data]
-        else:
-            lines.append(b"\r\n")
         self.state = WAITING
         self._request = request
         self._received = False
         self._unparsed = 0
         self._paused = False
         self._result = Deferred(self._cancel)
-        transport.write(b"".join(lines))
+        transport.write(request.wire)
         return self._result
 
-    def _cancel(self, _: Deferred[IResponse]) -> None:
+    def _cancel(self, _: Deferred[LeanResponse]) -> None:
         self._result = None
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
@@ -231,10 +280,8 @@ class LeanHTTP11ClientProtocol(Protocol):
         phrase, self._phrase = self._phrase, b""
         if 100 <= code < 200:
             return  # an interim response: the real one follows
-        headers = Headers()
         length: int | object = UNKNOWN_LENGTH
         for name, value in header_list:
-            headers.addRawHeader(name, value)
             if name.lower() == b"content-length" and value.isdigit():
                 length = int(value)
         request = self._request
@@ -244,7 +291,7 @@ class LeanHTTP11ClientProtocol(Protocol):
         # A HEAD response keeps the length its GET would have (RFC 9110 9.3.2); it has no
         # body either way: the message ends at its head (see _HeadDone).
         response = LeanResponse(
-            code, phrase, headers, length, _BodyProducer(self.transport, self), request
+            code, phrase, header_list, length, _BodyProducer(self.transport, self), request
         )
         self._response = response
         result, self._result = self._result, None
@@ -337,8 +384,8 @@ class LeanHTTP11ClientProtocol(Protocol):
             elif self._response is not None:
                 response = self._response
                 self._response = None
-                if response.length is UNKNOWN_LENGTH and not response.headers.hasHeader(
-                    b"transfer-encoding"
+                if response.length is UNKNOWN_LENGTH and not any(
+                    name.lower() == b"transfer-encoding" for name, _ in response.raw_headers
                 ):
                     response._finish(Failure(PotentialDataLoss()))  # read until close: done
                 else:

@@ -289,13 +289,12 @@ class _Forward(TwistedProtocol):
             response.deliverBody(_Discard())
             return
         self._response = response
-        fields = response.raw_headers
-        connection = [value for name, value in fields if name.lower() == b"connection"]
+        fields = [(name.lower(), name, value) for name, value in response.raw_headers]
+        connection = [value for lower, _, value in fields if lower == b"connection"]
         drop = _outbound_drop(connection) if connection else _OUTBOUND_DROP
         headers = []
         has_date = False
-        for name, value in fields:
-            lower = name.lower()
+        for lower, name, value in fields:
             if lower in drop:
                 continue
             if lower == b"date":

@@ -17,6 +17,15 @@ responses) or a chunked trailer section larger than ``MAX_HEAD_BYTES`` is a prot
 are read and dropped, never attached to the next response; and, once the user has set
 ``clock`` and ``body_timeout``, a body that makes no progress for that long (while its reader
 is not pausing it) fails with an ``UpstreamTimeout`` and the connection is aborted.
+
+Reuse (RFC 9112 6.3, 9.3): a connection goes back to the pool only once the parser has returned
+from the read that completed its response, and only if nothing followed that response in the
+read (a second message, a body longer than its Content-Length, a 204 or 304 with a body): such
+bytes can only be a broken or hostile upstream, and handed to the next request they would
+answer it. Then the connection is aborted instead. A 101 (or any upgrade) answer, a response
+with no request outstanding, and bytes on an idle connection are protocol errors: the
+connection is aborted and the request fails with ``ResponseFailed(ParseError)`` (the proxy
+answers 502), never an unhandled exception.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import httptools
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import (
     ParseError,
@@ -45,6 +55,8 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
 from trackingproxy.upstream.errors import UpstreamTimeout
+
+log = Logger(namespace="trackingproxy.upstream")
 
 MAX_HEAD_BYTES: Final = 64 * 1024
 
@@ -107,6 +119,20 @@ class UpstreamRequest:
 
 class _HeadDone(Exception):
     """Raised from the parser callback to end a HEAD response at its headers."""
+
+    def __init__(self, keep: bool) -> None:
+        self.keep = keep
+
+
+class _Surplus(Exception):
+    """Raised from the parser callback when a message begins after a complete response."""
+
+
+class _Refused(Exception):
+    """Raised from a parser callback: the response is a protocol error (``message``)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
 
 
 @implementer(IResponse)
@@ -207,8 +233,12 @@ class LeanHTTP11ClientProtocol(Protocol):
         self._header_list: list[tuple[bytes, bytes]] = []
         self._phrase = b""
         self._received = False
-        self._head_done = False
         self._unparsed = 0  # bytes fed since the parser last produced headers or body
+        self._interim = 0  # interim (1xx) heads of the current response
+        self._head_bytes = bytearray()  # what was read of a HEAD's answer, until its head ends
+        self._completed: LeanResponse | None = None  # complete, in the read being parsed
+        self._keep = False  # ... and its connection may be reused
+        self._surplus = False  # ... and bytes followed it in that read
         # Set by the user before a request: with both, a stalled body fails after body_timeout.
         self.clock: IReactorTime | None = None
         self.body_timeout: float | None = None
@@ -224,6 +254,9 @@ class LeanHTTP11ClientProtocol(Protocol):
         self._request = request
         self._received = False
         self._unparsed = 0
+        self._interim = 0
+        self._head_bytes = bytearray()
+        self._surplus = False
         self._paused = False
         self._result = Deferred(self._cancel)
         transport.write(request.wire)
@@ -238,20 +271,42 @@ class LeanHTTP11ClientProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.state != WAITING:
             # Bytes nobody asked for (an idle connection): the connection is unusable.
+            self.state = CONNECTION_LOST
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
         self._received = True
         self._unparsed += len(data)
+        request = self._request
+        if request is not None and request.method == b"HEAD" and self._response is None:
+            self._head_bytes += data  # bounded: a head over MAX_HEAD_BYTES is refused below
+        error: str | None = None
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserCallbackError:
-            if not self._head_done:
-                raise
-            self._head_done = False
-            self._parser = httptools.HttpResponseParser(self)
-            self.on_message_complete()
+        except httptools.HttpParserCallbackError as e:
+            stop = e.__context__
+            if isinstance(stop, _HeadDone):
+                self._parser = httptools.HttpResponseParser(self)
+                self._message_done(stop.keep and self._head_ends_read())
+            elif isinstance(stop, _Surplus):
+                pass  # a message after a complete response: _settle aborts the connection
+            elif isinstance(stop, _Refused):
+                error = stop.message
+            else:
+                log.failure("upstream response callback failed", Failure(stop))
+                error = "the response could not be handled"
+        except httptools.HttpParserUpgrade:
+            error = "a 101 (protocol switch) or upgrade answer to a request that asked for none"
         except httptools.HttpParserError as e:
-            self._protocol_error(str(e))
+            if self._completed is None:
+                error = str(e)
+            else:
+                self._surplus = True  # garbage after a complete response
+        if error is not None:
+            self._completed = None
+            self._protocol_error(error)
+            return
+        if self._completed is not None:
+            self._settle()
             return
         if self.state != WAITING:
             return
@@ -261,10 +316,31 @@ class LeanHTTP11ClientProtocol(Protocol):
         elif self._response is not None:
             self._arm_body_timer()
 
+    def _head_ends_read(self) -> bool:
+        """Whether the answer to a HEAD ended exactly where the bytes read so far end: then
+        nothing follows it. (The parser stops at a HEAD answer's head and cannot say where.)
+        Each head, interim ones included, ends at its first empty line; CR and LF before a
+        status line are skipped, as the parser skips them. A miscount only closes."""
+        data, self._head_bytes = self._head_bytes, bytearray()
+        end = 0
+        for _ in range(self._interim + 1):
+            while end < len(data) and data[end] in b"\r\n":
+                end += 1
+            found = data.find(b"\r\n\r\n", end)
+            if found < 0:
+                return False
+            end = found + 4
+        return end == len(data)
+
     def _protocol_error(self, message: str) -> None:
         reason = Failure(ResponseFailed([Failure(ParseError(message, b""))]))
         self._fail(reason)
         self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def on_message_begin(self) -> None:
+        if self._completed is not None:
+            self._surplus = True
+            raise _Surplus()  # a second message in the same read: never reuse this connection
 
     def on_status(self, status: bytes) -> None:
         self._phrase += status
@@ -278,14 +354,16 @@ class LeanHTTP11ClientProtocol(Protocol):
         code = self._parser.get_status_code()
         header_list, self._header_list = self._header_list, []
         phrase, self._phrase = self._phrase, b""
+        request = self._request
+        if request is None:
+            raise _Refused("a response arrived with no request outstanding")
         if 100 <= code < 200:
+            self._interim += 1
             return  # an interim response: the real one follows
         length: int | object = UNKNOWN_LENGTH
         for name, value in header_list:
             if name.lower() == b"content-length" and value.isdigit():
                 length = int(value)
-        request = self._request
-        assert request is not None
         if code in (204, 304):
             length = 0
         # A HEAD response keeps the length its GET would have (RFC 9110 9.3.2); it has no
@@ -298,8 +376,8 @@ class LeanHTTP11ClientProtocol(Protocol):
         if result is not None:
             result.callback(response)
         if request.method == b"HEAD":
-            self._head_done = True
-            raise _HeadDone()
+            # Asked now: the parser has the head's framing (a fresh one would not).
+            raise _HeadDone(self._parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
         self._unparsed = 0
@@ -308,17 +386,27 @@ class LeanHTTP11ClientProtocol(Protocol):
 
     def on_message_complete(self) -> None:
         self._unparsed = 0
-        response, self._response = self._response, None
-        if response is None:
+        if self._response is None:
             return  # the end of an interim (1xx) response
+        self._message_done(self._parser.should_keep_alive())
+
+    def _message_done(self, keep_alive: bool) -> None:
+        """The response is complete; what becomes of the connection is decided once the
+        parser has returned (`_settle`), when it is known whether bytes followed it."""
+        response, self._response = self._response, None
         self._stop_body_timer()
-        keep = (
-            self._parser.should_keep_alive()
-            and self._request is not None
-            and self._request.persistent
-        )
-        self._request = None
-        if keep:
+        request, self._request = self._request, None
+        self._keep = keep_alive and request is not None and request.persistent
+        self._completed = response
+
+    def _settle(self) -> None:
+        """After the read that completed a response: back to the pool only if nothing
+        followed it in that read (RFC 9112 9.3: a response never answers a later request),
+        and only now that the parser has returned; then the reader hears of the end."""
+        response, self._completed = self._completed, None
+        assert response is not None
+        surplus, self._surplus = self._surplus, False
+        if self._keep and not surplus:
             # Back to the pool before the reader hears of the end (as HTTP11ClientProtocol
             # does), and detached from this response so its reader cannot pause the next one.
             self.state = QUIESCENT
@@ -327,7 +415,10 @@ class LeanHTTP11ClientProtocol(Protocol):
         else:
             self.state = CONNECTION_LOST
             if self.transport is not None:
-                self.transport.loseConnection()
+                if surplus:
+                    self.transport.abortConnection()  # type: ignore[attr-defined]
+                else:
+                    self.transport.loseConnection()
         response._finish(_DONE)
 
     # -- body timeout ---------------------------------------------------------------------

@@ -151,15 +151,39 @@ class ClientOverPool(SynchronousTestCase):
         d = self.client.request(b"GET", b"/", HEADERS, None)
         self.clock.advance(3)
         self.failureResultOf(d, UpstreamTimeout)
-        self.assertEqual(self.pool.open_count, 0)
+        self.assertEqual(self.pool.open_count, 1)  # the connect goes on, for the pool...
+        self.clock.advance(2)
+        self.assertEqual(self.pool.open_count, 0)  # ... bounded by the connect timeout
 
-    def test_cancel_aborts_the_connection(self) -> None:
-        """Cancelling the request (the client went away) aborts its upstream connection."""
+    def test_cancel_after_writing_lets_the_answer_finish(self) -> None:
+        """Cancelling a written request (the client went away) does not cut it: its answer is
+        read and dropped, and the connection goes back to the pool."""
         d = self.send()
         d.cancel()
         self.failureResultOf(d, CancelledError)
+        self.assertTrue(self.wire.connected)
+        self.wire.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc")
+        self.assertEqual(self.pool.idle_count, 1)
+        self.assertEqual(self.clock.getDelayedCalls()[0].getTime(), 50.0)  # only the idle sweep
+
+    def test_cancel_after_writing_is_bounded_by_the_timeout(self) -> None:
+        """A withdrawn request whose answer never comes is aborted at the response timeout."""
+        d = self.send()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.clock.advance(10)
         self.assertFalse(self.wire.connected)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_cancel_while_connecting_sends_nothing(self) -> None:
+        """Cancelled before a connection was there: nothing is ever written, and the
+        connection, once made, is kept idle for the next request (no connect wasted)."""
+        d = self.client.request(b"GET", b"/", HEADERS, None)
+        attempt = self.connector.last
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        attempt.succeed()
+        self.assertEqual(self.wire.value(), b"")
+        self.assertEqual(self.pool.idle_count, 1)
 
     def test_reset_after_the_request_was_written_is_final(self) -> None:
         """A reused connection lost after the request went out fails with 'reset', not retried."""

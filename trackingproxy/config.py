@@ -34,6 +34,7 @@ class ProxyConfig:
     upstream_ca_bundle: str | None
     upstream_timeout: float
     upstream_max_age: float
+    upstream_max_connections: int
     http_port: str | None
     https_port: str | None
     certificates: tuple[LoadedCertificate, ...]
@@ -46,6 +47,7 @@ class ProxyConfig:
     log_paths: PathMode
     idle_timeout: float
     header_timeout: float
+    body_timeout: float
     acme: AcmeSettings
     admin_port: str | None = None  # --admin-port (None: no admin listener, no metrics)
     workers: int = 1  # --workers: processes sharing the listeners (trackingproxy.workers)
@@ -64,6 +66,16 @@ def _positive_seconds(option: str, raw: str) -> float:
         value = -1.0
     if not 0 < value <= 86400:
         raise ConfigError(f"--{option} {raw!r}: give a number of seconds, e.g. --{option} 10")
+    return value
+
+
+def _count(option: str, raw: str, most: int = 65536) -> int:
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        value = 0
+    if not 0 < value <= most:
+        raise ConfigError(f"--{option} {raw!r}: give a whole number from 1 to {most}")
     return value
 
 
@@ -144,6 +156,9 @@ def config_from_options(opts: Mapping[str, Any], now: datetime.datetime) -> Prox
         upstream_ca_bundle=ca_bundle,
         upstream_timeout=_positive_seconds("upstream-timeout", opts["upstream-timeout"]),
         upstream_max_age=_positive_seconds("upstream-max-age", opts["upstream-max-age"]),
+        upstream_max_connections=_count(
+            "upstream-max-connections", opts.get("upstream-max-connections") or "256"
+        ),
         http_port=_endpoint("http-port", opts["http-port"]),
         https_port=_endpoint("https-port", opts["https-port"]),
         certificates=certificates,
@@ -156,6 +171,7 @@ def config_from_options(opts: Mapping[str, Any], now: datetime.datetime) -> Prox
         log_paths=cast(PathMode, _choice("log-paths", opts["log-paths"], ("full", "redacted"))),
         idle_timeout=_positive_seconds("idle-timeout", opts["idle-timeout"]),
         header_timeout=_positive_seconds("header-timeout", opts["header-timeout"]),
+        body_timeout=_positive_seconds("body-timeout", opts.get("body-timeout") or "10"),
         acme=_acme_settings(opts),
         admin_port=_endpoint("admin-port", opts.get("admin-port", "none")),
         workers=parse_workers(opts.get("workers") or "1"),

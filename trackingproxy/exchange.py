@@ -95,6 +95,13 @@ class ClientExchange(Protocol):
 
     def unregister_producer(self) -> None: ...
 
+    def upstream_started(self) -> None:
+        """Work upstream began: it counts against the client connection until
+        `upstream_ended`, even when the client goes away first."""
+
+    def upstream_ended(self) -> None:
+        """The upstream work of this exchange is over (answered, failed or dropped)."""
+
     def on_lost(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` if the client goes away before the answer is finished."""
 

@@ -90,6 +90,7 @@ class H2ServerBase(TwistedProtocol):
         self._timer: IDelayedCall | None = None
         self._write: Callable[[bytes], None] | None = None
         self._draining = False  # shutdown_notice: GOAWAY sent, close when the streams are done
+        self._upstream_busy = 0  # streams (reset ones too) whose upstream work has not ended
 
     # -- what an engine provides ----------------------------------------------------------
     def _start(self) -> None:
@@ -287,6 +288,11 @@ class H2ServerBase(TwistedProtocol):
         """Give up on an answer: RST_STREAM(INTERNAL_ERROR)."""
         self._forget(request.stream_id)
         self._refuse(request.stream_id, INTERNAL_ERROR)
+
+    def upstream_changed(self, delta: int) -> None:
+        """A stream's upstream work began (+1) or ended (-1); it counts until it ends, even
+        after the client reset the stream."""
+        self._upstream_busy += delta
 
     # -- back-pressure --------------------------------------------------------------------
     def register_producer(self, request: H2Request, producer: Any) -> None:

@@ -212,6 +212,9 @@ class HTTP1Connection(TwistedProtocol):
         if not self._closed:
             self._write(data)
 
+    def upstream_changed(self, delta: int) -> None:
+        pass  # one request at a time: a client that goes away takes nothing more from here
+
     def close(self) -> None:
         self._stopped = True
         if not self._closed:

@@ -42,6 +42,11 @@ PARAMETERS: list[tuple[str, str | None, str]] = [
     ),
     ("upstream-timeout", "10", "Seconds to wait for the upstream's response headers (then 504)."),
     (
+        "upstream-max-connections",
+        "256",
+        "Most upstream connections at once; beyond, requests wait up to 5 s, then 503.",
+    ),
+    (
         "upstream-max-age",
         "120",
         "Seconds after which an upstream connection is retired (follows DNS).",
@@ -95,6 +100,11 @@ PARAMETERS: list[tuple[str, str | None, str]] = [
     ("panic-command", None, "Command run when a certificate nears expiry and renewal fails."),
     ("idle-timeout", "60", "Seconds an idle client keep-alive connection is kept open."),
     ("header-timeout", "10", "Seconds a client has to send a request's headers (slowloris)."),
+    (
+        "body-timeout",
+        "10",
+        "Seconds a client has to send a request's body once its headers arrived (then 408).",
+    ),
     ("workers", "1", "Processes serving the listeners: a number, or auto (one per usable CPU)."),
     (
         "http2-engine",

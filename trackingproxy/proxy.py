@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from typing import Protocol
 from urllib.parse import unquote_to_bytes
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -25,7 +25,7 @@ from trackingproxy.challenges import ChallengeResponder
 from trackingproxy.domains import host_from_header
 from trackingproxy.exchange import ClientExchange
 from trackingproxy.forwarded import ForwardedFor
-from trackingproxy.upstream.errors import UpstreamError, UpstreamReset, UpstreamTimeout
+from trackingproxy.upstream.errors import UpstreamError, UpstreamReset
 from trackingproxy.upstream.http1 import LeanResponse
 from trackingproxy.wellknown import WellKnownFile
 
@@ -110,6 +110,11 @@ def _tokens(values: Iterable[bytes]) -> frozenset[bytes]:
 
 
 _TEXT = (b"content-type", b"text/plain; charset=utf-8")
+_FAILURE_BODIES: dict[int, tuple[bytes, tuple[tuple[bytes, bytes], ...]]] = {
+    502: (b"502 Bad Gateway\n", ()),
+    503: (b"503 Service Unavailable: the upstream is busy\n", ((b"retry-after", b"5"),)),
+    504: (b"504 Gateway Timeout\n", ()),
+}
 _NO_STORE = (b"cache-control", b"no-store")
 
 
@@ -257,14 +262,21 @@ class TrackingHandler:
         method = exchange.method
         body = exchange.body() if method == b"POST" else None
         forward = _Forward(exchange, self._upstream, host)
-        self._upstream.request(method, target, headers, body).addCallbacks(
-            forward.got_response, forward.failed
-        )
+        exchange.upstream_started()
+        pending = self._upstream.request(method, target, headers, body)
+        forward.pending = pending
+        pending.addCallbacks(forward.got_response, forward.failed)
 
 
 class _Forward(TwistedProtocol):
     """One proxied request: copies the upstream response to the client (streaming its body
-    with back-pressure), or answers 502/504."""
+    with back-pressure), or answers 502/503/504.
+
+    A client that goes away before the response withdraws the request (cancels it: sent
+    nowhere if not yet written, else finished and dropped by the upstream client). The
+    exchange's upstream work ends exactly once (``upstream_ended``): when the answer is
+    complete, failed, or withdrawn.
+    """
 
     def __init__(self, exchange: ClientExchange, upstream: Upstream, host: str) -> None:
         self._exchange = exchange
@@ -275,7 +287,14 @@ class _Forward(TwistedProtocol):
         self._head: tuple[int, bytes, list[tuple[bytes, bytes]], int | None, bool] | None = None
         self._done = False
         self._producing = False
+        self._working = True
+        self.pending: Deferred[LeanResponse] | None = None
         exchange.on_lost(self._client_lost)
+
+    def _work_over(self) -> None:
+        if self._working:
+            self._working = False
+            self._exchange.upstream_ended()
 
     def _client_lost(self) -> None:
         self._client_gone = True
@@ -283,10 +302,15 @@ class _Forward(TwistedProtocol):
         if response is not None and not self._done:
             self._done = True
             self._upstream.abandon(response)
+        elif response is None and self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.cancel()  # withdrawn: never sent if not written yet
 
     def got_response(self, response: LeanResponse) -> None:
+        self.pending = None
         if self._client_gone:
             response.deliverBody(_Discard())
+            self._work_over()
             return
         self._response = response
         fields = [(name.lower(), name, value) for name, value in response.raw_headers]
@@ -318,12 +342,14 @@ class _Forward(TwistedProtocol):
             self._exchange.start(*head)
 
     def failed(self, reason: Failure) -> None:
+        self.pending = None
+        self._work_over()
         exchange = self._exchange
-        if reason.check(UpstreamTimeout):
-            code, body = 504, b"504 Gateway Timeout\n"
-        else:
-            code, body = 502, b"502 Bad Gateway\n"
         err = reason.value
+        if self._client_gone and isinstance(err, CancelledError):
+            return  # withdrawn: the client went away first
+        code = err.status if isinstance(err, UpstreamError) else 502
+        body, extra = _FAILURE_BODIES.get(code, _FAILURE_BODIES[502])
         cause = err.cause if isinstance(err, UpstreamError) else "internal"
         if not isinstance(err, UpstreamError):
             log.failure("unexpected error while proxying for {host}", reason, host=self._host)
@@ -338,7 +364,7 @@ class _Forward(TwistedProtocol):
         exchange.tp_upstream_error = cause
         if self._client_gone:
             return
-        _plain(exchange, code, body)
+        _plain(exchange, code, body, *extra)
 
     # -- the body (IProtocol of response.deliverBody) -------------------------------------
     def connectionMade(self) -> None:
@@ -358,6 +384,7 @@ class _Forward(TwistedProtocol):
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._response = None  # it refers back to us (its body protocol): no cycle left
+        self._work_over()
         if self._done:
             return
         self._done = True

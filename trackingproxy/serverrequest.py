@@ -22,6 +22,7 @@ class _Connection(Protocol):
     def request_done(self, request: Any) -> None: ...  # the connection's own request type
     def peer_host(self) -> str: ...
     def sni(self) -> str | None: ...
+    def upstream_changed(self, delta: int) -> None: ...
 
 
 class ServerRequest:
@@ -88,6 +89,15 @@ class ServerRequest:
 
     def sni(self) -> str | None:
         return self._conn.sni()
+
+    def upstream_started(self) -> None:
+        """Work upstream began for this exchange: it counts against the client connection
+        until `upstream_ended`, even when the client goes away first."""
+        self._conn.upstream_changed(1)
+
+    def upstream_ended(self) -> None:
+        """The upstream work of this exchange is over (answered, failed or dropped)."""
+        self._conn.upstream_changed(-1)
 
     @property
     def done(self) -> bool:

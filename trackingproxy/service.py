@@ -39,7 +39,12 @@ from trackingproxy.sni import SNIContextMap
 from trackingproxy.tlsserver import TLSServerFactory
 from trackingproxy.upstream.client import UpstreamClient
 from trackingproxy.upstream.dns import CachingResolver
-from trackingproxy.upstream.pool import ConnectionPool, EndpointConnector, make_trust_root
+from trackingproxy.upstream.pool import (
+    QUEUE_TIMEOUT,
+    ConnectionPool,
+    EndpointConnector,
+    make_trust_root,
+)
 from trackingproxy.wellknown import WellKnownFile, load_well_known
 
 log = Logger(namespace="trackingproxy.service")
@@ -192,6 +197,8 @@ def build_upstream(config: ProxyConfig, reactor: Any, names: IResolver) -> Upstr
         CachingResolver(names, reactor),
         connector,
         max_age=config.upstream_max_age,
+        max_connections=config.upstream_max_connections,
+        queue_timeout=min(QUEUE_TIMEOUT, config.upstream_timeout / 2),
     )
     return UpstreamClient(pool, reactor, response_timeout=config.upstream_timeout)
 
@@ -291,6 +298,7 @@ def build_service(
             reactor,
             idle_timeout=config.idle_timeout,
             header_timeout=config.header_timeout,
+            body_timeout=config.body_timeout,
             active=active,
             observer=admin.site(scheme) if admin else None,
             h2_engine=h2_engine,

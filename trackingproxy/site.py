@@ -26,6 +26,7 @@ __all__ = [
 ]
 
 HEADER_TIMEOUT = 10.0
+BODY_TIMEOUT = 10.0
 IDLE_TIMEOUT = 60.0
 
 
@@ -54,6 +55,7 @@ class ProxySite(ServerFactory):
         reactor: IReactorTime,
         idle_timeout: float = IDLE_TIMEOUT,
         header_timeout: float = HEADER_TIMEOUT,
+        body_timeout: float = BODY_TIMEOUT,
         active: ActiveRequests | None = None,
         observer: SiteObserver | None = None,
         h2_engine: type[H2ServerBase] | None = None,
@@ -67,6 +69,7 @@ class ProxySite(ServerFactory):
         self.handler = handler
         self.idle_timeout = idle_timeout
         self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
         self._access_log = access_log
         self._active = active
         self.observer = observer

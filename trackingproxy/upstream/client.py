@@ -5,6 +5,11 @@ sent twice. The only retry is on a fresh connection after a *reused* pooled conn
 with `RequestNotSent` or `RequestTransmissionFailed` (the request provably did not get through).
 `ResponseNeverReceived`, a timeout, or a reset after the request was written are final.
 
+Cancelling the request's Deferred (the client went away) withdraws it: a request not yet
+written is never sent (it leaves the pool's queue, or the connection made for it is pooled);
+one already written is left to finish, its answer read and dropped, so the connection is kept
+and the upstream's work is not cut in the middle (the response timeout still bounds it).
+
 The response is handed over as soon as its headers arrive; its body is streamed by the caller
 (`response.deliverBody`). A body that stops arriving for `body_timeout` (default: the response
 timeout; time its reader spends pausing it does not count) fails the body with an
@@ -21,6 +26,7 @@ from typing import Any, Final, Protocol
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol as Protocol_
 from twisted.python.failure import Failure
 from twisted.web._newclient import (
     ParseError,
@@ -46,6 +52,8 @@ class Pool(Protocol):
     """What the client needs from `trackingproxy.upstream.pool.ConnectionPool`."""
 
     def acquire(self, fresh: bool = False) -> Deferred[PooledConnection]: ...
+
+    def release(self, conn: PooledConnection) -> None: ...
 
     def close(self) -> Deferred[None]: ...
 
@@ -78,7 +86,7 @@ class UpstreamClient:
 
         `path` is sent byte for byte (query string included). Framing is ours: `headers` must not
         hold Connection, Content-Length or Transfer-Encoding. Fails with an `UpstreamError`;
-        cancelling the Deferred (the client went away) aborts the upstream connection.
+        cancelling the Deferred (the client went away) withdraws the request (see above).
         """
         try:
             request = UpstreamRequest(method, path, headers, body)
@@ -113,6 +121,8 @@ class _Exchange:
         "_retried",
         "_settled",
         "_timer",
+        "_withdrawn",
+        "_written",
     )
 
     def __init__(self, client: UpstreamClient, request: UpstreamRequest) -> None:
@@ -120,6 +130,8 @@ class _Exchange:
         self._request = request  # reusable: writing it again writes the same bytes
         self._retried = False
         self._settled = False
+        self._withdrawn = False  # the caller cancelled: nothing is reported any more
+        self._written = False  # the request has been handed to a connection
         self._conn: PooledConnection | None = None
         self._pending: Deferred[Any] | None = None
         self._result: Deferred[LeanResponse] = Deferred(self._cancel)
@@ -139,10 +151,11 @@ class _Exchange:
         d.addErrback(self._failed)  # also catches an exception raised by _send
 
     def _send(self, conn: PooledConnection) -> None:
-        if self._settled:  # timed out or cancelled while connecting
-            conn.abort()
+        if self._settled:  # timed out or withdrawn while connecting: never sent
+            self._client._pool.release(conn)
             return
         self._conn = conn
+        self._written = True
         client = self._client
         protocol = conn.protocol
         protocol.clock = client._clock
@@ -153,6 +166,10 @@ class _Exchange:
 
     def _responded(self, response: LeanResponse) -> None:
         self._pending = None
+        if self._withdrawn:
+            self._stop_timer()  # the body timeout bounds the rest
+            response.deliverBody(_Drop())  # read to its end: the connection stays usable
+            return
         if self._settled:
             return
         self._settled = True
@@ -162,7 +179,11 @@ class _Exchange:
     def _failed(self, failure: Failure) -> None:
         self._pending = None
         if self._settled:
-            return  # the timeout or the caller's cancellation already settled the result
+            # The timeout or the caller's cancellation already settled the result.
+            self._stop_timer()
+            if self._conn is not None and self._written:
+                self._conn.abort()
+            return
         conn = self._conn
         if (
             conn is not None
@@ -182,6 +203,9 @@ class _Exchange:
 
     def _timed_out(self) -> None:
         self._timer = None
+        if self._withdrawn:
+            self._abort_pending()  # a withdrawn request's answer took too long: give up
+            return
         if self._settled:
             return
         self._settled = True
@@ -195,8 +219,13 @@ class _Exchange:
         if self._settled:
             return
         self._settled = True  # Deferred.cancel then fails the result with CancelledError
+        self._withdrawn = True
+        if self._written:
+            return  # sent: let it finish (bounded by the timer), its answer dropped
         self._stop_timer()
-        self._abort_pending()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()  # waiting for, or opening, a connection: nothing is sent
 
     def _abort_pending(self) -> None:
         if self._conn is not None:
@@ -210,6 +239,13 @@ class _Exchange:
             if self._timer.active():
                 self._timer.cancel()
             self._timer = None
+
+
+class _Drop(Protocol_):
+    """Reads and drops the body of a response nobody waits for any more."""
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
 
 
 def _map_failure(failure: Failure) -> BaseException:

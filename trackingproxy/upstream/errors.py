@@ -2,14 +2,15 @@
 
 Every failure the upstream client reports is an `UpstreamError` whose `cause` names the phase
 that failed (used as a metrics label) and whose `status` is the HTTP status the proxy answers
-with: 504 for a timeout, 502 for everything else.
+with: 504 for a timeout, 503 when every allowed upstream connection stayed busy, 502 for
+everything else.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar, Final
 
-CAUSES: Final = ("dns", "connect", "tls", "timeout", "reset", "protocol")
+CAUSES: Final = ("dns", "connect", "tls", "timeout", "reset", "protocol", "busy")
 
 
 class UpstreamError(Exception):
@@ -52,6 +53,13 @@ class UpstreamTimeout(UpstreamError):
     status = 504
 
 
+class UpstreamBusy(UpstreamError):
+    """Every allowed upstream connection stayed busy for the whole wait; nothing was sent."""
+
+    cause = "busy"
+    status = 503
+
+
 class UpstreamReset(UpstreamError):
     """The connection was closed or reset before a complete response header was received."""
 
@@ -67,6 +75,7 @@ class UpstreamProtocolError(UpstreamError):
 __all__ = [
     "CAUSES",
     "DNSLookupFailed",
+    "UpstreamBusy",
     "UpstreamConnectFailed",
     "UpstreamError",
     "UpstreamProtocolError",

@@ -12,6 +12,12 @@ back when its protocol goes quiescent, and is closed instead when it is older th
 DNS changes are followed) or the pool already holds `max_idle`. Idle connections are closed
 after `idle_timeout`, below the keep-alive timeout of common servers (60-75 s), which keeps the
 window for "the server closed it just as we reused it" small.
+
+Bounds: at most `max_connections` connections exist at once (open, opening or closing). A
+request that finds none idle and none allowed waits, first come first served, for one to come
+back or go away; after `queue_timeout`, or at once when `max_waiting` requests already wait, it
+fails with `UpstreamBusy` (the proxy answers 503) without anything having been sent. A waiter
+that is cancelled (its client went away) leaves the queue.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from trackingproxy.errors import ConfigError
 from trackingproxy.upstream.dns import CachingResolver
 from trackingproxy.upstream.errors import (
     DNSLookupFailed,
+    UpstreamBusy,
     UpstreamConnectFailed,
     UpstreamError,
     UpstreamTLSFailed,
@@ -55,6 +62,8 @@ from trackingproxy.upstream.http1 import LeanHTTP11ClientProtocol
 from trackingproxy.upstream.target import UpstreamTarget
 
 MAX_IDLE: Final = 64
+MAX_CONNECTIONS: Final = 256
+QUEUE_TIMEOUT: Final = 5.0
 IDLE_TIMEOUT: Final = 50.0
 MAX_AGE: Final = 120.0
 CONNECT_TIMEOUT: Final = 5.0
@@ -223,8 +232,15 @@ class ConnectionPool:
         idle_timeout: float = IDLE_TIMEOUT,
         max_age: float = MAX_AGE,
         connect_timeout: float = CONNECT_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+        queue_timeout: float = QUEUE_TIMEOUT,
+        max_waiting: int | None = None,
     ) -> None:
         self._clock = clock
+        self._max_connections = max_connections
+        self._queue_timeout = queue_timeout
+        self._max_waiting = 4 * max_connections if max_waiting is None else max_waiting
+        self._waiting: deque[_Waiter] = deque()
         self._target = target
         self._resolver = resolver
         self._connector = connector
@@ -249,8 +265,14 @@ class ConnectionPool:
         """Connections open or being opened, idle or busy."""
         return len(self._all)
 
+    @property
+    def waiting_count(self) -> int:
+        """Requests waiting for a connection (all `max_connections` busy)."""
+        return len(self._waiting)
+
     def acquire(self, fresh: bool = False) -> Deferred[PooledConnection]:
-        """An idle connection (unless `fresh`), or a new one; fails with an UpstreamError."""
+        """An idle connection (unless `fresh`), or a new one if fewer than `max_connections`
+        exist, or the next one that comes back; fails with an UpstreamError."""
         if self._closing:
             return fail(UpstreamConnectFailed("the upstream connection pool is closed"))
         if not fresh:
@@ -258,8 +280,64 @@ class ConnectionPool:
             if conn is not None:
                 conn.requests += 1
                 return succeed(conn)
-        d = self._resolver.resolve(self._target.host)
-        return d.addCallbacks(self._connect_any, self._dns_failed)
+        if len(self._all) < self._max_connections:
+            return self._open()
+        if fresh and self._idle:
+            self._close(self._idle.popleft())  # a slot for the fresh one, soon
+        if len(self._waiting) >= self._max_waiting:
+            return fail(self._busy(f"{len(self._waiting)} requests already wait"))
+        waiter = _Waiter(self, fresh)
+        self._waiting.append(waiter)
+        return waiter.deferred
+
+    def _open(self) -> Deferred[PooledConnection]:
+        """A new connection. Cancelling the result does not abort the connection being
+        made: once open it goes to the idle list (a client that sends a request and goes
+        away at once must not cost a connection attempt each)."""
+        opened: Deferred[PooledConnection] = Deferred(lambda _: None)
+        resolved = self._resolver.resolve(self._target.host)
+        d: Deferred[PooledConnection] = resolved.addCallbacks(self._connect_any, self._dns_failed)
+
+        def settled(result: PooledConnection | Failure) -> None:
+            if not opened.called:
+                if isinstance(result, Failure):
+                    opened.errback(result)
+                else:
+                    opened.callback(result)
+            elif isinstance(result, PooledConnection):
+                self.release(result)  # nobody wants it any more: keep it for the next one
+
+        d.addBoth(settled)
+        return opened
+
+    def _busy(self, detail: str) -> UpstreamBusy:
+        return UpstreamBusy(
+            f"all {self._max_connections} upstream connections are busy ({detail}); "
+            "raise --upstream-max-connections if the upstream allows more"
+        )
+
+    def _serve_waiters(self) -> None:
+        """Hand idle connections, or free slots, to waiting requests, oldest first."""
+        while self._waiting and not self._closing:
+            if self._idle and not self._waiting[0].fresh:
+                conn = self._take_idle()
+                if conn is None:
+                    continue
+                conn.requests += 1
+                self._waiting.popleft().succeed(conn)
+            elif len(self._all) < self._max_connections:
+                waiter = self._waiting.popleft()
+                waiter.chain(self._open())
+            else:
+                return
+
+    def release(self, conn: PooledConnection) -> None:
+        """Take back a connection that was handed out but not used (its request was
+        withdrawn before it was written)."""
+        if conn.protocol.state == "QUIESCENT" and conn.protocol.transport is not None:
+            self._on_quiescent(conn)
+        else:
+            conn.abort()
 
     def close(self) -> Deferred[None]:
         """Close all connections (idle politely, busy at once); fires when all are gone."""
@@ -268,6 +346,9 @@ class ConnectionPool:
             self._sweep.cancel()
         for pending in list(self._pending):
             pending.cancel()
+        waiting, self._waiting = self._waiting, deque()
+        for queued in waiting:
+            queued.fail(UpstreamConnectFailed("the upstream connection pool is closed"))
         while self._idle:
             conn = self._idle.pop()
             conn.idle = False
@@ -384,6 +465,10 @@ class ConnectionPool:
         conn.idle = True
         conn.idle_since = now
         self._idle.append(conn)
+        if self._waiting:
+            self._serve_waiters()
+            if not conn.idle:
+                return
         due = min(now + self._idle_timeout, conn.created + self._max_age)
         if self._sweep is None:
             self._sweep = self._clock.callLater(due - now, self._run_sweep)
@@ -428,10 +513,62 @@ class ConnectionPool:
 
     def _forget(self, conn: PooledConnection) -> None:
         self._all.discard(conn)
+        if self._waiting:
+            self._serve_waiters()
         if self._closing and not self._all:
             waiters, self._closed_waiters = self._closed_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
+
+
+class _Waiter:
+    """A request waiting for a connection: fires with one, or fails after the queue timeout;
+    cancelling it (the client went away) takes it out of the queue."""
+
+    __slots__ = ("_inner", "_pool", "_timer", "deferred", "fresh")
+
+    def __init__(self, pool: ConnectionPool, fresh: bool) -> None:
+        self._pool = pool
+        self.fresh = fresh
+        self._inner: Deferred[PooledConnection] | None = None
+        self.deferred: Deferred[PooledConnection] = Deferred(self._cancelled)
+        self._timer: IDelayedCall | None = pool._clock.callLater(
+            pool._queue_timeout, self._timed_out
+        )
+
+    def _stop(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def succeed(self, conn: PooledConnection) -> None:
+        self._stop()
+        self.deferred.callback(conn)
+
+    def fail(self, error: Exception) -> None:
+        self._stop()
+        self.deferred.errback(error)
+
+    def chain(self, d: Deferred[PooledConnection]) -> None:
+        """Fire with what ``d`` gives (a new connection being opened for this waiter)."""
+        self._stop()
+        self._inner = d
+        d.addCallbacks(self.deferred.callback, self.deferred.errback)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        pool = self._pool
+        if self in pool._waiting:
+            pool._waiting.remove(self)
+            self.deferred.errback(pool._busy(f"waited {pool._queue_timeout:g} s"))
+
+    def _cancelled(self, _: Deferred[PooledConnection]) -> None:
+        self._stop()
+        if self in self._pool._waiting:
+            self._pool._waiting.remove(self)
+        inner, self._inner = self._inner, None
+        if inner is not None:
+            inner.cancel()  # the connection being opened for it
 
 
 def _system_trust() -> IOpenSSLTrustRoot:
@@ -459,7 +596,9 @@ __all__ = [
     "CONNECT_TIMEOUT",
     "IDLE_TIMEOUT",
     "MAX_AGE",
+    "MAX_CONNECTIONS",
     "MAX_IDLE",
+    "QUEUE_TIMEOUT",
     "ConnectionPool",
     "Connector",
     "EndpointConnector",

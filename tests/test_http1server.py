@@ -11,7 +11,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from trackingproxy.h1request import H1Request
-from trackingproxy.http1server import HTTP1Connection
+from trackingproxy.http1server import LINGER_IDLE, HTTP1Connection
 
 
 class _Server:
@@ -21,6 +21,7 @@ class _Server:
         self.clock = Clock()
         self.header_timeout = 10.0
         self.idle_timeout = 60.0
+        self.body_timeout = 10.0
         self.answer = answer
         self.handled: list[H1Request] = []
         self.done: list[H1Request] = []
@@ -129,9 +130,13 @@ class FramingTests(SynchronousTestCase):
 
 class LimitTests(SynchronousTestCase):
     def status(self, payload: bytes) -> tuple[bytes, _Server, StringTransport]:
+        """The status answered to ``payload``; the connection, lingering after an error
+        answer, is closed once no byte came for LINGER_IDLE."""
         server = _Server()
         conn, transport = _connect(server)
         conn.dataReceived(payload)
+        self.assertFalse(transport.disconnecting)  # lingering: still reading
+        server.clock.advance(LINGER_IDLE)
         return transport.value()[9:12], server, transport
 
     def test_body_over_the_limit_is_refused_at_once(self) -> None:

@@ -128,16 +128,22 @@ class ProxyTests(ProxyTestCase):
 
     @inlineCallbacks
     def test_foreign_hosts_get_421_and_are_not_forwarded(self):
-        """Unknown hosts, IP literals, userinfo and absolute-form targets for others: 421."""
+        """Unknown hosts, IP literals and absolute-form targets for others: 421; a Host that is
+        no host name (userinfo, a bad port, two trailing dots): 400 (RFC 9112 3.2)."""
         r = self.start()
-        for args in (
-            ["-H", "Host: other.example.com", f"http://127.0.0.1:{r.http_port}/f/x"],
-            [f"http://127.0.0.1:{r.http_port}/f/x"],
-            ["-H", f"Host: user@{DOMAIN}", f"http://127.0.0.1:{r.http_port}/f/x"],
-            ["--request-target", "http://other.example.com/f/x", f"http://{DOMAIN}:{r.http_port}/"],
+        for args, expected in (
+            (["-H", "Host: other.example.com", f"http://127.0.0.1:{r.http_port}/f/x"], b"421"),
+            ([f"http://127.0.0.1:{r.http_port}/f/x"], b"421"),
+            (["-H", f"Host: user@{DOMAIN}", f"http://127.0.0.1:{r.http_port}/f/x"], b"400"),
+            (["-H", f"Host: {DOMAIN}:99999", f"http://127.0.0.1:{r.http_port}/f/x"], b"400"),
+            (["-H", f"Host: {DOMAIN}..", f"http://127.0.0.1:{r.http_port}/f/x"], b"400"),
+            (
+                ["--request-target", "http://other.example.com/f/x", f"http://{DOMAIN}:{r.http_port}/"],
+                b"421",
+            ),
         ):
             out, err, code = yield curl(r, *STATUS, *args)
-            self.assertEqual(out, b"421", (args, err))
+            self.assertEqual(out, expected, (args, err))
         self.assertEqual(r.standin.seen, [])
 
     @inlineCallbacks

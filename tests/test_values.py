@@ -110,6 +110,25 @@ def test_combined_and_json_lines():
     assert data["status"] == 200 and data["target"].startswith("/q/") and data["target"] != "/q/abc"
 
 
+def test_control_characters_never_reach_a_log_line_raw():
+    """CR, LF, NUL, DEL and bytes over 0x7e in client-sent fields are written as \\xHH in
+    combined lines (one request is always one line); JSON lines escape them as JSON does."""
+    import json
+
+    import attrs
+
+    hostile = attrs.evolve(
+        _entry(), target=b"/q/a\r\nforged", user_agent="UA\x00\x1b[31m", referer="r\x7f\xe9"
+    )
+    lines: list[str] = []
+    AccessLog("combined", "full", lines.append).log(hostile)
+    assert "\n" not in lines[0] and "\r" not in lines[0] and "\x00" not in lines[0]
+    assert '"GET /q/a\\x0D\\x0Aforged HTTP/1.1"' in lines[0]
+    assert '"r\\x7F\\xE9" "UA\\x00\\x1B[31m"' in lines[0]
+    AccessLog("json", "full", lines.append).log(hostile)
+    assert "\n" not in lines[1] and json.loads(lines[1])["user_agent"] == "UA\x00\x1b[31m"
+
+
 def test_well_known_loading(tmp_path: Path):
     """Files are preloaded with content types; hidden files are skipped; big ones refused."""
     (tmp_path / "apple-app-site-association").write_text("{}")

@@ -63,8 +63,17 @@ def _clf_time(when: float) -> str:
     )
 
 
+# What a combined line shows of client-sent text: '"' and '\\' escaped, and control characters
+# and bytes over 0x7e as \xHH (as nginx does), so no field can end the line or forge another.
+_ESCAPES: dict[int, str] = {
+    **{c: f"\\x{c:02X}" for c in (*range(0x20), *range(0x7F, 0x100))},
+    ord("\\"): "\\\\",
+    ord('"'): '\\"',
+}
+
+
 def _quote(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"')
+    return text.translate(_ESCAPES)
 
 
 def _log_line(line: str) -> None:

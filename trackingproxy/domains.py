@@ -66,11 +66,13 @@ def host_from_header(value: bytes | None) -> str | None:
         return None
     host, sep, port = text.rpartition(":")
     if sep and "]" not in port:
-        if not port.isdigit() or len(port) > 5:
+        if not port.isdigit() or not 0 < int(port[:6]) <= 65535:
             return None
     else:
         host = text
-    host = host.rstrip(".").lower()
+    if host.endswith(".."):
+        return None  # one trailing dot is the absolute form of the name; two are not a name
+    host = host.removesuffix(".").lower()
     return host or None
 
 

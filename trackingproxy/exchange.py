@@ -18,6 +18,8 @@ from twisted.web.http import RESPONSES
 
 # Reason phrases twisted.web does not know (RFC 9110).
 _PHRASES = {
+    408: b"Request Timeout",
+    413: b"Content Too Large",
     421: b"Misdirected Request",
     422: b"Unprocessable Content",
     431: b"Request Header Fields Too Large",

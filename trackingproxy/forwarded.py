@@ -72,6 +72,13 @@ class ForwardedFor:
     def _is_trusted(self, addr: IPAddress) -> bool:
         return any(addr.version == net.version and addr in net for net in self._trusted)
 
+    def trusts(self, peer: str) -> bool:
+        """Whether ``peer`` is a trusted proxy (whose client-address fields are believed)."""
+        if not self._trusted:
+            return False
+        addr = _parse_ip(normalise_peer(peer))
+        return addr is not None and self._is_trusted(addr)
+
     def resolve(self, peer: str, header_values: Sequence[bytes] | None) -> ClientAddress:
         if not self._trusted:  # the common case: no parsing at all
             if peer.startswith("::ffff:"):

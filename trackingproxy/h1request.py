@@ -84,7 +84,8 @@ class H1Request(ServerRequest):
             parts += (name, b": ", value, b"\r\n")
         no_body = self.method == b"HEAD" or code in (204, 304) or code < 200
         if length is not None:
-            if code != 204 and code >= 200:
+            # Not for 1xx, 204 (RFC 9110 8.6), nor 304, whose length would be the 200's.
+            if code >= 200 and code not in (204, 304):
                 parts.append(b"Content-Length: %d\r\n" % length)
         elif not no_body:
             if self.clientproto == b"HTTP/1.1":

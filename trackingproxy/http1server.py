@@ -6,9 +6,29 @@ answered in order (pipelining), with the limits and timeouts of the listener.
   (413 and close, at once when Content-Length says so). Framing the parser refuses (obs-fold,
   bare LF, CL with TE, duplicate CL, bad chunks) and a repeated Host get 400 and a close.
 - Timeouts: the request head must arrive within the header timeout (slowloris: the connection
-  is aborted); an idle keep-alive connection, or one where nothing moves in either direction
+  is aborted), and its body within the body timeout after the head (408, then a lingering
+  close); an idle keep-alive connection, or one where nothing moves in either direction
   while a request is open, is closed after the idle timeout. One timer per connection, never
   re-armed per request: it wakes at most every header timeout and checks the state.
+- Raw bytes the parser has not yet reported (a head still arriving, a header value, a chunk-
+  size line) are counted per slice of at most ``_SLICE`` bytes fed, from the slice where the
+  head began, so complete requests and bodies earlier in the same read never count against
+  the next head (``_RAW_HEAD_LIMIT``: 431). A chunk extension longer than 1 KiB is refused
+  (400) however the reads split it. Chunked trailer fields are read (within the header
+  limits) and dropped, never merged into the request's fields (RFC 9110 6.5.1).
+- Framing refused: ``Transfer-Encoding`` other than exactly ``chunked`` (501), an HTTP/1.1
+  request without Host (400), an Upgrade request with a body (400), an ``Expect`` other than
+  ``100-continue`` (417). ``Expect: 100-continue`` with a body gets ``100 Continue`` when no
+  earlier answer is pending on the connection (the body is read here, never forwarded as such).
+- Output back-pressure: the connection is its transport's streaming producer for its whole
+  life; when the client does not read its answers (pipelining, a large body), the transport
+  pauses it: no further request is dispatched or read until the output drains, and the body
+  being streamed is paused. (Closing unregisters first: TLS holds a close back while a producer
+  is registered.)
+- Error answers (400, 408, 413, 414, 431, 501, 505) end with a lingering close (as nginx's
+  ``lingering_close``): no more requests are parsed, the write side is shut down (plain TCP),
+  and input is read and dropped for up to ``LINGER_SECONDS`` (``LINGER_IDLE`` without bytes),
+  so the kernel does not answer unread bytes with a reset that could destroy the answer.
 - Keep-alive: HTTP/1.1 unless ``Connection: close``; HTTP/1.0 closes after each answer; after
   a shutdown notice (SIGTERM) every answer closes the connection, and an idle one closes at once.
 - TLS connections whose ALPN chose ``h2`` are handed to `trackingproxy.h2server`.
@@ -24,7 +44,13 @@ import re
 from typing import Any, Protocol
 
 import httptools
-from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IProtocol,
+    IReactorTime,
+    ISSLTransport,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -33,6 +59,7 @@ from twisted.python.failure import Failure
 from trackingproxy.exchange import status_line
 from trackingproxy.h1request import H1Request
 from trackingproxy.proxy import MAX_BODY
+from trackingproxy.pushproducer import ConnectionProducer
 
 log = Logger(namespace="trackingproxy.http1server")
 
@@ -40,9 +67,15 @@ MAX_HEADERS = 100
 MAX_HEADER_BYTES = 16384
 MAX_TARGET = 16384
 MAX_QUEUED = 16  # pipelined requests waiting: beyond this the connection stops reading
+LINGER_SECONDS = 5.0  # a lingering close reads and drops input for at most this long
+LINGER_IDLE = 2.0  # ... or until no byte came for this long
+_SLICE = 4096  # reads are fed in slices of at most this: the unit of raw-byte accounting
 _RAW_HEAD_LIMIT = MAX_HEADER_BYTES + MAX_TARGET + 8192
 # A chunk-size line with a long extension (llhttp skips extensions without a limit).
 _LONG_CHUNK_EXT = re.compile(rb"\n[0-9A-Fa-f]+[ \t]*;[^\r\n]{1024}")
+_CHUNK_TAIL = 2048  # bytes of the previous reads kept to find an extension split across them
+_LINGER_STATUSES = frozenset({400, 408, 413, 414, 431, 501, 505})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 _TEXT = [(b"Content-Type", b"text/plain; charset=utf-8"), (b"Cache-Control", b"no-store")]
 
@@ -53,6 +86,7 @@ class Server(Protocol):
     clock: IReactorTime
     header_timeout: float
     idle_timeout: float
+    body_timeout: float
 
     def handle(self, request: H1Request) -> None: ...
     def request_done(self, request: H1Request) -> None: ...
@@ -74,7 +108,10 @@ class HTTP1Connection(TwistedProtocol):
     __slots__ = (
         "_active",
         "_body",
+        "_body_producer",
         "_body_size",
+        "_body_started",
+        "_chunk_tail",
         "_chunked",
         "_clock",
         "_closed",
@@ -83,6 +120,7 @@ class HTTP1Connection(TwistedProtocol):
         "_current",
         "_draining",
         "_error_status",
+        "_expect",
         "_h1",
         "_h2",
         "_head_raw",
@@ -91,19 +129,25 @@ class HTTP1Connection(TwistedProtocol):
         "_headers",
         "_idle_since",
         "_in_head",
+        "_linger_deadline",
+        "_lingering",
+        "_output_paused",
         "_parser",
         "_peer",
         "_progress",
         "_progress_at",
         "_progress_seen",
         "_pumping",
+        "_pusher",
         "_queue",
         "_reading",
         "_saw_host",
         "_server",
         "_sni",
         "_stopped",
+        "_te_ok",
         "_timer",
+        "_trailer_bytes",
         "_url",
         "_write",
         # Protocol's own attributes, slotted too: the connection then has no __dict__ at all.
@@ -128,8 +172,18 @@ class HTTP1Connection(TwistedProtocol):
         self._connection = b""
         self._saw_host = False
         self._chunked = False  # a request in this read or still being read is chunked
+        self._chunk_tail = b""  # the end of earlier reads of a chunked body (extension check)
+        self._te_ok = True  # Transfer-Encoding, if any, is exactly "chunked"
+        self._expect = b""
+        self._trailer_bytes = 0
         self._body: list[bytes] | None = None
         self._body_size = 0
+        self._body_started = 0.0
+        self._body_producer: Any = None  # the streamed answer's producer (the upstream body)
+        self._output_paused = False  # the transport's buffer is full: the client is not reading
+        self._pusher: ConnectionProducer | None = None  # registered with the transport
+        self._lingering = False
+        self._linger_deadline = 0.0
         self._current: H1Request | None = None  # head complete, body still arriving
         self._draining = False  # shutdown_notice: answer what was asked, then close
         self._in_head = False
@@ -156,12 +210,17 @@ class HTTP1Connection(TwistedProtocol):
         # The bound method, looked up once (TLS replaces ``write`` per instance with its
         # small-write aggregator, which measured faster than writing through at once).
         self._write = self.transport.write  # type: ignore[union-attr]
+        self._pusher = ConnectionProducer(self)
+        self.transport.registerProducer(self._pusher, True)  # type: ignore[union-attr]
         self._server.connection_opened()
         self._idle_since = self._clock.seconds()
         self._arm(min(self._server.header_timeout, self._server.idle_timeout))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
+        if self._pusher is not None:
+            self._pusher.conn = None  # the transport is gone: nothing to unregister from
+            self._pusher = None
         self._stopped = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -218,17 +277,85 @@ class HTTP1Connection(TwistedProtocol):
     def close(self) -> None:
         self._stopped = True
         if not self._closed:
+            self._unregister()
             self.transport.loseConnection()  # type: ignore[union-attr]
 
+    def _unregister(self) -> None:
+        """Stop being the transport's producer (TLS holds a close back while one is)."""
+        pusher, self._pusher = self._pusher, None
+        if pusher is not None:
+            pusher.conn = None
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
+
     def register_producer(self, producer: Any) -> None:
-        self.transport.registerProducer(producer, True)  # type: ignore[union-attr]
+        self._body_producer = producer
+        if self._output_paused:
+            producer.pauseProducing()
 
     def unregister_producer(self) -> None:
+        self._body_producer = None
+
+    # -- output back-pressure (IPushProducer of the transport) ----------------------------
+    def pauseProducing(self) -> None:
+        """The client is not reading: stop taking requests, pause the streamed answer."""
+        self._output_paused = True
+        if self._body_producer is not None:
+            self._body_producer.pauseProducing()
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        self._output_paused = False
+        if self._body_producer is not None:
+            self._body_producer.resumeProducing()
+        self._update_reading()
         if not self._closed:
-            self.transport.unregisterProducer()  # type: ignore[union-attr]
+            self._pump()
+
+    def stopProducing(self) -> None:
+        pass  # the transport is going away: connectionLost follows
+
+    def _update_reading(self) -> None:
+        want = (
+            not self._closed
+            and (self._lingering or (len(self._queue) < MAX_QUEUED and not self._output_paused))
+        )
+        if want != self._reading and self.transport is not None:
+            self._reading = want
+            if want:
+                self.transport.resumeProducing()  # type: ignore[attr-defined]
+            else:
+                self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    # -- lingering close ------------------------------------------------------------------
+    def _linger(self) -> None:
+        """Close after an error answer without losing it to a reset: parse nothing more, shut
+        down writing (plain TCP), read and drop input for a bounded time, then close."""
+        self._stopped = True
+        if self._closed or self._lingering:
+            return
+        self._lingering = True
+        self._parser = None
+        self._queue.clear()
+        self._current = None
+        self._body = None
+        self._unregister()
+        self._body_producer = None
+        transport: Any = self.transport
+        if ITCPTransport.providedBy(transport) and not ISSLTransport.providedBy(transport):
+            transport.loseWriteConnection()  # the client reads our answer, then EOF
+        now = self._clock.seconds()
+        self._linger_deadline = now + LINGER_SECONDS
+        self._idle_since = now
+        self._update_reading()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._arm(LINGER_IDLE)
 
     # -- reading --------------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
+        if self._lingering:
+            self._idle_since = self._clock.seconds()  # dropped: a lingering close reads only
+            return
         parser = self._parser
         if parser is None:
             if not self._h1:
@@ -244,6 +371,31 @@ class HTTP1Connection(TwistedProtocol):
             return
         self._progress += 1
         queued = len(self._queue)
+        if len(data) <= _SLICE:
+            self._feed(parser, data)
+        else:
+            view = memoryview(data)
+            for start in range(0, len(data), _SLICE):
+                self._feed(parser, view[start : start + _SLICE])
+                if self._stopped:
+                    break
+        if self._chunked:
+            # The end of earlier reads is searched too: an extension split across reads.
+            window = self._chunk_tail + data
+            if _LONG_CHUNK_EXT.search(window):
+                del self._queue[queued:]
+                self._stopped = True
+                self._error_status = 400
+            elif self._current is None:
+                self._chunked = False
+                self._chunk_tail = b""
+            else:
+                self._chunk_tail = window[-_CHUNK_TAIL:]
+        self._pump()
+
+    def _feed(self, parser: Any, data: bytes | memoryview) -> None:
+        """Feed one slice; a head in progress counts it whole, from the slice it began in."""
+        began = self._in_head
         try:
             parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
@@ -254,27 +406,22 @@ class HTTP1Connection(TwistedProtocol):
                 self._error_status = 400
             elif stop.status:
                 self._error_status = stop.status
+            return
         except httptools.HttpParserUpgrade:
             # CONNECT, or an Upgrade we do not do: answer what was asked, then close.
             self._stopped = True
             if self._queue:
                 self._queue[-1].persistent = False
+            return
         except httptools.HttpParserError:
             self._stopped = True
             self._error_status = 400
-        if self._chunked:
-            self._chunked = self._current is not None
-            if _LONG_CHUNK_EXT.search(data):
-                while len(self._queue) > queued:
-                    self._queue.pop()
-                self._stopped = True
-                self._error_status = 400
-        if self._in_head and not self._stopped:
-            self._head_raw += len(data)
+            return
+        if self._in_head:
+            self._head_raw = self._head_raw + len(data) if began else len(data)
             if self._head_raw > _RAW_HEAD_LIMIT:
                 self._stopped = True
                 self._error_status = 431
-        self._pump()
 
     def on_message_begin(self) -> None:
         self._in_head = True
@@ -285,6 +432,9 @@ class HTTP1Connection(TwistedProtocol):
         self._content_length = b""
         self._connection = b""
         self._saw_host = False
+        self._te_ok = True
+        self._expect = b""
+        self._trailer_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -292,6 +442,12 @@ class HTTP1Connection(TwistedProtocol):
             raise _Stop(414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            # A chunked trailer field: bounded like the head, then dropped (RFC 9110 6.5.1).
+            self._trailer_bytes += len(name) + len(value)
+            if self._trailer_bytes > MAX_HEADER_BYTES:
+                raise _Stop(431)
+            return
         headers = self._headers
         self._header_bytes += len(name) + len(value)
         if len(headers) >= MAX_HEADERS or self._header_bytes > MAX_HEADER_BYTES:
@@ -306,6 +462,11 @@ class HTTP1Connection(TwistedProtocol):
             self._content_length = value
         elif name == b"transfer-encoding":
             self._chunked = True
+            # Only "chunked" is understood; llhttp accepts e.g. "gzip, chunked" and would
+            # drop the gzip coding silently (RFC 9112 6.1: 501).
+            self._te_ok = self._te_ok and value.lower() == b"chunked"
+        elif name == b"expect":
+            self._expect = value.lower()
         elif name == b"connection":
             self._connection += b"," + value.lower()
         headers.append((name, value))
@@ -317,6 +478,16 @@ class HTTP1Connection(TwistedProtocol):
         version = _VERSIONS.get(parser.get_http_version())
         if version is None:
             raise _Stop(505)
+        if not self._te_ok:
+            raise _Stop(501)
+        if version == b"HTTP/1.1" and not self._saw_host:
+            raise _Stop(400)  # RFC 9112 3.2
+        has_body = self._chunked or self._content_length not in (b"", b"0")
+        if has_body and parser.should_upgrade():
+            raise _Stop(400)  # its body would be read as another protocol's bytes
+        url = self._url
+        if b"#" in url:
+            url = url.partition(b"#")[0]  # a fragment is not part of a request target
         persistent = (
             version == b"HTTP/1.1"
             and not self._draining
@@ -325,7 +496,7 @@ class HTTP1Connection(TwistedProtocol):
         request = H1Request(
             self,
             parser.get_method(),
-            self._url,
+            url,
             version,
             self._headers,
             persistent,
@@ -334,8 +505,14 @@ class HTTP1Connection(TwistedProtocol):
         self._current = request
         self._body = None
         self._body_size = 0
+        self._body_started = self._clock.seconds()
         if self._content_length and int(self._content_length) > MAX_BODY:
             self._too_large(request)
+        if self._expect and version == b"HTTP/1.1":
+            if self._expect != b"100-continue":
+                raise _Stop(417)
+            if has_body and self._active is None and not self._queue:
+                self.send(_CONTINUE)  # nothing answered before it is pending: safe to send
 
     def on_body(self, body: bytes) -> None:
         request = self._current
@@ -359,9 +536,8 @@ class HTTP1Connection(TwistedProtocol):
         self._queue.append(request)
         if not request.persistent:
             raise _Stop()
-        if len(self._queue) >= MAX_QUEUED and self._reading:
-            self._reading = False
-            self.transport.pauseProducing()  # type: ignore[union-attr]
+        if len(self._queue) >= MAX_QUEUED:
+            self._update_reading()
 
     def _too_large(self, request: H1Request) -> None:
         self._current = None
@@ -377,16 +553,16 @@ class HTTP1Connection(TwistedProtocol):
             return
         self._pumping = True
         try:
-            while self._active is None and not self._closed:
+            while self._active is None and not self._closed and not self._output_paused:
                 if self._queue:
                     request = self._active = self._queue.pop(0)
                     self._dispatch(request)
                     continue
                 if self._error_status:
                     self._answer_error(self._error_status)
-                elif not self._reading and not self._stopped:
-                    self._reading = True
-                    self.transport.resumeProducing()  # type: ignore[union-attr]
+                    break
+                if not self._stopped:
+                    self._update_reading()
                 if not self._in_head:
                     self._idle_since = self._clock.seconds()
                     if self._current is None and not self._stopped:
@@ -421,7 +597,10 @@ class HTTP1Connection(TwistedProtocol):
         self._server.request_done(request)
         if not request.persistent:
             self._queue.clear()
-            self.close()
+            if request.tp_too_large:
+                self._linger()  # the rest of the body may still be on its way
+            else:
+                self.close()
             return
         self._pump()
 
@@ -434,7 +613,7 @@ class HTTP1Connection(TwistedProtocol):
             % len(body)
             + body
         )
-        self.close()
+        self._linger()
 
     # -- timeouts -------------------------------------------------------------------------
     def _arm(self, delay: float) -> None:
@@ -447,17 +626,32 @@ class HTTP1Connection(TwistedProtocol):
         server = self._server
         now = self._clock.seconds()
         header_timeout, idle_timeout = server.header_timeout, server.idle_timeout
+        if self._lingering:
+            left = min(self._linger_deadline, self._idle_since + LINGER_IDLE) - now
+            if left <= 0:
+                self._closed = True
+                self.transport.loseConnection()  # type: ignore[union-attr]
+                return
+            self._arm(left)
+            return
         if self._in_head:
             left = self._head_started + header_timeout - now
             if left <= 0:
                 self._closed = True
                 self.transport.abortConnection()  # type: ignore[union-attr]
                 return
+        elif self._current is not None and (
+            now - self._body_started >= server.body_timeout
+        ):
+            self._body_timed_out()
+            return
         elif self._active is not None or self._current is not None or self._queue:
             if self._progress != self._progress_seen:
                 self._progress_seen = self._progress
                 self._progress_at = now
             left = self._progress_at + idle_timeout - now
+            if self._current is not None:
+                left = min(left, self._body_started + server.body_timeout - now)
             if left <= 0:
                 self.close()
                 return
@@ -468,12 +662,24 @@ class HTTP1Connection(TwistedProtocol):
                 return
         self._arm(min(left, header_timeout))
 
+    def _body_timed_out(self) -> None:
+        """The body did not arrive within the body timeout (a slow-body attack, or a client
+        that announced more than it sends): 408 after the answers owed, then close."""
+        self._current = None
+        self._body = None
+        self._stopped = True
+        self._error_status = 408
+        self._pump()
+        if not self._closed and not self._lingering:
+            self._arm(min(self._server.header_timeout, self._server.idle_timeout))
+
     # -- HTTP/2 ---------------------------------------------------------------------------
     def _switch_to_h2(self, data: bytes) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
         h2 = self._h2 = self._server.http2_connection(self)
+        self._unregister()  # the HTTP/2 connection does its own back-pressure
         transport: Any = self.transport
         h2.makeConnection(transport)
         h2.dataReceived(data)

@@ -57,12 +57,41 @@ HOP_BY_HOP = frozenset(
 _INBOUND_DROP = HOP_BY_HOP | {
     b"host",
     b"content-length",
+    b"expect",  # answered here (the body is read before forwarding), never passed on
     b"x-forwarded-for",
     b"x-forwarded-proto",
     b"x-forwarded-host",
-    b"x-real-ip",
     b"forwarded",
 }
+# Fields that claim who the client is, or rewrite what it asked for: believed by some
+# upstreams and log pipelines, so passed on only from a --trusted-proxy. Compared with '_'
+# read as '-' (some servers fold X_Real_IP into X-Real-IP).
+CLIENT_CLAIMS = frozenset(
+    {
+        b"x-real-ip",
+        b"true-client-ip",
+        b"x-client-ip",
+        b"client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"x-cluster-client-ip",
+        b"x-originating-ip",
+        b"x-remote-ip",
+        b"x-remote-addr",
+        b"x-forwarded",
+        b"x-forwarded-port",
+        b"x-forwarded-server",
+        b"x-forwarded-scheme",
+        b"x-forwarded-ssl",
+        b"front-end-https",
+        b"x-original-url",
+        b"x-rewrite-url",
+        b"x-original-uri",
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
+    }
+)
 _OUTBOUND_DROP = HOP_BY_HOP | {b"server", b"content-length"}
 
 
@@ -171,7 +200,7 @@ class TrackingHandler:
             return None, uri
         authority, slash, path = rest.partition(b"/")
         uri_host = host_from_header(authority)
-        if uri_host is None or (host is not None and host != uri_host):
+        if uri_host is None or host != uri_host:  # RFC 9112 3.2.2: Host must agree
             return None, uri
         return uri_host, b"/" + path if slash else b"/"
 
@@ -179,6 +208,9 @@ class TrackingHandler:
         """Answer ``exchange`` (at once, or later for a proxied request)."""
         if exchange.uri == b"*":
             return exchange.respond(400, [], b"")
+        raw_host = exchange.header(b"host")
+        if raw_host is not None and host_from_header(raw_host) is None:
+            return _plain(exchange, 400, b"400 Bad Request: invalid Host\n")  # RFC 9112 3.2
         host, target = self._target_host(exchange)
         if host is None or host not in self._domains():
             return _plain(exchange, 421, b"421 Misdirected Request: unknown host\n")
@@ -241,12 +273,18 @@ class TrackingHandler:
         connection = exchange.header_values(b"connection")
         if connection:
             drop = drop | _tokens(connection)
-        headers = [
-            (name, _one_line(value)) for name, value in exchange.header_items() if name not in drop
-        ]
-        addr = self._forwarded.resolve(
-            exchange.peer_host(), exchange.header_values(b"x-forwarded-for")
-        )
+        peer = exchange.peer_host()
+        claims_ok = self._forwarded.trusts(peer)
+        headers = []
+        for name, value in exchange.header_items():
+            if name in drop or (not claims_ok and name in CLIENT_CLAIMS):
+                continue
+            if b"_" in name:  # X_Forwarded_For is X-Forwarded-For to some upstreams
+                folded = name.replace(b"_", b"-")
+                if folded in drop or (not claims_ok and folded in CLIENT_CLAIMS):
+                    continue
+            headers.append((name, _one_line(value)))
+        addr = self._forwarded.resolve(peer, exchange.header_values(b"x-forwarded-for"))
         exchange.tp_client = addr.client
         host_b = host.encode("ascii")
         headers += (

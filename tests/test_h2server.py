@@ -32,6 +32,7 @@ class _Server:
     def __init__(self, answer: bool = True) -> None:
         self.clock = Clock()
         self.idle_timeout = 60.0
+        self.body_timeout = 600.0  # out of the way; tests/hostile/test_h2_streams.py sets it
         self.answer = answer
         self.handled: list[H2Request] = []
         self.done: list[H2Request] = []
@@ -290,22 +291,31 @@ class FlowControlTests(_EngineCases):
         self.assertEqual(server.done, [request])
 
     def test_transport_back_pressure_pauses_stream_producers(self) -> None:
+        """The connection is its transport's producer for its whole life: a full transport
+        pauses the stream's upstream body and reading, both resume with it; an unregistered
+        body is left alone; the close unregisters (TLS would hold loseConnection back)."""
         server = _Server(answer=False)
         peer = _Peer(self.engine, server)
         peer.send(_request())
         (request,) = server.handled
         producer = _Producer()
-        self.assertIsNone(peer.transport.producer)  # never held: shutdown's close would wait
+        pusher = peer.transport.producer
+        self.assertIsNotNone(pusher)
+        self.assertTrue(peer.transport.streaming)
         request.register_producer(producer)
-        self.assertIs(peer.transport.producer, peer.conn)
-        peer.conn.pauseProducing()
-        self.assertEqual(producer.paused, 1)
-        peer.conn.resumeProducing()
-        self.assertEqual(producer.resumed, 1)
+        self.assertIs(peer.transport.producer, pusher)
+        pusher.pauseProducing()
+        self.assertEqual((producer.paused, peer.transport.producerState), (1, "paused"))
+        pusher.resumeProducing()
+        self.assertEqual((producer.resumed, peer.transport.producerState), (1, "producing"))
         request.unregister_producer()
-        self.assertIsNone(peer.transport.producer)
-        peer.conn.pauseProducing()
+        pusher.pauseProducing()
         self.assertEqual(producer.paused, 1)
+        pusher.resumeProducing()
+        request.respond(200, [], b"done")
+        peer.conn.shutdown_notice()  # nothing in flight: GOAWAY and close
+        self.assertTrue(peer.transport.disconnecting)
+        self.assertIsNone(peer.transport.producer)
 
 
 class BodyAndLimitTests(_EngineCases):

@@ -4,9 +4,13 @@ chunk and per frame that matters. See `trackingproxy.h2server` for what both eng
 
 libnghttp2 checks every inbound header block (RFC 9113 8.2-8.3: pseudo-headers, connection-
 specific fields, upper-case names, content-length against DATA) and resets a malformed stream
-with PROTOCOL_ERROR; a field with characters no HTTP field may hold (CR, LF, NUL, leading or
-trailing white space) resets its stream too, rather than being dropped silently. Its own
-limits stay on: a RST_STREAM rate limit (rapid reset) and at most 8 CONTINUATION frames.
+with PROTOCOL_ERROR; a field with characters no HTTP field may hold (control characters,
+leading or trailing white space) resets its stream too, rather than being dropped silently, as
+does a :path with a space or a control character. Its own limits stay on: a RST_STREAM rate
+limit (rapid reset), at most 8 CONTINUATION frames, and at most 1000 ACKs and RST_STREAMs
+queued: its output is taken (``nghttp2_session_mem_send``) only while the transport takes data,
+so a client that sends PINGs or SETTINGS and reads nothing fills the library's queue, not ours,
+and ``nghttp2_session_mem_recv`` fails with ``NGHTTP2_ERR_FLOODED``: GOAWAY(ENHANCE_YOUR_CALM).
 
 Memory rules: the session is deleted in ``connectionLost`` (once the library has returned) and
 every call into the library first checks it is still there; the cffi handle that lets the
@@ -24,6 +28,7 @@ from twisted.python.failure import Failure
 from trackingproxy import nghttp2 as ng
 from trackingproxy.h2request import H2Request
 from trackingproxy.h2server import (
+    ENHANCE_YOUR_CALM,
     MAX_HEADER_LIST,
     MAX_STREAMS,
     PROTOCOL_ERROR,
@@ -36,6 +41,7 @@ from trackingproxy.http1server import MAX_HEADER_BYTES
 log = Logger(namespace="trackingproxy.h2native")
 
 HIGH_WATER = 256 * 1024  # answer bytes queued on a stream before its producer is paused
+_WRITE_CHUNK = 64 * 1024  # output written at a time: the transport may pause us in between
 _HEADER_BYTES_CAP = 4 * MAX_HEADER_BYTES  # beyond this a header block is not even collected
 
 
@@ -82,7 +88,7 @@ class NativeH2Connection(H2ServerBase):
         self._receiving = False  # inside nghttp2_session_mem_recv
         self._flushing = False  # inside nghttp2_session_mem_send
         self._lost = False  # connectionLost has run
-        self._close_after_flush = False
+        self._close_after_flush = False  # GOAWAY queued: send it even when paused, then close
 
     def _start(self) -> None:
         b = self._b
@@ -105,7 +111,6 @@ class NativeH2Connection(H2ServerBase):
         session = self._session
         if self._closed or session is None or self._receiving:
             return
-        self._progress += 1
         self._receiving = True
         try:
             rv = self._b.lib.nghttp2_session_mem_recv(session, data, len(data))
@@ -114,17 +119,18 @@ class NativeH2Connection(H2ServerBase):
         if self._connected_lost():
             return
         if rv < 0:
-            log.debug(
-                "HTTP/2 session error from {peer}: {error}",
-                peer=self.peer_host(),
-                error=self._b.ffi.string(self._b.lib.nghttp2_strerror(rv)).decode(),
-            )
-            self._b.lib.nghttp2_session_terminate_session(session, PROTOCOL_ERROR)
-            self._flush()
-            self._close()
+            if rv == ng.ERR_FLOODED:
+                log.info("HTTP/2 client {peer} sends more than it reads", peer=self.peer_host())
+            else:
+                log.debug(
+                    "HTTP/2 session error from {peer}: {error}",
+                    peer=self.peer_host(),
+                    error=self._b.ffi.string(self._b.lib.nghttp2_strerror(rv)).decode(),
+                )
+            self._goaway(ENHANCE_YOUR_CALM if rv == ng.ERR_FLOODED else PROTOCOL_ERROR)
             return
-        if self._ready:
-            ready, self._ready = self._ready, []
+        ready, self._ready = self._ready, []
+        if not self._close_after_flush:  # else GOAWAY (rapid reset): no new upstream work
             for stream_id in ready:
                 self._request_ended(stream_id)
         self._flush()
@@ -137,13 +143,19 @@ class NativeH2Connection(H2ServerBase):
         return self._session is None
 
     def _flush(self) -> None:
-        """Write what the library has queued. Never while it is reading input or already
-        writing (callbacks may ask for a flush: the running one picks their output up)."""
+        """Write what the library has queued, while the transport takes data (else the library
+        keeps it, and counts it: its flood guard), or a GOAWAY before the close. Never while it
+        is reading input or already writing (callbacks may ask for a flush: the running one
+        picks their output up)."""
         session = self._session
         if session is None or self._receiving or self._flushing:
             return
+        if self._paused and not self._close_after_flush:
+            self._after_flush()
+            return
         lib, ffi, out = self._b.lib, self._b.ffi, self._out
-        chunks = []
+        chunks: list[bytes] = []
+        size = n = 0
         self._flushing = True
         try:
             while True:
@@ -151,12 +163,17 @@ class NativeH2Connection(H2ServerBase):
                 if n <= 0:
                     break
                 chunks.append(ffi.buffer(out[0], n)[:])
+                size += n
+                if size >= _WRITE_CHUNK:
+                    self._write_out(chunks)  # the transport may pause us
+                    chunks, size = [], 0
+                    if self._closed or (self._paused and not self._close_after_flush):
+                        break  # the rest waits in the library
         finally:
             self._flushing = False
         if self._connected_lost():
             return
-        if chunks and not self._closed and self._write is not None:
-            self._write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        self._write_out(chunks)
         if n < 0:
             self._close()
             return
@@ -174,20 +191,27 @@ class NativeH2Connection(H2ServerBase):
             return
         self._after_flush()
 
+    def _write_out(self, chunks: list[bytes]) -> None:
+        if chunks and not self._closed and self._write is not None:
+            self._write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
     def _goaway_notice(self) -> None:
         session = self._session
         if session is not None:
             lib = self._b.lib
             last = lib.nghttp2_session_get_last_proc_stream_id(session)
             lib.nghttp2_submit_goaway(session, ng.FLAG_NONE, last, ng.NO_ERROR, self._b.ffi.NULL, 0)
+            self._close_after_flush = True  # sent even to a client that reads slowly
             self._flush()
 
     def _goaway(self, code: int) -> None:
         if self._session is not None:
             self._b.lib.nghttp2_session_terminate_session(self._session, code)
+        # The flush sends it even while paused: what the library holds before it is bounded
+        # (its flood guard; it sends no more DATA once terminating).
+        self._close_after_flush = True
         if self._receiving or self._flushing:
-            self._close_after_flush = True  # the running flush sends it, then closes
-            return
+            return  # the running flush sends it, then closes
         self._flush()
         self._close()
 
@@ -251,6 +275,7 @@ class NativeH2Connection(H2ServerBase):
         data = pending[0]
         n = min(length, len(data))
         if n:
+            self._progress += 1  # answer bytes leave: the stream is alive
             self._b.ffi.memmove(buf, data, n)
             was_blocked = len(data) > HIGH_WATER
             del data[:n]

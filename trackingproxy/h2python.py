@@ -2,13 +2,20 @@
 cannot be loaded, or with ``--http2-engine python``). See `trackingproxy.h2server`.
 
 ``h2`` validates every inbound header block; a malformed one ends the connection with GOAWAY,
-as RFC 9113 8.1.1 allows. Received DATA is acknowledged as it is buffered; answer bytes beyond
-the peer's window wait for WINDOW_UPDATE.
+as RFC 9113 8.1.1 allows (field names with control characters among them). It lets control
+characters other than CR, LF and NUL through in field values: a stream carrying one is reset
+with PROTOCOL_ERROR here, as libnghttp2 does. Received DATA is acknowledged as it is buffered;
+answer bytes beyond the peer's window wait for WINDOW_UPDATE.
+
+While the transport is paused (its buffer full) the output stays in h2's buffer. The ACKs of
+PING and SETTINGS and the RST_STREAMs queued meanwhile are counted: past ``MAX_HELD_ACKS`` (as
+libnghttp2's default) the client is flooding (RFC 9113 10.5): GOAWAY(ENHANCE_YOUR_CALM).
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -21,9 +28,21 @@ from hyperframe.frame import GoAwayFrame
 from twisted.logger import Logger
 
 from trackingproxy.h2request import H2Request
-from trackingproxy.h2server import MAX_HEADER_LIST, MAX_STREAMS, H2ServerBase, Owner, Server
+from trackingproxy.h2server import (
+    ENHANCE_YOUR_CALM,
+    MAX_HEADER_LIST,
+    MAX_STREAMS,
+    PROTOCOL_ERROR,
+    H2ServerBase,
+    Owner,
+    Server,
+)
 
 log = Logger(namespace="trackingproxy.h2python")
+
+MAX_HELD_ACKS = 1000  # ACKs and RST_STREAMs queued while paused before it is a flood
+# Control characters a field value may not hold (RFC 9110 5.5; HTAB is allowed).
+_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 # Inbound blocks are validated; what we send is built here, already lower case and clean.
 _CONFIG = H2Configuration(
@@ -48,6 +67,7 @@ class PythonH2Connection(H2ServerBase):
         self._h2 = H2Connection(_CONFIG)
         self._h2.local_settings = Settings(client=False, initial_values=_SETTINGS)
         self._receiving = False  # events are being handled: one flush at the end
+        self._held_acks = 0  # ACKs and RST_STREAMs queued while paused (flood guard)
 
     def _start(self) -> None:
         self._h2.initiate_connection()
@@ -55,7 +75,6 @@ class PythonH2Connection(H2ServerBase):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
-        self._progress += 1
         self._receiving = True
         try:
             events = self._h2.receive_data(data)
@@ -63,7 +82,7 @@ class PythonH2Connection(H2ServerBase):
             # h2 has queued a GOAWAY naming the error: send it, then close.
             log.debug("HTTP/2 protocol error from {peer}: {error}", peer=self.peer_host(), error=e)
             self._receiving = False
-            self._flush()
+            self._send()
             self._close()
             return
         try:
@@ -71,15 +90,30 @@ class PythonH2Connection(H2ServerBase):
                 handler = _EVENTS.get(type(event))
                 if handler is not None:
                     handler(self, event)
+                    if self._closed:
+                        break  # GOAWAY sent (flood, rapid reset): the rest is not taken
         finally:
             self._receiving = False
         self._flush()
 
     def _flush(self) -> None:
+        if not self._paused:  # else it waits in h2's buffer (see the module docstring)
+            self._held_acks = 0
+            self._send()
+        self._after_flush()
+
+    def _send(self) -> None:
         data = self._h2.data_to_send()
         if data and not self._closed and self._write is not None:
             self._write(data)
-        self._after_flush()
+
+    def _held_ack(self) -> None:
+        """h2 queued an ACK or a RST_STREAM: while paused, count it (flood guard)."""
+        if self._paused:
+            self._held_acks += 1
+            if self._held_acks > MAX_HELD_ACKS and not self._closed:
+                log.info("HTTP/2 client {peer} sends more than it reads", peer=self.peer_host())
+                self._goaway(ENHANCE_YOUR_CALM)
 
     def _goaway_notice(self) -> None:
         # A raw frame: h2's close_connection() would also refuse the rest of this connection.
@@ -90,12 +124,13 @@ class PythonH2Connection(H2ServerBase):
     def _goaway(self, code: int) -> None:
         with contextlib.suppress(h2.exceptions.H2Error):
             self._h2.close_connection(error_code=code)
-        self._flush()
+        self._send()  # even while paused: what waits before it is bounded (_held_ack)
         self._close()
 
     def _refuse(self, stream_id: int, code: int) -> None:
         with contextlib.suppress(h2.exceptions.H2Error):
             self._h2.reset_stream(stream_id, error_code=code)
+        self._held_ack()
         if not self._receiving:
             self._flush()
 
@@ -107,13 +142,16 @@ class PythonH2Connection(H2ServerBase):
         pseudo: dict[bytes, bytes] = {}
         headers: list[tuple[bytes, bytes]] = []
         size = 0
+        stream_id: int = event.stream_id
         for name, value in event.headers or ():  # bytes: header_encoding is None
+            if _CTL.search(value) is not None:
+                self._refuse(stream_id, PROTOCOL_ERROR)  # as libnghttp2 does
+                return
             if name[:1] == b":":
                 pseudo[name] = value
                 continue
             size += len(name) + len(value)
             headers.append((name, value))
-        stream_id: int = event.stream_id
         self._new_request(stream_id, pseudo, headers, size, event.stream_ended is not None)
 
     def _on_data(self, event: ev.DataReceived) -> None:
@@ -134,6 +172,9 @@ class PythonH2Connection(H2ServerBase):
         else:
             for stream_id in list(self._queued):
                 self._push(stream_id)
+
+    def _on_control(self, event: ev.PingReceived | ev.RemoteSettingsChanged) -> None:
+        self._held_ack()  # h2 queued the ACK
 
     def _on_terminated(self, event: ev.ConnectionTerminated) -> None:
         self._close()  # the client's GOAWAY: it reads nothing more from this connection
@@ -188,6 +229,7 @@ class PythonH2Connection(H2ServerBase):
             self._send_data(stream_id, queued[0], queued[1], paused=True)
         except h2.exceptions.H2Error:
             return
+        self._progress += 1  # answer bytes leave: the stream is alive
         if stream_id not in self._queued:
             self._unblocked(stream_id)
 
@@ -198,5 +240,7 @@ _EVENTS: dict[type, Callable[[PythonH2Connection, Any], None]] = {
     ev.StreamEnded: PythonH2Connection._on_end,
     ev.StreamReset: PythonH2Connection._on_reset,
     ev.WindowUpdated: PythonH2Connection._on_window,
+    ev.PingReceived: PythonH2Connection._on_control,
+    ev.RemoteSettingsChanged: PythonH2Connection._on_control,
     ev.ConnectionTerminated: PythonH2Connection._on_terminated,
 }

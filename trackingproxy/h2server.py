@@ -7,22 +7,39 @@ CR/LF/NUL, content-length against the DATA received) and hand each complete requ
 request handler as an `trackingproxy.h2request.H2Request`. What this module adds on top:
 
 - Streams that are not tracking requests are refused with RST_STREAM(PROTOCOL_ERROR): CONNECT,
-  a :path that is neither origin-form nor ``*``, a Host that differs from :authority. More
-  than ``MAX_HEADERS`` fields or ``MAX_HEADER_BYTES`` of names and values: 431. Bodies over
-  ``MAX_BODY``: 413 at once, then RST_STREAM(NO_ERROR).
-- At most ``MAX_STREAMS`` concurrent streams (SETTINGS). A client that resets most of the
-  streams it opens ("rapid reset", CVE-2023-44487) gets GOAWAY(ENHANCE_YOUR_CALM).
-- Back-pressure: when the TLS transport's buffer is full, or a stream's flow-control window is
-  exhausted, the upstream bodies being copied are paused. (The connection is the transport's
-  producer only while such a body streams, so a shutdown's loseConnection is never held back.)
-- The connection is closed (GOAWAY) when nothing has moved in either direction for the idle
-  timeout; one timer per connection.
+  a :path that is neither origin-form nor ``*`` or holds a space or a control character (both
+  engines reset those, never answer 400: libnghttp2 refuses them before we see them), a Host
+  that differs from :authority. More than ``MAX_HEADERS`` fields or ``MAX_HEADER_BYTES`` of
+  names and values: 431. Bodies over ``MAX_BODY``: 413 at once, then RST_STREAM(NO_ERROR).
+- At most ``MAX_STREAMS`` concurrent streams (SETTINGS), and a stream's upstream work counts
+  until it ends, even once the client reset the stream: while ``MAX_STREAMS`` of them run, new
+  streams are refused with RST_STREAM(REFUSED_STREAM).
+- Rapid reset (CVE-2023-44487): the client's resets of streams whose answer was not complete
+  are compared with the streams it opened that were not answered at once. Streams refused or
+  answered before the handler returned (a 421 for an unknown host, 400, 413, 431) cost no
+  upstream work and are left out, so they cannot dilute the ratio: more than
+  ``RAPID_RESET_MIN`` such resets, over half of those streams: GOAWAY(ENHANCE_YOUR_CALM).
+- Back-pressure: the connection is its transport's push producer for its whole life. When the
+  transport's buffer is full (the client does not read what it is sent) the connection stops
+  reading from the client and stops moving the engine's output to the transport, and the
+  upstream bodies being copied are paused; so are those of a stream whose flow-control window
+  is exhausted. The engine keeps what is held back and bounds it: answers to PING, SETTINGS
+  and refused streams piling up while paused are a flood (RFC 9113 10.5): GOAWAY
+  (ENHANCE_YOUR_CALM) and close. A registered producer holds TLS's loseConnection back, so
+  every close (`_close`) unregisters first.
+- A request body must arrive within the body timeout of its headers (slow-body attack): else
+  the stream is answered 408 and reset (checked every half body timeout).
+- The connection is closed (GOAWAY) when no stream has moved for the idle timeout (request
+  headers or data received, answer bytes sent; PING and other control frames do not count):
+  one timer per connection. A closed connection whose client takes none of what is left to
+  send is aborted after the idle timeout.
 - Shutdown (`shutdown_notice`, at SIGTERM): the streams taken are answered; then GOAWAY(NO_ERROR)
   naming the last one, so the client sends new requests elsewhere, and the connection closes.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -36,6 +53,7 @@ from trackingproxy.exchange import ClientExchange
 from trackingproxy.h2request import H2Request
 from trackingproxy.http1server import MAX_HEADER_BYTES, MAX_HEADERS
 from trackingproxy.proxy import MAX_BODY
+from trackingproxy.pushproducer import ConnectionProducer
 
 log = Logger(namespace="trackingproxy.h2server")
 
@@ -47,6 +65,9 @@ MAX_HEADER_LIST = MAX_HEADER_BYTES + 32 * MAX_HEADERS + 4096
 RAPID_RESET_MIN = 200  # resets of unanswered streams tolerated before the ratio is looked at
 # Error codes (RFC 9113 7).
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, ENHANCE_YOUR_CALM = 0x0, 0x1, 0x2, 0xB
+REFUSED_STREAM = 0x7
+# A :path with a space or a control character: not a request target (RFC 9112 3.2).
+_BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
 TEXT = [(b"content-type", b"text/plain; charset=utf-8"), (b"cache-control", b"no-store")]
 ENGINES = ("auto", "nghttp2", "python")
 
@@ -56,6 +77,7 @@ class Server(Protocol):
 
     clock: IReactorTime
     idle_timeout: float
+    body_timeout: float
 
     def handle(self, exchange: ClientExchange) -> None: ...
     def request_done(self, exchange: ClientExchange) -> None: ...
@@ -70,7 +92,8 @@ class Owner(Protocol):
 
 class H2ServerBase(TwistedProtocol):
     """One HTTP/2 client connection (see the module docstring); the engine subclasses fill in
-    the protocol. Also the IPushProducer the TLS transport pauses when its buffer is full."""
+    the protocol. Also the IPushProducer the TLS transport pauses when its buffer is full
+    (through `ConnectionProducer`, registered from connectionMade until `_close`)."""
 
     def __init__(self, server: Server, owner: Owner) -> None:
         self._server = server
@@ -80,10 +103,12 @@ class H2ServerBase(TwistedProtocol):
         self._producers: dict[int, Any] = {}
         # stream -> [answer bytes the engine has not sent yet (flow control), END_STREAM after]
         self._queued: dict[int, list[Any]] = {}
-        self._paused = False
+        self._paused = False  # the transport's buffer is full: not reading, output held
+        self._pusher: ConnectionProducer | None = None  # registered with the transport
         self._closed = False
-        self._opened = 0
-        self._resets = 0
+        self._opened = 0  # streams taken (not refused at once)
+        self._local = 0  # of those, answered before the handler returned
+        self._resets = 0  # of those, reset by the client before their answer was complete
         self._progress = 0
         self._progress_seen = -1
         self._progress_at = 0.0
@@ -119,7 +144,6 @@ class H2ServerBase(TwistedProtocol):
         """Send the answer's head (if given), ``data``, and END_STREAM if ``end``."""
         raise NotImplementedError
 
-
     def _goaway_notice(self) -> None:
         """Send GOAWAY(NO_ERROR) with the last stream taken."""
         raise NotImplementedError
@@ -143,14 +167,20 @@ class H2ServerBase(TwistedProtocol):
 
     # -- connection -----------------------------------------------------------------------
     def connectionMade(self) -> None:
-        self._write = self.transport.write  # type: ignore[union-attr]
+        transport: Any = self.transport
+        self._write = transport.write
+        self._pusher = ConnectionProducer(self)
+        transport.registerProducer(self._pusher, True)  # for good: see _close
         self._start()
         self._flush()
         self._progress_at = self._clock.seconds()
-        self._arm(self._server.idle_timeout)
+        self._arm(min(self._server.idle_timeout, self._server.body_timeout / 2))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
+        if self._pusher is not None:
+            self._pusher.conn = None  # the transport is gone: nothing to unregister from
+            self._pusher = None
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -167,9 +197,20 @@ class H2ServerBase(TwistedProtocol):
         return self._owner.sni()
 
     def _close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.transport.loseConnection()  # type: ignore[union-attr]
+        if self._closed:
+            return
+        self._closed = True
+        transport: Any = self.transport
+        pusher, self._pusher = self._pusher, None
+        if pusher is not None:
+            pusher.conn = None
+            transport.unregisterProducer()  # else TLS holds the loseConnection back for good
+        # What is buffered still leaves; a client that takes none of it (one that never
+        # reads) does not keep the connection: aborted after the idle timeout (_tick).
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._arm(self._server.idle_timeout)
+        transport.loseConnection()
 
     # -- requests -------------------------------------------------------------------------
     def _new_request(
@@ -182,7 +223,11 @@ class H2ServerBase(TwistedProtocol):
     ) -> H2Request | None:
         """A request whose header block is complete, or None if its stream was refused. Too
         large ones are answered at once (431, 413)."""
-        self._opened += 1
+        self._progress += 1
+        if self._upstream_busy >= MAX_STREAMS:
+            # Reset streams whose upstream work still runs count: no new work until some ends.
+            self._refuse(stream_id, REFUSED_STREAM)
+            return None
         method = pseudo.get(b":method")
         path = pseudo.get(b":path")
         authority = pseudo.get(b":authority")
@@ -193,7 +238,11 @@ class H2ServerBase(TwistedProtocol):
                     host = b""  # two Host fields: malformed
                     break
                 host = value
-        origin_form = path is not None and (path[:1] == b"/" or path == b"*")
+        origin_form = (
+            path is not None
+            and (path[:1] == b"/" or path == b"*")
+            and _BAD_TARGET.search(path) is None
+        )
         if (
             method is None
             or method == b"CONNECT"
@@ -206,11 +255,13 @@ class H2ServerBase(TwistedProtocol):
         if authority is not None and host is None:
             headers.insert(0, (b"host", authority))
         assert path is not None
+        self._opened += 1
         request = H2Request(self, stream_id, method, path, headers, self._clock.seconds())
         request.remote_ended = ended
         self._streams[stream_id] = request
         if len(headers) > MAX_HEADERS or size > MAX_HEADER_BYTES:
             request.dispatched = True
+            self._local += 1
             request.respond(431, TEXT, b"431 Request Header Fields Too Large\n")
             return None
         length = request.header(b"content-length")
@@ -223,6 +274,7 @@ class H2ServerBase(TwistedProtocol):
         request = self._streams.get(stream_id)
         if request is None or request.dispatched:
             return
+        self._progress += 1
         request.body_size += len(data)
         if request.body_size > MAX_BODY:
             self._too_large(request)
@@ -232,18 +284,21 @@ class H2ServerBase(TwistedProtocol):
     def _request_ended(self, stream_id: int) -> None:
         request = self._streams.get(stream_id)
         if request is not None:
+            self._progress += 1
             request.remote_ended = True
             if not request.dispatched:
                 self._dispatch(request)
 
     def _stream_reset(self, stream_id: int) -> None:
-        """The client reset the stream (or it closed) before its answer was complete."""
+        """The client reset the stream (or it closed) before its answer was complete. Rapid
+        reset: such resets against the streams taken that were not answered at once (see the
+        module docstring); locally answered streams cannot dilute it."""
         request = self._forget(stream_id)
         if request is None or request.done:
             return
         self._resets += 1
         request.connection_lost()
-        if self._resets > RAPID_RESET_MIN and self._resets * 2 > self._opened:
+        if self._resets > RAPID_RESET_MIN and self._resets * 2 > self._opened - self._local:
             log.info("HTTP/2 client {peer} resets most of its streams", peer=self.peer_host())
             self._goaway(ENHANCE_YOUR_CALM)
 
@@ -257,6 +312,8 @@ class H2ServerBase(TwistedProtocol):
                 request.respond(500, TEXT, b"500 Internal Server Error\n")
             else:
                 request.abort()
+        if request.done:
+            self._local += 1  # answered at once (421, 413...): no upstream work to reset
 
     def _too_large(self, request: H2Request) -> None:
         request.tp_too_large = True
@@ -265,8 +322,7 @@ class H2ServerBase(TwistedProtocol):
 
     def _forget(self, stream_id: int) -> H2Request | None:
         self._queued.pop(stream_id, None)
-        if self._producers.pop(stream_id, None) is not None:
-            self._producers_changed()
+        self._producers.pop(stream_id, None)
         return self._streams.pop(stream_id, None)
 
     def request_done(self, request: H2Request) -> None:
@@ -296,22 +352,14 @@ class H2ServerBase(TwistedProtocol):
 
     # -- back-pressure --------------------------------------------------------------------
     def register_producer(self, request: H2Request, producer: Any) -> None:
-        if not self._producers and not self._closed:
-            # The connection is the transport's producer only while a stream streams a body:
-            # a registered producer would hold back TLS's loseConnection (shutdown) for good.
-            self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        """A stream's upstream body: paused with the transport (the connection is its
+        producer) or while the stream's window is exhausted."""
         self._producers[request.stream_id] = producer
         if self._paused or self._blocked(request.stream_id):
             producer.pauseProducing()
 
     def unregister_producer(self, request: H2Request) -> None:
-        if self._producers.pop(request.stream_id, None) is not None:
-            self._producers_changed()
-
-    def _producers_changed(self) -> None:
-        if not self._producers and not self._closed:
-            self._paused = False
-            self.transport.unregisterProducer()  # type: ignore[union-attr]
+        self._producers.pop(request.stream_id, None)
 
     def _unblocked(self, stream_id: int) -> None:
         """The stream's queued bytes have left: resume its producer or retire it."""
@@ -324,12 +372,24 @@ class H2ServerBase(TwistedProtocol):
             producer.resumeProducing()
 
     def pauseProducing(self) -> None:
+        """The transport's buffer is full: read nothing more from this client (its requests
+        and control frames only add answers it does not take), hold the engine's output back
+        (`_flush`), pause the upstream bodies."""
+        if self._paused or self._closed:
+            return
         self._paused = True
+        self.transport.pauseProducing()  # type: ignore[union-attr]
         for producer in list(self._producers.values()):
             producer.pauseProducing()
 
     def resumeProducing(self) -> None:
+        if not self._paused or self._closed:
+            return
         self._paused = False
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+        self._flush()  # what the engine held back
+        if self._paused or self._closed:
+            return  # that filled the buffer again
         for stream_id, producer in list(self._producers.items()):
             if not self._blocked(stream_id):
                 producer.resumeProducing()
@@ -344,6 +404,8 @@ class H2ServerBase(TwistedProtocol):
     def _tick(self) -> None:
         self._timer = None
         if self._closed:
+            # Closed (_close) an idle timeout ago and the client has not taken the rest.
+            self.transport.abortConnection()  # type: ignore[union-attr]
             return
         now = self._clock.seconds()
         if self._progress != self._progress_seen:
@@ -353,7 +415,14 @@ class H2ServerBase(TwistedProtocol):
         if left <= 0:
             self._goaway(NO_ERROR)
             return
-        self._arm(min(left, self._server.idle_timeout / 4))
+        body_timeout = self._server.body_timeout
+        for request in list(self._streams.values()):
+            if not request.dispatched and now - request.tp_started >= body_timeout:
+                # Its body did not arrive in time (slow-body attack): 408, then RST_STREAM.
+                request.dispatched = True
+                self._local += 1
+                request.respond(408, TEXT, b"408 Request Timeout: the body came too slowly\n")
+        self._arm(min(left, self._server.idle_timeout / 4, body_timeout / 2))
 
 
 def choose_engine(engine: str) -> tuple[type[H2ServerBase], str]:

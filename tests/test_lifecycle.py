@@ -53,3 +53,21 @@ class NotifyShutdownTests(SynchronousTestCase):
         connections.notify_shutdown()
         self.assertEqual([p.notices for p in built], [1, 1, 0, 1])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class OpenFilesLimitTests(SynchronousTestCase):
+    def test_soft_limit_is_raised_to_the_hard_limit(self) -> None:
+        """A soft open-files limit below the hard one is raised to it (each connection is a
+        file); at the hard limit already, nothing changes."""
+        import resource
+
+        from trackingproxy.lifecycle import raise_open_files_limit
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        if hard == resource.RLIM_INFINITY or hard <= 256:
+            self.fail(f"this machine's hard limit {hard} leaves nothing to test")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        self.assertEqual(raise_open_files_limit(), (256, hard))
+        self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE), (hard, hard))
+        self.assertIsNone(raise_open_files_limit())

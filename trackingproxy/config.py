@@ -157,7 +157,7 @@ def config_from_options(opts: Mapping[str, Any], now: datetime.datetime) -> Prox
         upstream_timeout=_positive_seconds("upstream-timeout", opts["upstream-timeout"]),
         upstream_max_age=_positive_seconds("upstream-max-age", opts["upstream-max-age"]),
         upstream_max_connections=_count(
-            "upstream-max-connections", opts.get("upstream-max-connections") or "256"
+            "upstream-max-connections", opts.get("upstream-max-connections") or "1024"
         ),
         http_port=_endpoint("http-port", opts["http-port"]),
         https_port=_endpoint("https-port", opts["https-port"]),

@@ -12,6 +12,7 @@ pool, the ACME issuer and the admin listener stopped. No accepted request is los
 from __future__ import annotations
 
 import gc
+import resource
 import weakref
 from typing import Any, Protocol
 
@@ -186,6 +187,22 @@ def _close(protocol: IProtocol, how: str) -> None:
         getattr(target, how)()
     except Exception:
         log.failure("Closing a client connection at shutdown failed")
+
+
+def raise_open_files_limit() -> tuple[int, int] | None:
+    """Raise this process's soft limit on open files to its hard limit (as Go programs such
+    as Caddy do at start): each client connection and each upstream connection is a file, and
+    the soft limit is often 1024. Returns (before, after) when it changed anything."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return None
+    return soft, hard
 
 
 def tune_gc() -> None:

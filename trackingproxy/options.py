@@ -43,7 +43,7 @@ PARAMETERS: list[tuple[str, str | None, str]] = [
     ("upstream-timeout", "10", "Seconds to wait for the upstream's response headers (then 504)."),
     (
         "upstream-max-connections",
-        "256",
+        "1024",
         "Most upstream connections at once; beyond, requests wait up to 5 s, then 503.",
     ),
     (

@@ -28,7 +28,12 @@ from trackingproxy.errors import ConfigError, exit_with
 from trackingproxy.forwarded import ForwardedFor
 from trackingproxy.h2server import choose_engine
 from trackingproxy.jsonlog import JSONLinesObserver
-from trackingproxy.lifecycle import ActiveRequests, OpenConnections, tune_gc
+from trackingproxy.lifecycle import (
+    ActiveRequests,
+    OpenConnections,
+    raise_open_files_limit,
+    tune_gc,
+)
 from trackingproxy.listeners import ListenerService
 from trackingproxy.logwriter import open_access_log
 from trackingproxy.memory import AllocatorTrim, glibc_malloc_trim
@@ -129,6 +134,12 @@ class TrackingProxyService(MultiService):
 
             self._previous_sighup = signal.signal(signal.SIGHUP, on_sighup)
             reactor.callWhenRunning(tune_gc)
+            raised = raise_open_files_limit()
+            if raised is not None:
+                before, after = raised
+                log.info(
+                    "open files limit raised from {before} to {after}", before=before, after=after
+                )
 
     def stopService(self) -> Deferred[None]:
         if self._previous_sighup is not None:

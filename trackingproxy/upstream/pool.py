@@ -62,7 +62,7 @@ from trackingproxy.upstream.http1 import LeanHTTP11ClientProtocol
 from trackingproxy.upstream.target import UpstreamTarget
 
 MAX_IDLE: Final = 64
-MAX_CONNECTIONS: Final = 256
+MAX_CONNECTIONS: Final = 1024  # as Envoy's default circuit breaker
 QUEUE_TIMEOUT: Final = 5.0
 IDLE_TIMEOUT: Final = 50.0
 MAX_AGE: Final = 120.0

@@ -307,6 +307,8 @@ def main() -> int:
             "no:cacheprovider",
             str(REPO / "tests" / "hostile" / "test_properties.py"),
             str(REPO / "tests" / "hostile" / "test_h2_frames.py"),
+            str(REPO / "tests" / "hostile" / "test_differential.py"),
+            str(REPO / "tests" / "hostile" / "test_hostile_upstream.py"),
         ],
         env={**os.environ, "TP_PROPERTY_SCALE": str(scale), "TP_PROPERTY_COUNTS": str(counts)},
         capture_output=True,

@@ -157,8 +157,11 @@ def build_memory_proxy(
     domains: Sequence[str],
     *extra: str,
     challenges: ChallengeResponder | None = None,
+    upstream: Any = None,
 ) -> MemoryProxy:
-    """The service for ``domains``, one certificate per entry of ``certificates`` (its names)."""
+    """The service for ``domains``, one certificate per entry of ``certificates`` (its names);
+    ``upstream``, if given, is a function of the memory reactor that makes the upstream client
+    (default: a `RecordingUpstream`)."""
     ca = make_ca()
     args: list[str] = []
     for name in domains:
@@ -184,7 +187,10 @@ def build_memory_proxy(
     opts.parseOptions(args)
     config = config_from_options(opts, datetime.datetime.now(datetime.UTC))
     reactor = MemoryReactorClock()
-    upstream = RecordingUpstream()
+    if upstream is None:
+        upstream = RecordingUpstream()
+    elif callable(upstream):
+        upstream = upstream(reactor)  # built on this reactor (its clock)
     service = build_service(
         config,
         reactor,

@@ -99,7 +99,8 @@ class H2Request(ServerRequest):
         self.code = code
         head = _head(code, headers)
         no_body = self.method == b"HEAD" or code in (204, 304) or code < 200
-        if length is not None and code != 204 and code >= 200:
+        if length is not None and code >= 200 and code not in (204, 304):
+            # Not for 204 (RFC 9110 8.6), nor 304, whose length would be the 200's.
             head.append((b"content-length", b"%d" % length))
         if add_date:
             head.append((b"date", http_date()))

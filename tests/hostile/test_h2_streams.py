@@ -103,6 +103,18 @@ class _Cases:
         self.assertEqual(len(server.handled), 1)
         self.assertEqual(server.handled[0].stream_id, other)
 
+    def test_304_has_no_content_length(self) -> None:
+        """A streamed 304 carries no content-length: 0 (it would claim the 200's size)."""
+        server = _Server(answer=False)
+        peer = _Peer(self.engine, server)
+        sid = peer.send(_request(b"/q/x"))
+        server.handled[0].start(304, b"Not Modified", [(b"etag", b'"x"')], 0, True)
+        server.handled[0].finish()
+        peer.pump()
+        [response] = peer.of(sid, ev.ResponseReceived)
+        names = [name for name, _ in response.headers]
+        self.assertEqual((dict(response.headers)[b":status"], b"content-length" in names), (b"304", False))
+
     # -- rapid reset ----------------------------------------------------------------------
     def test_rapid_reset_diluted_with_locally_answered_streams_gets_goaway(self) -> None:
         """Each reset stream (upstream work) follows a stream answered at once (421): the

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
+from typing import Any
 
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from zope.interface import implementer
 
 from trackingproxy.certificates import LoadedCertificate, parse_pem
 
@@ -53,3 +59,27 @@ def other_key_pem() -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """A server TLS context for ``leaf``, built from ``cryptography`` objects (pyOpenSSL's own
+    X509/PKey are deprecated): a connection creator for TLSMemoryBIOFactory, and a context
+    factory (``getContext``) for ``reactor.listenSSL``."""
+
+    def __init__(self, leaf: trustme.LeafCert) -> None:
+        chain = [x509.load_pem_x509_certificate(pem.bytes()) for pem in leaf.cert_chain_pems]
+        key: Any = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), None)
+        self.context = SSL.Context(SSL.TLS_SERVER_METHOD)
+        self.context.use_certificate(chain[0])
+        for extra in chain[1:]:
+            self.context.add_extra_chain_cert(extra)
+        self.context.use_privatekey(key)
+
+    def getContext(self) -> SSL.Context:
+        return self.context
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self.context, None)
+        connection.set_app_data(tlsProtocol)
+        return connection

@@ -9,10 +9,11 @@ import trustme
 from attrs import define, field
 from twisted.internet import reactor as global_reactor
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.ssl import CertificateOptions
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from tests.certs import ServerTLS
 
 GIF = (
     b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00"
@@ -144,11 +145,7 @@ def start_standin(ca: trustme.CA, reactor: Any = global_reactor) -> StandIn:
     """Start on 127.0.0.1 with an ephemeral port; the certificate is for 127.0.0.1 and localhost."""
     state = StandIn()
     leaf = ca.issue_cert("127.0.0.1", "localhost")
-    from OpenSSL import crypto
-
-    key = crypto.load_privatekey(crypto.FILETYPE_PEM, leaf.private_key_pem.bytes())
-    chain = [crypto.load_certificate(crypto.FILETYPE_PEM, b.bytes()) for b in leaf.cert_chain_pems]
-    options = CertificateOptions(privateKey=key, certificate=chain[0], extraCertChain=chain[1:])
+    options = ServerTLS(leaf)
     site = Site(_Root(state))
     factory: Any = _CountingFactory(state, options, False, site)
     state.port = reactor.listenTCP(0, factory, interface="127.0.0.1")

@@ -12,7 +12,6 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.ssl import CertificateOptions
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.names import authority, dns, server
 from twisted.names.client import Resolver
@@ -20,7 +19,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from tests.certs import issue, make_ca
+from tests.certs import ServerTLS, issue, make_ca
 from tests.harness import DOMAIN, DOMAIN2, proxy_args, start_proxy, stop_proxy
 from trackingproxy.check import CheckOptions, execute
 from trackingproxy.checks.dnscheck import judge, resolve
@@ -84,12 +83,7 @@ class _Redirect(Resource):
 
 def start_tls_server(leaf: Any) -> Any:
     """A bare HTTPS server on 127.0.0.1 serving `leaf` for every name (no SNI logic)."""
-    from OpenSSL import crypto
-
-    key = crypto.load_privatekey(crypto.FILETYPE_PEM, leaf.private_key_pem.bytes())
-    chain = [crypto.load_certificate(crypto.FILETYPE_PEM, b.bytes()) for b in leaf.cert_chain_pems]
-    options = CertificateOptions(privateKey=key, certificate=chain[0], extraCertChain=chain[1:])
-    return reactor.listenSSL(0, Site(_Redirect()), options, interface="127.0.0.1")
+    return reactor.listenSSL(0, Site(_Redirect()), ServerTLS(leaf), interface="127.0.0.1")
 
 
 class CheckTests(TestCase):

@@ -12,7 +12,6 @@ from typing import Any
 from OpenSSL import SSL
 from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
@@ -20,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import Interface, directlyProvidedBy, directlyProvides, providedBy
 
-from tests.certs import issue, make_ca
+from tests.certs import ServerTLS, issue, make_ca
 from trackingproxy import tlsserver
 from trackingproxy.tlsserver import TLSServerFactory, renew_memory_bios
 
@@ -33,9 +32,7 @@ def _server_factory(
 ) -> TLSMemoryBIOFactory:
     """A started server TLS factory with a fresh certificate for click.example.com."""
     leaf = issue(make_ca(), "click.example.com")
-    pem = leaf.private_key_pem.bytes() + leaf.cert_chain_pems[0].bytes()
-    options = PrivateCertificate.loadPEM(pem).options()
-    factory = factory_class(options, False, Factory.forProtocol(wrapped), **kw)
+    factory = factory_class(ServerTLS(leaf), False, Factory.forProtocol(wrapped), **kw)
     factory.doStart()
     return factory
 

@@ -564,7 +564,8 @@ class HTTP1Connection(TwistedProtocol):
                 if not self._stopped:
                     self._update_reading()
                 if not self._in_head:
-                    self._idle_since = self._clock.seconds()
+                    # (The idle clock is not reset here: bytes that start no request, such as
+                    # blank lines, must not keep a connection open. request_done resets it.)
                     if self._current is None and not self._stopped:
                         # Idle between requests: the parser is between messages, so a new
                         # one (made when bytes arrive) is equivalent; the head is answered.
@@ -594,6 +595,7 @@ class HTTP1Connection(TwistedProtocol):
         if request is not self._active:
             return
         self._active = None
+        self._idle_since = self._clock.seconds()  # idle from the end of the last answer
         self._server.request_done(request)
         if not request.persistent:
             self._queue.clear()

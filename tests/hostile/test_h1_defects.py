@@ -82,6 +82,26 @@ class Trailers(SynchronousTestCase):
         self.assertEqual(_answers(transport), [b"HTTP/1.1 431 Request Header Fields Too Large"])
 
 
+class IdleTimeout(SynchronousTestCase):
+    def test_blank_lines_do_not_keep_a_connection_open(self) -> None:
+        """Bytes that start no request (CRLF, which the parser skips) do not reset the idle
+        clock: the connection closes at the idle timeout, before or after a request (found
+        by the resource matrix: a CRLF every 59 s held a connection for good)."""
+        for first in (b"", b"GET /q/a HTTP/1.1\r\n" + H + b"\r\n"):
+            with self.subTest(first=first):
+                server = _Server()
+                conn, transport = _connect(server)
+                if first:
+                    conn.dataReceived(first)
+                for _ in range(130):
+                    server.clock.advance(0.5)
+                    conn.dataReceived(b"\r\n")
+                    if transport.disconnecting:
+                        break
+                self.assertTrue(transport.disconnecting)
+                self.assertLessEqual(server.clock.seconds(), 61)
+
+
 class BodyTimeout(SynchronousTestCase):
     def test_a_slow_body_is_cut_at_the_body_timeout(self) -> None:
         """One body byte every 2 s keeps no connection beyond the body timeout: 408 and a

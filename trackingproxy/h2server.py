@@ -174,6 +174,7 @@ class H2ServerBase(TwistedProtocol):
         self._start()
         self._flush()
         self._progress_at = self._clock.seconds()
+        self._progress_seen = self._progress  # the preface is not activity to count later
         self._arm(min(self._server.idle_timeout, self._server.body_timeout / 2))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:

@@ -561,17 +561,16 @@ class HTTP1Connection(TwistedProtocol):
                 if self._error_status:
                     self._answer_error(self._error_status)
                     break
-                if not self._stopped:
+                if not self._reading and not self._stopped:
                     self._update_reading()
-                if not self._in_head:
-                    # (The idle clock is not reset here: bytes that start no request, such as
-                    # blank lines, must not keep a connection open. request_done resets it.)
-                    if self._current is None and not self._stopped:
-                        # Idle between requests: the parser is between messages, so a new
-                        # one (made when bytes arrive) is equivalent; the head is answered.
-                        self._parser = None
-                        self._url = b""
-                        self._headers = []
+                # (The idle clock is not reset here: bytes that start no request, such as
+                # blank lines, must not keep a connection open. request_done resets it.)
+                if not self._in_head and self._current is None and not self._stopped:
+                    # Idle between requests: the parser is between messages, so a new one
+                    # (made when bytes arrive) is equivalent; the head is answered.
+                    self._parser = None
+                    self._url = b""
+                    self._headers = []
                 break
         finally:
             self._pumping = False

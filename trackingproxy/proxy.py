@@ -189,10 +189,10 @@ class TrackingHandler:
         self._sni_check = sni_check
 
     # -- routing --------------------------------------------------------------------------
-    def _target_host(self, exchange: ClientExchange) -> tuple[str | None, bytes]:
-        """(host, origin-form target) for the request, host None when it is not ours."""
+    def _target_host(self, exchange: ClientExchange, host: str | None) -> tuple[str | None, bytes]:
+        """(host, origin-form target) for the request (``host``: from its Host field), host
+        None when it is not ours."""
         uri = exchange.uri
-        host = host_from_header(exchange.header(b"host"))
         if uri.startswith(b"/"):
             return host, uri
         scheme, sep, rest = uri.partition(b"://")
@@ -209,9 +209,10 @@ class TrackingHandler:
         if exchange.uri == b"*":
             return exchange.respond(400, [], b"")
         raw_host = exchange.header(b"host")
-        if raw_host is not None and host_from_header(raw_host) is None:
+        host = host_from_header(raw_host)
+        if host is None and raw_host is not None:
             return _plain(exchange, 400, b"400 Bad Request: invalid Host\n")  # RFC 9112 3.2
-        host, target = self._target_host(exchange)
+        host, target = self._target_host(exchange, host)
         if host is None or host not in self._domains():
             return _plain(exchange, 421, b"421 Misdirected Request: unknown host\n")
         if self._sni_check is not None:

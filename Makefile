@@ -40,9 +40,12 @@ run: $(STAMP)
 	@$(MAKE) --no-print-directory debs APT_PACKAGES=libnghttp2-14
 	$(BIN)/twistd --nodaemon --pidfile= trackingproxy $(ARGS)
 
+# ruff, mypy, and the import contracts that keep the layout the shape of the data flow
+# (pyproject.toml [tool.importlinter]; tests/test_layout.py checks what they cannot state).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q

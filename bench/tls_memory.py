@@ -7,7 +7,7 @@ run in memory; the server side of each is kept, the client side dropped, and gli
 heap (mallinfo2: no fragmentation or RSS effects) is compared before and after. Three times:
 with pyOpenSSL (the OpenSSL bundled in the installed ``cryptography`` wheel: what the proxy
 uses), once as it comes and once with the memory BIOs renewed after the handshake as the proxy
-does (``trackingproxy.tlsserver.renew_memory_bios``), and with the standard library's ``ssl``
+does (``trackingproxy.tls.protocol.renew_memory_bios``), and with the standard library's ``ssl``
 (the OpenSSL Python was built against, on Debian the system's). Run it in a venv with another
 ``cryptography`` to compare OpenSSL builds.
 
@@ -29,8 +29,8 @@ import trustme
 from OpenSSL import SSL, crypto
 from OpenSSL._util import lib as _lib
 
-from trackingproxy.tlspolicy import GROUPS
-from trackingproxy.tlsserver import renew_memory_bios
+from trackingproxy.tls.policy import GROUPS
+from trackingproxy.tls.protocol import renew_memory_bios
 
 
 class _MallInfo2(ctypes.Structure):

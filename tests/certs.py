@@ -15,7 +15,7 @@ from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
-from trackingproxy.certificates import LoadedCertificate, parse_pem
+from trackingproxy.tls.certificates import LoadedCertificate, parse_pem
 
 
 def make_ca() -> trustme.CA:

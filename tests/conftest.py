@@ -1,6 +1,7 @@
-"""Test-wide set-up: the suite runs with the same TCP write path as the real process, and any
-traceback logged while a test runs fails that test (trial's test cases do this themselves;
-this fixture gives plain pytest tests, hypothesis ones included, the same rule)."""
+"""Test-wide set-up: any traceback logged while a test runs fails that test (trial's test cases
+do this themselves; this fixture gives plain pytest tests, hypothesis ones included, the same
+rule). The suite runs with the TCP write path of the real process: the optimistic writes of
+`trackingproxy.ops.tcpwrite`, which the twistd entry point installs (and logs)."""
 
 from collections.abc import Iterator
 from typing import Any
@@ -9,9 +10,9 @@ import pytest
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from trackingproxy import fastwrite
+from trackingproxy.ops import tcpwrite
 
-fastwrite.install()
+tcpwrite.install()
 
 
 @pytest.fixture(autouse=True)

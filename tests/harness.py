@@ -23,8 +23,8 @@ from zope.interface import implementer
 
 from tests.certs import issue, make_ca, write_pair
 from tests.standin import StandIn, start_standin
-from trackingproxy.accesslog import AccessLog
 from trackingproxy.config import config_from_options
+from trackingproxy.logs.access import AccessLog
 from trackingproxy.options import Options
 from trackingproxy.service import TrackingProxyService, build_service
 

@@ -39,7 +39,7 @@ from tests.test_admin_status import (
 from trackingproxy.admin.metrics import ProxyMetrics
 from trackingproxy.admin.resources import AdminSite, admin_resource
 from trackingproxy.admin.status import RateTracker, StatusSource
-from trackingproxy.certificates import LoadedCertificate
+from trackingproxy.tls.certificates import LoadedCertificate
 
 FLAGS = (
     "--headless",

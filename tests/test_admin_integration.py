@@ -16,8 +16,8 @@ from twisted.internet.task import deferLater
 from tests.certs import issue, loaded, make_ca, write_pair
 from tests.harness import DOMAIN, DOMAIN2, ProxyTestCase, Running, proxy_args, stop_proxy
 from tests.standin import start_standin
-from trackingproxy.accesslog import AccessLog
 from trackingproxy.config import config_from_options
+from trackingproxy.logs.access import AccessLog
 from trackingproxy.options import Options
 from trackingproxy.service import build_service
 

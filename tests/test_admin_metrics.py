@@ -17,7 +17,8 @@ from trackingproxy.acme.issuer import IssuingService
 from trackingproxy.acme.obtainer import ObtainFailed
 from trackingproxy.acme.testing import FakeObtainer, FixedRandom, MemoryStore, self_signed
 from trackingproxy.admin.metrics import ERROR_CAUSES, ProxyMetrics
-from trackingproxy.sni import SNIContextMap
+from trackingproxy.server.exchange import Outcome
+from trackingproxy.tls.sni import SNIContextMap
 from trackingproxy.upstream.errors import UpstreamTimeout, UpstreamTLSFailed
 
 A, B = "a.example.com", "b.example.com"
@@ -27,8 +28,12 @@ A, B = "a.example.com", "b.example.com"
 class FakeRequest:
     uri: bytes
     code: int = 200
-    tp_host: str = "-"
+    host: str = "-"
     clientproto: bytes = b"HTTP/1.1"
+
+    @property
+    def outcome(self) -> Outcome:
+        return Outcome(host=self.host)
 
 
 class FakeUpstream:

@@ -21,7 +21,8 @@ from trackingproxy.admin.metrics import ProxyMetrics
 from trackingproxy.admin.page import render_page
 from trackingproxy.admin.resources import admin_resource
 from trackingproxy.admin.status import RateTracker, StatusSource
-from trackingproxy.certificates import LoadedCertificate
+from trackingproxy.server.exchange import Outcome
+from trackingproxy.tls.certificates import LoadedCertificate
 
 A, B, C = "a.example.com", "b.example.com", "c.example.com"
 T0 = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
@@ -65,8 +66,12 @@ class FakeListener:
 class FakeRequest:
     uri: bytes
     code: int = 200
-    tp_host: str = "-"
+    host: str = "-"
     clientproto: bytes = b"HTTP/1.1"
+
+    @property
+    def outcome(self) -> Outcome:
+        return Outcome(host=self.host)
 
 
 def state(

@@ -21,7 +21,7 @@ from twisted.web.server import Site
 
 from tests.certs import ServerTLS, issue, make_ca
 from tests.harness import DOMAIN, DOMAIN2, proxy_args, start_proxy, stop_proxy
-from trackingproxy.check import CheckOptions, execute
+from trackingproxy.checks.cli import CheckOptions, execute
 from trackingproxy.checks.dnscheck import judge, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -391,10 +391,10 @@ class CheckTests(TestCase):
 
     @inlineCallbacks
     def test_console_command_failing_setup(self):
-        """`python -m trackingproxy.check check ...` prints one line per finding (no traceback)
+        """`python -m trackingproxy.checks.cli check ...` prints one line per finding (no traceback)
         and exits 1 when the setup is broken (NXDOMAIN, upstream refused)."""
         out, err, code = yield self.command(
-            "-m", "trackingproxy.check", "check",
+            "-m", "trackingproxy.checks.cli", "check",
             "--domain", "gone.example.com", "--resolver", self.dns_address, "--timeout", "3",
             "--upstream", "https://127.0.0.1:9", "--no-acme", "--expect-address", "127.0.0.1",
         )  # fmt: skip
@@ -407,11 +407,11 @@ class CheckTests(TestCase):
     @inlineCallbacks
     def test_console_command_bad_option(self):
         """An unknown option or command: one line on stderr, exit 1."""
-        out, err, code = yield self.command("-m", "trackingproxy.check", "check", "--bogus")
+        out, err, code = yield self.command("-m", "trackingproxy.checks.cli", "check", "--bogus")
         self.assertEqual((code, out), (1, b""))
         self.assertEqual(len(err.decode().splitlines()), 1, err)
         self.assertIn("--bogus", err.decode())
-        out, err, code = yield self.command("-m", "trackingproxy.check", "serve")
+        out, err, code = yield self.command("-m", "trackingproxy.checks.cli", "serve")
         self.assertEqual(code, 1)
         self.assertIn("unknown command 'serve'", err.decode())
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.certs import issue, make_ca, write_pair
-from trackingproxy.check import CheckOptions
+from trackingproxy.checks.cli import CheckOptions
 from trackingproxy.checks.dnscheck import Resolution, judge
 from trackingproxy.checks.findings import Finding, Level, exit_status
 from trackingproxy.checks.served import judge_certificate

@@ -131,8 +131,7 @@ def test_bad_options_give_one_line(args, needle):
 def test_http2_engine(monkeypatch: pytest.MonkeyPatch):
     """--http2-engine: auto by default; nghttp2 asked for but not loadable is a one-line error
     naming the fix; python always works."""
-    from trackingproxy import nghttp2
-
+    from trackingproxy.server import nghttp2
     assert parse(["--domain", "a.example.com"]).http2_engine == "auto"
     assert parse(["--domain", "a.example.com", "--http2-engine", "NGHTTP2"]).http2_engine == (
         "nghttp2"
@@ -143,8 +142,8 @@ def test_http2_engine(monkeypatch: pytest.MonkeyPatch):
     assert "--http2-engine python" in message
     assert parse(["--domain", "a.example.com", "--http2-engine", "python"]).http2_engine == "python"
     # auto falls back to the pure-Python engine and says why
-    from trackingproxy.h2python import PythonH2Connection
-    from trackingproxy.h2server import choose_engine
+    from trackingproxy.server.engines import choose_engine
+    from trackingproxy.server.http2_python import PythonH2Connection
 
     engine, note = choose_engine("auto")
     assert engine is PythonH2Connection

@@ -4,11 +4,8 @@ link in the README and docs/ leads to a file that exists."""
 
 from __future__ import annotations
 
-import importlib
 import re
 from pathlib import Path
-
-import pytest
 
 from trackingproxy.options import FLAGS, PARAMETERS, REPEATABLE, Options
 
@@ -57,16 +54,10 @@ def long_options(options: Options) -> set[str]:
 
 
 def check_only_options() -> set[str]:
-    """The options `trackingproxy check` accepts on top of the proxy's, wherever it lives."""
-    for module_name in ("trackingproxy.checks.cli", "trackingproxy.check"):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        check_options = getattr(module, "CheckOptions", None)
-        if check_options is not None:
-            return long_options(check_options(environ={})) - long_options(Options(environ={}))
-    pytest.skip("the `trackingproxy check` module cannot be imported")
+    """The options `trackingproxy check` accepts on top of the proxy's."""
+    from trackingproxy.checks.cli import CheckOptions
+
+    return long_options(CheckOptions(environ={})) - long_options(Options(environ={}))
 
 
 def docs_pages() -> list[Path]:

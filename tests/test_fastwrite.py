@@ -1,5 +1,5 @@
-"""The optimistic TCP writes and closes (trackingproxy.fastwrite, installed for the whole suite
-by conftest): on real loopback sockets, every byte written before ``loseConnection`` arrives,
+"""The optimistic TCP writes and closes (trackingproxy.ops.tcpwrite, installed for the whole
+suite by conftest, as the twistd entry point installs it): on real loopback sockets, every byte written before ``loseConnection`` arrives,
 then a clean EOF, whether the kernel took the bytes at once or Twisted had to buffer them."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from trackingproxy import fastwrite
+from trackingproxy.ops import tcpwrite
 
 
 class _Sender(Protocol):
@@ -48,7 +48,9 @@ class OptimisticCloseTests(TestCase):
     timeout = 30
 
     def setUp(self) -> None:
-        fastwrite.install()
+        if not tcpwrite.installed():
+            tcpwrite.install()
+            self.addCleanup(tcpwrite.uninstall)
 
     def _serve(
         self, script: Any

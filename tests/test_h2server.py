@@ -16,12 +16,11 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from trackingproxy.h2native import NativeH2Connection
-from trackingproxy.h2python import PythonH2Connection
-from trackingproxy.h2request import H2Request
-from trackingproxy.h2server import MAX_STREAMS, H2ServerBase
-from trackingproxy.http1server import MAX_HEADERS
-from trackingproxy.proxy import MAX_BODY
+from trackingproxy.server.http2 import H2ServerBase
+from trackingproxy.server.http2_nghttp2 import NativeH2Connection
+from trackingproxy.server.http2_python import PythonH2Connection
+from trackingproxy.server.http2request import H2Request
+from trackingproxy.server.limits import MAX_BODY, MAX_HEADERS, MAX_STREAMS
 
 AUTHORITY = b"click.example.com"
 
@@ -39,7 +38,7 @@ class _Server:
 
     def handle(self, request: Any) -> None:
         self.handled.append(request)
-        if request.tp_too_large:
+        if request.too_large:
             request.respond(413, [], b"too large")
         elif self.answer:
             request.respond(
@@ -337,7 +336,7 @@ class BodyAndLimitTests(_EngineCases):
             peer.client.send_data(stream_id, chunk)
             peer.pump()
         (request,) = server.handled
-        self.assertTrue(request.tp_too_large)
+        self.assertTrue(request.too_large)
         self.assertEqual(peer.response(stream_id)[b":status"], b"413")
         resets = peer.of(stream_id, ev.StreamReset)
         self.assertEqual([r.error_code for r in resets], [ErrorCodes.NO_ERROR])

@@ -10,8 +10,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from trackingproxy.h1request import H1Request
-from trackingproxy.http1server import LINGER_IDLE, HTTP1Connection
+from trackingproxy.server.http1 import LINGER_IDLE, HTTP1Connection
+from trackingproxy.server.http1request import H1Request
 
 
 class _Server:

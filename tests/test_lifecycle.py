@@ -10,7 +10,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from trackingproxy.lifecycle import OpenConnections
+from trackingproxy.ops.lifecycle import OpenConnections
 
 
 class _Socket:
@@ -61,7 +61,7 @@ class OpenFilesLimitTests(SynchronousTestCase):
         file); at the hard limit already, nothing changes."""
         import resource
 
-        from trackingproxy.lifecycle import raise_open_files_limit
+        from trackingproxy.ops.lifecycle import raise_open_files_limit
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))

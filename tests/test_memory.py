@@ -1,5 +1,5 @@
 """Memory per connection: what an idle or closed HTTP/1.1 connection keeps, and the allocator
-trim after a wave of closed connections (``trackingproxy.memory``), on a Clock."""
+trim after a wave of closed connections (``trackingproxy.ops.malloctrim``), on a Clock."""
 
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_http1server import H, _connect, _Server
-from trackingproxy.accesslog import AccessLog
-from trackingproxy.memory import AllocatorTrim, glibc_malloc_trim
-from trackingproxy.site import ProxySite
+from trackingproxy.ops.malloctrim import AllocatorTrim, glibc_malloc_trim
+from trackingproxy.server.listener import HTTPListener
 
 
 class _Handler:
@@ -162,7 +161,7 @@ class AllocatorTrimTests(SynchronousTestCase):
         """Closed HTTP/1.1 connections of a listener's site reach the trimmer it was given."""
         clock = Clock()
         trimmer = AllocatorTrim(clock, lambda: None, after=2)
-        site = ProxySite(_Handler(), AccessLog(write=None), "http", clock, trimmer=trimmer)
+        site = HTTPListener(_Handler(), clock, [trimmer])
         for _ in range(2):
             conn = site.buildProtocol(None)
             conn.makeConnection(StringTransport())

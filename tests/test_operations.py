@@ -27,8 +27,8 @@ from tests.harness import (
 )
 from tests.standin import start_standin
 from tests.twistd_process import Collect, spawn, wait_for_output
-from trackingproxy.jsonlog import JSONLinesObserver
-from trackingproxy.lifecycle import ActiveRequests
+from trackingproxy.logs.jsonlines import JSONLinesObserver
+from trackingproxy.ops.lifecycle import ActiveRequests
 
 DOMAIN3 = "click3.example.com"
 
@@ -47,8 +47,8 @@ class ActiveRequestsTests(SynchronousTestCase):
         clock = Clock()
         active = ActiveRequests(clock)
         one, two = _FakeRequest(), _FakeRequest()
-        active.started(one)  # type: ignore[arg-type]
-        active.started(two)  # type: ignore[arg-type]
+        active.request_started(one)  # type: ignore[arg-type]
+        active.request_started(two)  # type: ignore[arg-type]
         waiting = active.wait_idle(10)
         one.finished.callback(None)
         self.assertNoResult(waiting)
@@ -60,7 +60,7 @@ class ActiveRequestsTests(SynchronousTestCase):
         """wait_idle gives up with False after the timeout."""
         clock = Clock()
         active = ActiveRequests(clock)
-        active.started(_FakeRequest())  # type: ignore[arg-type]
+        active.request_started(_FakeRequest())  # type: ignore[arg-type]
         waiting = active.wait_idle(10)
         clock.advance(9.9)
         self.assertNoResult(waiting)

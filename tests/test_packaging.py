@@ -37,9 +37,9 @@ def test_wheel_contains_plugin_and_fresh_venv_lists_it(tmp_path: Path):
     assert "twisted/plugins/trackingproxy_plugin.py" in names
     assert "twisted/__init__.py" not in names
     assert "twisted/plugins/__init__.py" not in names
-    for init in sorted((ROOT / "trackingproxy").rglob("__init__.py")):
-        member = init.relative_to(ROOT).as_posix()
-        assert member in names, f"{member} missing from the wheel: list it in setup.cfg packages"
+    for module in sorted((ROOT / "trackingproxy").rglob("*.py")):
+        member = module.relative_to(ROOT).as_posix()
+        assert member in names, f"{member} missing from the wheel: list its package in setup.cfg"
 
     # A fresh venv whose only extra path is the current environment's site-packages (for the
     # dependencies): a .pth path line does not run the .pth files there, so the checkout's own

@@ -20,8 +20,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import Interface, directlyProvidedBy, directlyProvides, providedBy
 
 from tests.certs import ServerTLS, issue, make_ca
-from trackingproxy import tlsserver
-from trackingproxy.tlsserver import TLSServerFactory, renew_memory_bios
+from trackingproxy.tls import protocol as tlsserver
+from trackingproxy.tls.protocol import TLSServerFactory, renew_memory_bios
 
 # The start of a ClientHello: the peer goes away before the rest.
 PARTIAL_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 20

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from trackingproxy.accesslog import AccessEntry, AccessLog, redact_target
 from trackingproxy.domains import covers, host_from_header
 from trackingproxy.errors import ConfigError
-from trackingproxy.forwarded import ForwardedFor, parse_networks
-from trackingproxy.wellknown import load_well_known
+from trackingproxy.logs.access import AccessEntry, AccessLog, redact_target
+from trackingproxy.proxy.forwarded import ForwardedFor, parse_networks
+from trackingproxy.proxy.wellknown import load_well_known
 
 
 @pytest.mark.parametrize(
@@ -153,7 +153,7 @@ def test_buffered_access_log_lines(tmp_path: Path):
     """Access lines are written together on the clock's flush, or at once when 64 KiB pile up."""
     from twisted.internet.task import Clock
 
-    from trackingproxy.logwriter import open_access_log
+    from trackingproxy.logs.writer import open_access_log
 
     clock = Clock()
     path = tmp_path / "access.log"

@@ -28,14 +28,14 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tests.certs import issue, loaded, make_ca
 from tests.harness import DOMAIN, TWISTD, proxy_args
 from tests.standin import start_standin
+from trackingproxy.acme.certwatch import CertificateWatcher
 from trackingproxy.acme.filestore import FileStore
 from trackingproxy.acme.store import StoredCertificate
-from trackingproxy.certwatch import CertificateWatcher
 from trackingproxy.config import config_from_options, parse_workers
 from trackingproxy.errors import ConfigError
+from trackingproxy.ops.supervisor import SharedListeners, _WholeLines, parse_listen
 from trackingproxy.options import Options
-from trackingproxy.sni import SNIContextMap
-from trackingproxy.workers import SharedListeners, _WholeLines, parse_listen
+from trackingproxy.tls.sni import SNIContextMap
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -310,7 +310,7 @@ class WorkerProcessTests(TestCase):
 
         os.kill(parent, signal.SIGHUP)
         yield self.wait_for(proto, rb"Reloaded: ", count=2)
-        self.assertIn(b"worker 1 trackingproxy.reload#info] Reloaded", proto.out)
+        self.assertIn(b"worker 1 trackingproxy.ops.reload#info] Reloaded", proto.out)
 
         os.kill(first, signal.SIGKILL)
         yield self.wait_for(proto, rb"worker 1 started \(pid \d+\)", count=2)

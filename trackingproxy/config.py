@@ -14,12 +14,17 @@ from typing import Any, cast
 
 from attrs import frozen
 
-from trackingproxy.accesslog import LogFormat, PathMode
 from trackingproxy.acme.settings import AcmeSettings
-from trackingproxy.certificates import LoadedCertificate, check_usable, load_certs_dir, load_pair
 from trackingproxy.domains import normalise_domain, read_domains_file
 from trackingproxy.errors import ConfigError
-from trackingproxy.forwarded import IPNetwork, parse_networks
+from trackingproxy.logs.access import LogFormat, PathMode
+from trackingproxy.proxy.forwarded import IPNetwork, parse_networks
+from trackingproxy.tls.certificates import (
+    LoadedCertificate,
+    check_usable,
+    load_certs_dir,
+    load_pair,
+)
 from trackingproxy.upstream.target import UpstreamTarget, parse_upstream
 
 
@@ -50,8 +55,8 @@ class ProxyConfig:
     body_timeout: float
     acme: AcmeSettings
     admin_port: str | None = None  # --admin-port (None: no admin listener, no metrics)
-    workers: int = 1  # --workers: processes sharing the listeners (trackingproxy.workers)
-    http2_engine: str = "auto"  # --http2-engine: auto, nghttp2 or python (trackingproxy.h2server)
+    workers: int = 1  # --workers: processes sharing the listeners (trackingproxy.ops.supervisor)
+    http2_engine: str = "auto"  # --http2-engine: auto, nghttp2 or python (server.engines)
 
     @property
     def user_covered(self) -> tuple[str, ...]:
@@ -181,8 +186,8 @@ def config_from_options(opts: Mapping[str, Any], now: datetime.datetime) -> Prox
 
 def parse_http2_engine(raw: str) -> str:
     """``--http2-engine``: asking for nghttp2 explicitly fails at start if it cannot load."""
-    from trackingproxy.h2server import ENGINES
-    from trackingproxy.nghttp2 import load
+    from trackingproxy.server.engines import ENGINES
+    from trackingproxy.server.nghttp2 import load
 
     engine = _choice("http2-engine", raw, ENGINES)
     if engine == "nghttp2":

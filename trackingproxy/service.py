@@ -5,6 +5,7 @@ This is the one place where collaborators are wired together; the reactor is pas
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Callable, Mapping
@@ -19,29 +20,31 @@ from twisted.logger import ILogObserver, Logger
 from twisted.names import client as names_client
 from twisted.python.components import Componentized
 
-from trackingproxy.accesslog import AccessLog
 from trackingproxy.acme.settings import build_acme
 from trackingproxy.admin import build_admin
-from trackingproxy.challenges import ChallengeResponder
 from trackingproxy.config import ProxyConfig
 from trackingproxy.errors import ConfigError, exit_with
-from trackingproxy.forwarded import ForwardedFor
-from trackingproxy.h2server import choose_engine
-from trackingproxy.jsonlog import JSONLinesObserver
-from trackingproxy.lifecycle import (
+from trackingproxy.logs.access import AccessLog, AccessLogObserver, build_access_log
+from trackingproxy.logs.jsonlines import JSONLinesObserver
+from trackingproxy.ops.lifecycle import (
     ActiveRequests,
     OpenConnections,
     raise_open_files_limit,
     tune_gc,
 )
-from trackingproxy.listeners import ListenerService
-from trackingproxy.logwriter import open_access_log
-from trackingproxy.memory import AllocatorTrim, glibc_malloc_trim
-from trackingproxy.proxy import TrackingHandler, Upstream
-from trackingproxy.reload import Reloader
-from trackingproxy.site import ProxySite
-from trackingproxy.sni import SNIContextMap
-from trackingproxy.tlsserver import TLSServerFactory
+from trackingproxy.ops.listeners import ListenerService
+from trackingproxy.ops.malloctrim import AllocatorTrim, glibc_malloc_trim
+from trackingproxy.ops.reload import Reloader
+from trackingproxy.ops.supervisor import SharedListeners, WorkerPool, line_safe_access_log
+from trackingproxy.proxy.challenges import ChallengeResponder
+from trackingproxy.proxy.forward import Upstream
+from trackingproxy.proxy.forwarded import ForwardedFor
+from trackingproxy.proxy.handler import TrackingHandler
+from trackingproxy.proxy.wellknown import WellKnownFile, load_well_known
+from trackingproxy.server.engines import choose_engine
+from trackingproxy.server.listener import HTTPListener, ListenerObserver
+from trackingproxy.tls.protocol import TLSServerFactory
+from trackingproxy.tls.sni import SNIContextMap
 from trackingproxy.upstream.client import UpstreamClient
 from trackingproxy.upstream.dns import CachingResolver
 from trackingproxy.upstream.pool import (
@@ -50,7 +53,6 @@ from trackingproxy.upstream.pool import (
     EndpointConnector,
     make_trust_root,
 )
-from trackingproxy.wellknown import WellKnownFile, load_well_known
 
 log = Logger(namespace="trackingproxy.service")
 
@@ -255,7 +257,9 @@ def build_service(
         names = names_client.createResolver()
         upstream = build_upstream(config, reactor, names)
     if access_log is None:
-        access_log = build_access_log(config, reactor)
+        access_log = build_access_log(
+            config.access_log, config.log_format, config.log_paths, reactor
+        )
     forwarded = ForwardedFor(config.trusted_proxies)
     admin = build_admin(config.admin_port, reactor, runtime.current_domains)
     acme_service = None
@@ -301,19 +305,21 @@ def build_service(
     if trimmer is not None:
         trimmer.setServiceParent(root)
 
-    def site(scheme: str) -> ProxySite:
-        return ProxySite(
+    def site(scheme: str) -> HTTPListener:
+        observers: list[ListenerObserver] = [active]
+        if admin is not None:
+            observers.append(admin.site(scheme))
+        observers.append(AccessLogObserver(access_log, scheme, reactor))
+        if trimmer is not None:
+            observers.append(trimmer)
+        return HTTPListener(
             handler(scheme.encode(), admin.instrument(upstream) if admin else upstream),
-            access_log,
-            scheme,
             reactor,
+            observers,
             idle_timeout=config.idle_timeout,
             header_timeout=config.header_timeout,
             body_timeout=config.body_timeout,
-            active=active,
-            observer=admin.site(scheme) if admin else None,
             h2_engine=h2_engine,
-            trimmer=trimmer,
         )
 
     if config.http_port is not None:
@@ -350,17 +356,6 @@ def build_service(
     return root
 
 
-def build_access_log(config: ProxyConfig, reactor: Any) -> AccessLog:
-    """The access log of ``--access-log``: buffered to stdout or a file, the twistd log, or off."""
-    if config.access_log == "off":
-        return AccessLog(config.log_format, config.log_paths, write=None)
-    if config.access_log == "log":
-        return AccessLog(config.log_format, config.log_paths)
-    writer = open_access_log(config.access_log, reactor)
-    reactor.addSystemEventTrigger("after", "shutdown", writer.close)
-    return AccessLog(config.log_format, config.log_paths, write=writer)
-
-
 def _exit_zero_after_sigterm() -> None:
     """twistd re-raises the signal that stopped it once shut down (exit status 143); a SIGTERM
     that we handled gracefully is a normal stop, so make twistd exit with status 0 instead."""
@@ -375,3 +370,20 @@ def _named_child(service: Any, name: str) -> Any:
         return service.getServiceNamed(name)
     except (KeyError, AttributeError):
         return None
+
+
+def build_with_workers(
+    config: ProxyConfig, options: Mapping[str, Any], reactor: Any
+) -> TrackingProxyService:
+    """The parent's service tree: ``build_service`` on shared sockets, plus the worker pool."""
+    listeners = SharedListeners(reactor, config.workers)
+    root = build_service(
+        config, reactor, listen=listeners.endpoint,
+        access_log=line_safe_access_log(config, reactor),
+    )
+    pool = WorkerPool(reactor, listeners, options, config.shutdown_timeout)
+    pool.setServiceParent(root)
+    root.reload_hooks.append(pool.reload)
+    log.info("{count} processes serve the listeners: this one (pid {pid}) and {workers} "
+             "worker(s)", count=config.workers, pid=os.getpid(), workers=config.workers - 1)
+    return root

@@ -5,7 +5,7 @@ file descriptors are its listening sockets), builds the same service tree as the
 three differences (listeners adopted from the inherited sockets, a certificate watcher instead
 of the ACME issuer, no admin listener), and runs it until SIGTERM or until fd 3 reaches end of
 file (the parent is gone). SIGTERM drains the requests in flight like the parent does; SIGHUP
-reloads the files. See ``trackingproxy.workers`` for the whole design.
+reloads the files. See ``trackingproxy.ops.supervisor`` for the whole design.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from twisted.logger import (
     globalLogBeginner,
 )
 
-from trackingproxy import fastwrite
-from trackingproxy.certwatch import build_worker_acme
+from trackingproxy.acme.certwatch import build_worker_acme
 from trackingproxy.config import config_from_options
 from trackingproxy.errors import ConfigError, exit_with
-from trackingproxy.jsonlog import JSONLinesObserver
+from trackingproxy.logs.jsonlines import JSONLinesObserver
+from trackingproxy.ops import tcpwrite
+from trackingproxy.ops.supervisor import line_safe_access_log, parse_listen
 from trackingproxy.service import TrackingProxyService, build_service
-from trackingproxy.workers import line_safe_access_log, parse_listen
 
 __all__ = ["main"]
 
@@ -136,7 +136,7 @@ def main() -> None:
     try:
         now = datetime.datetime.fromtimestamp(reactor.seconds(), datetime.UTC)
         config = evolve(config_from_options(options, now), admin_port=None, workers=1)
-        fastwrite.install()
+        tcpwrite.install()
         fds = {item["option"]: (int(item["fd"]), item["description"])
                for item in spec["listeners"]}
 

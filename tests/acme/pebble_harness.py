@@ -27,8 +27,8 @@ from trackingproxy.acme.obtainer import ObtainRequest
 from trackingproxy.acme.responder import HTTP01Responder
 from trackingproxy.acme.store import AriWindow
 from trackingproxy.acme.testing import LogCapture
-from trackingproxy.challenges import ChallengeResponder
-from trackingproxy.sni import SNIContextMap
+from trackingproxy.proxy.challenges import ChallengeResponder
+from trackingproxy.tls.sni import SNIContextMap
 
 
 class ChallengeSite(Resource):

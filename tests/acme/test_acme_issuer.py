@@ -19,8 +19,8 @@ from trackingproxy.acme.testing import (
     MemoryStore,
     self_signed,
 )
-from trackingproxy.certificates import PrivateKey
-from trackingproxy.sni import SNIContextMap
+from trackingproxy.tls.certificates import PrivateKey
+from trackingproxy.tls.sni import SNIContextMap
 
 T0 = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
 DAY = datetime.timedelta(days=1)

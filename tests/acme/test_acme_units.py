@@ -20,10 +20,10 @@ from trackingproxy.acme.obtainer import ObtainRequest
 from trackingproxy.acme.problems import RegistrationFailed, explain
 from trackingproxy.acme.responder import HTTP01Responder
 from trackingproxy.acme.settings import AcmeSettings, build_acme, choose_state_dir, key_generator
-from trackingproxy.certificates import parse_pem
-from trackingproxy.challenges import NoChallenges
 from trackingproxy.errors import ConfigError
-from trackingproxy.sni import SNIContextMap
+from trackingproxy.proxy.challenges import NoChallenges
+from trackingproxy.tls.certificates import parse_pem
+from trackingproxy.tls.sni import SNIContextMap
 
 A = "a.example.com"
 TOKEN = "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA"

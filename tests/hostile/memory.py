@@ -28,10 +28,10 @@ from twisted.test.iosim import connectedServerAndClient
 from zope.interface import implementer
 
 from tests.certs import issue, make_ca, write_pair
-from trackingproxy.accesslog import AccessLog
-from trackingproxy.challenges import ChallengeResponder
 from trackingproxy.config import config_from_options
+from trackingproxy.logs.access import AccessLog
 from trackingproxy.options import Options
+from trackingproxy.proxy.challenges import ChallengeResponder
 from trackingproxy.service import TrackingProxyService, build_service
 from trackingproxy.upstream.http1 import LeanResponse
 

@@ -54,8 +54,8 @@ from trackingproxy.acme.testing import (
     MemoryStore,
     self_signed,
 )
-from trackingproxy.certificates import LoadedCertificate, parse_pem
-from trackingproxy.sni import SNIContextMap
+from trackingproxy.tls.certificates import LoadedCertificate, parse_pem
+from trackingproxy.tls.sni import SNIContextMap
 
 DAY = datetime.timedelta(days=1)
 NETWORK_TIMEOUT = 1  # seconds: the client's per-request timeout in these tests

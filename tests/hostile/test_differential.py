@@ -4,7 +4,7 @@ Hypothesis generates byte streams (pipelined, chunked with trailers, odd and hos
 and splits them into reads at random points. The same bytes go to the proxy's parser and to
 ``h11``:
 
-- Client leg (`trackingproxy.http1server`): every request the proxy hands to its handler must
+- Client leg (`trackingproxy.server.http1`): every request the proxy hands to its handler must
   be, in order, a request ``h11`` reads from the same bytes (same method, target, fields and
   body); the proxy may refuse earlier than ``h11`` (it is stricter), never later, and never
   reads one message as two or hands on a request ``h11`` does not see.

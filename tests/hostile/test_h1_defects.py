@@ -19,8 +19,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tests.harness import DOMAIN, start_proxy, stop_proxy
 from tests.hostile.memory import build_memory_proxy
 from tests.test_http1server import H, _connect, _Server
-from trackingproxy.h1request import H1Request
-from trackingproxy.http1server import LINGER_IDLE
+from trackingproxy.server.http1 import LINGER_IDLE
+from trackingproxy.server.http1request import H1Request
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.1 \d{3} [^\r\n]*")
 

@@ -25,9 +25,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tests.harness import DOMAIN, start_proxy, stop_proxy
 from tests.hostile.h2client import Request, exchange
 from tests.test_h2server import _frames, _Peer, _Server
-from trackingproxy.h2native import NativeH2Connection
-from trackingproxy.h2python import PythonH2Connection
-from trackingproxy.h2server import ENHANCE_YOUR_CALM, H2ServerBase
+from trackingproxy.server.http2 import ENHANCE_YOUR_CALM, H2ServerBase
+from trackingproxy.server.http2_nghttp2 import NativeH2Connection
+from trackingproxy.server.http2_python import PythonH2Connection
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"

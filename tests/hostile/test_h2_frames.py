@@ -19,9 +19,9 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_h2server import AUTHORITY, _Owner, _request, _Server
-from trackingproxy.h2native import NativeH2Connection
-from trackingproxy.h2python import PythonH2Connection
-from trackingproxy.h2server import H2ServerBase
+from trackingproxy.server.http2 import H2ServerBase
+from trackingproxy.server.http2_nghttp2 import NativeH2Connection
+from trackingproxy.server.http2_python import PythonH2Connection
 
 SCALE = max(1, int(os.environ.get("TP_PROPERTY_SCALE", "1")))
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"

@@ -17,7 +17,7 @@ import pytest
 
 from tests.hostile.memory import MemoryProxy, build_memory_proxy
 from trackingproxy.errors import ConfigError
-from trackingproxy.wellknown import load_well_known
+from trackingproxy.proxy.wellknown import load_well_known
 
 DOMAIN = "click.example.com"
 SECRET = b"TOP-SECRET-do-not-serve"

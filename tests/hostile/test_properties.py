@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 
 from tests.hostile.memory import MemoryProxy, build_memory_proxy
 from trackingproxy.domains import host_from_header
-from trackingproxy.forwarded import ForwardedFor, parse_networks
+from trackingproxy.proxy.forwarded import ForwardedFor, parse_networks
 
 SCALE = max(1, int(os.environ.get("TP_PROPERTY_SCALE", "1")))
 COUNTS: Counter[str] = Counter()

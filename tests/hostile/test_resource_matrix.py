@@ -32,7 +32,7 @@ from tests.hostile import rawclients as raw
 from tests.hostile.h2client import Request, exchange
 from tests.hostile.test_h2_flood import _held, _rss_mib, _server_side
 from tests.hostile.wire import fd_table, fetch, open_fds, poll_until
-from trackingproxy.h2server import ENHANCE_YOUR_CALM, NO_ERROR, RAPID_RESET_MIN
+from trackingproxy.server.http2 import ENHANCE_YOUR_CALM, NO_ERROR, RAPID_RESET_MIN
 from trackingproxy.upstream.pool import ConnectionPool
 
 # Every cell runs with few upstream connections: aborted clients must cost at most these at

@@ -5,7 +5,7 @@ connect and send nothing; or one byte of a request line; plain and TLS) cost a b
 of memory that is given back once they are cut, while normal requests keep being answered.
 Repeated waves show the difference between a leak (every wave adds) and memory the process
 keeps for reuse (later waves cost nothing more); here neither: RSS returns near the baseline
-after each wave (``trackingproxy.memory``: ``malloc_trim`` after many closes; closed
+after each wave (``trackingproxy.ops.malloctrim``: ``malloc_trim`` after many closes; closed
 connections are freed without the garbage collector).
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.certs import issue, make_ca, write_pair
-from trackingproxy.memory import TRIM_DELAY
+from trackingproxy.ops.malloctrim import TRIM_DELAY
 
 DOMAIN = "click.example.com"
 HEADER_TIMEOUT = 3.0

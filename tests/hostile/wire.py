@@ -24,8 +24,8 @@ from twisted.python.failure import Failure
 
 from tests.certs import issue, make_ca, write_pair
 from tests.harness import DOMAIN, DOMAIN2
-from trackingproxy.accesslog import AccessLog
 from trackingproxy.config import config_from_options
+from trackingproxy.logs.access import AccessLog
 from trackingproxy.options import Options
 from trackingproxy.service import TrackingProxyService, build_service, build_upstream
 from trackingproxy.upstream.client import UpstreamClient

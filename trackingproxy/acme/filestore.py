@@ -43,8 +43,8 @@ from trackingproxy.acme.store import (
     PendingOrder,
     StoredCertificate,
 )
-from trackingproxy.certificates import parse_pem
 from trackingproxy.errors import ConfigError
+from trackingproxy.tls.certificates import parse_pem
 
 __all__ = ["FileStore", "atomic_write", "ensure_private_dir"]
 

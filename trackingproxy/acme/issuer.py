@@ -37,9 +37,9 @@ from trackingproxy.acme.store import (
     PendingOrder,
     StoredCertificate,
 )
-from trackingproxy.certificates import LoadedCertificate, PrivateKey, parse_pem
 from trackingproxy.errors import ConfigError
-from trackingproxy.sni import SNIContextMap
+from trackingproxy.tls.certificates import LoadedCertificate, PrivateKey, parse_pem
+from trackingproxy.tls.sni import SNIContextMap
 
 __all__ = ["IssuingService", "PanicCallback", "RenewalState"]
 

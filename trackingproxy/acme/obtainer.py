@@ -15,7 +15,7 @@ from attrs import frozen
 from twisted.internet.defer import Deferred
 
 from trackingproxy.acme.store import AriWindow, PendingOrder
-from trackingproxy.certificates import PrivateKey
+from trackingproxy.tls.certificates import PrivateKey
 
 __all__ = ["ObtainFailed", "ObtainRequest", "Obtainer"]
 

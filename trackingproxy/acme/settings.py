@@ -28,10 +28,10 @@ from trackingproxy.acme.issuer import IssuingService
 from trackingproxy.acme.localca import LocalCA
 from trackingproxy.acme.obtainer import Obtainer
 from trackingproxy.acme.responder import HTTP01Responder
-from trackingproxy.certificates import PrivateKey
-from trackingproxy.challenges import ChallengeResponder, NoChallenges
 from trackingproxy.errors import ConfigError
-from trackingproxy.sni import SNIContextMap
+from trackingproxy.proxy.challenges import ChallengeResponder, NoChallenges
+from trackingproxy.tls.certificates import PrivateKey
+from trackingproxy.tls.sni import SNIContextMap
 
 __all__ = [
     "DEFAULT_STATE_DIR",
@@ -205,7 +205,7 @@ def _panic_runner(command: str, reactor: IReactorProcess) -> Callable[[str, str]
     return run
 
 
-class _ResponderService(Service):
+class ResponderService(Service):
     """Runs the responder's refresh of tokens published by other processes."""
 
     def __init__(self, responder: HTTP01Responder) -> None:
@@ -271,6 +271,6 @@ def build_acme(
         panic=panic,
         check_interval=settings.check_interval,
     )
-    _ResponderService(responder).setServiceParent(top)
+    ResponderService(responder).setServiceParent(top)
     issuer.setServiceParent(top)
     return top, responder

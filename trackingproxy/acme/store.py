@@ -16,7 +16,7 @@ from typing import Protocol
 from attrs import frozen
 from twisted.internet.defer import Deferred
 
-from trackingproxy.certificates import LoadedCertificate
+from trackingproxy.tls.certificates import LoadedCertificate
 
 __all__ = [
     "AccountRecord",

@@ -29,7 +29,7 @@ from trackingproxy.acme.store import (
     PendingOrder,
     StoredCertificate,
 )
-from trackingproxy.certificates import LoadedCertificate, PrivateKey
+from trackingproxy.tls.certificates import LoadedCertificate, PrivateKey
 
 __all__ = ["FakeObtainer", "FixedRandom", "LogCapture", "MemoryStore", "self_signed"]
 

@@ -22,8 +22,8 @@ from trackingproxy.admin.metrics import InstrumentedUpstream, ProxyMetrics, Site
 from trackingproxy.admin.resources import AdminSite, admin_resource
 from trackingproxy.admin.status import CertificateSource, RateTracker, StatusSource
 from trackingproxy.errors import ConfigError
-from trackingproxy.listeners import ListenerService
-from trackingproxy.proxy import Upstream
+from trackingproxy.ops.listeners import ListenerService
+from trackingproxy.proxy.forward import Upstream
 
 __all__ = [
     "DEFAULT_ADMIN_PORT",

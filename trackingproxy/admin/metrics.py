@@ -25,7 +25,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from trackingproxy.proxy import Upstream
+from trackingproxy.proxy.forward import Upstream
+from trackingproxy.server.listener import ListenerObserver
 from trackingproxy.upstream.errors import CAUSES, UpstreamError
 from trackingproxy.upstream.http1 import LeanResponse
 
@@ -55,8 +56,8 @@ class _Slot:
     count: int = 0
 
 
-class SiteMetrics:
-    """The hooks one listener's Site calls (``scheme`` is ``http`` or ``https``)."""
+class SiteMetrics(ListenerObserver):
+    """The counters of one listener (``scheme`` is ``http`` or ``https``)."""
 
     def __init__(self, metrics: ProxyMetrics, scheme: str) -> None:
         self._metrics = metrics
@@ -70,7 +71,7 @@ class SiteMetrics:
         """Count a finished request (called from the Site's access-log hook)."""
         kind = _KIND_BY_PREFIX.get(request.uri[:3], "other")
         key = (
-            getattr(request, "tp_host", "-"),
+            request.outcome.host,
             kind,
             request.code // 100,
             request.clientproto == b"HTTP/2",

@@ -20,7 +20,7 @@ from twisted.internet.task import LoopingCall
 
 from trackingproxy.acme.issuer import RenewalState
 from trackingproxy.admin.metrics import KINDS, ProxyMetrics
-from trackingproxy.certificates import LoadedCertificate
+from trackingproxy.tls.certificates import LoadedCertificate
 
 __all__ = [
     "CertificateFacts",
@@ -34,7 +34,7 @@ __all__ = [
 
 
 class CertificateSource(Protocol):
-    """What is served per domain (``trackingproxy.sni.SNIContextMap``)."""
+    """What is served per domain (``trackingproxy.tls.sni.SNIContextMap``)."""
 
     @property
     def domains(self) -> tuple[str, ...]: ...
@@ -49,7 +49,7 @@ class RenewalSource(Protocol):
 
 
 class Listener(Protocol):
-    """A listening service (``trackingproxy.listeners.ListenerService``)."""
+    """A listening service (``trackingproxy.ops.listeners.ListenerService``)."""
 
     option: str
     description: str

@@ -80,7 +80,7 @@ def settings_from_options(
         expected_given=bool(given),
         connect_to=_connect_to(opts.get("connect-to")),
         ca_bundle=_file("ca-bundle", opts.get("ca-bundle")),
-        resolver=_resolver(opts.get("resolver")),
+        resolver=parse_resolver(opts.get("resolver")),
         timeout=_timeout(opts.get("timeout")),
     )
     return settings, findings
@@ -168,7 +168,7 @@ def _file(option: str, raw: str | None) -> str | None:
     return raw
 
 
-def _resolver(raw: str | None) -> tuple[str, int] | None:
+def parse_resolver(raw: str | None) -> tuple[str, int] | None:
     if not raw:
         return None
     host, sep, port = raw.strip().rpartition(":")

@@ -31,7 +31,7 @@ answered in order (pipelining), with the limits and timeouts of the listener.
   so the kernel does not answer unread bytes with a reset that could destroy the answer.
 - Keep-alive: HTTP/1.1 unless ``Connection: close``; HTTP/1.0 closes after each answer; after
   a shutdown notice (SIGTERM) every answer closes the connection, and an idle one closes at once.
-- TLS connections whose ALPN chose ``h2`` are handed to `trackingproxy.h2server`.
+- TLS connections whose ALPN chose ``h2`` are handed to `trackingproxy.server.http2`.
 - Memory: an idle keep-alive connection keeps no parser (about 0.9 KiB with its bound callbacks;
   a new one costs ~0.3 us when the next request starts) and no copy of the last request's head.
   A closed connection drops its parser, whose callbacks point back at it: without that, every
@@ -56,17 +56,19 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from trackingproxy.exchange import status_line
-from trackingproxy.h1request import H1Request
-from trackingproxy.proxy import MAX_BODY
-from trackingproxy.pushproducer import ConnectionProducer
+from trackingproxy.server.backpressure import ConnectionProducer
+from trackingproxy.server.http1request import H1Request
+from trackingproxy.server.limits import (
+    MAX_BODY,
+    MAX_HEADER_BYTES,
+    MAX_HEADERS,
+    MAX_QUEUED,
+    MAX_TARGET,
+)
+from trackingproxy.server.wire import status_line
 
-log = Logger(namespace="trackingproxy.http1server")
+log = Logger(namespace="trackingproxy.server.http1")
 
-MAX_HEADERS = 100
-MAX_HEADER_BYTES = 16384
-MAX_TARGET = 16384
-MAX_QUEUED = 16  # pipelined requests waiting: beyond this the connection stops reading
 LINGER_SECONDS = 5.0  # a lingering close reads and drops input for at most this long
 LINGER_IDLE = 2.0  # ... or until no byte came for this long
 _SLICE = 4096  # reads are fed in slices of at most this: the unit of raw-byte accounting
@@ -81,7 +83,7 @@ _TEXT = [(b"Content-Type", b"text/plain; charset=utf-8"), (b"Cache-Control", b"n
 
 
 class Server(Protocol):
-    """What a connection needs from its listener (``trackingproxy.site.ProxySite``)."""
+    """What a connection needs from its listener (``trackingproxy.server.listener.ProxySite``)."""
 
     clock: IReactorTime
     header_timeout: float
@@ -239,7 +241,7 @@ class HTTP1Connection(TwistedProtocol):
     def shutdown_notice(self) -> None:
         """The server is stopping: requests already received are answered with
         ``Connection: close`` and the connection closes after them; an idle one closes now.
-        HTTP/2 connections send GOAWAY (`trackingproxy.h2server`)."""
+        HTTP/2 connections send GOAWAY (`trackingproxy.server.http2`)."""
         if self._closed or self._draining:
             return
         self._draining = True
@@ -542,7 +544,7 @@ class HTTP1Connection(TwistedProtocol):
     def _too_large(self, request: H1Request) -> None:
         self._current = None
         self._body = None
-        request.tp_too_large = True
+        request.too_large = True
         request.persistent = False
         self._queue.append(request)
         raise _Stop()
@@ -576,7 +578,7 @@ class HTTP1Connection(TwistedProtocol):
             self._pumping = False
 
     def _dispatch(self, request: H1Request) -> None:
-        if request.tp_too_large:
+        if request.too_large:
             request.respond(413, _TEXT, b"413 Content Too Large\n")
             return
         try:
@@ -598,7 +600,7 @@ class HTTP1Connection(TwistedProtocol):
         self._server.request_done(request)
         if not request.persistent:
             self._queue.clear()
-            if request.tp_too_large:
+            if request.too_large:
                 self._linger()  # the rest of the body may still be on its way
             else:
                 self.close()

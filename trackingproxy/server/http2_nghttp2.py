@@ -1,6 +1,6 @@
 """The libnghttp2 HTTP/2 engine (the default): the protocol (framing, HPACK, stream states, flow
 control, HTTP messaging rules) runs in C; Python sees one callback per header field, per body
-chunk and per frame that matters. See `trackingproxy.h2server` for what both engines share.
+chunk and per frame that matters. See `trackingproxy.server.http2` for what both engines share.
 
 libnghttp2 checks every inbound header block (RFC 9113 8.2-8.3: pseudo-headers, connection-
 specific fields, upper-case names, content-length against DATA) and resets a malformed stream
@@ -14,7 +14,8 @@ and ``nghttp2_session_mem_recv`` fails with ``NGHTTP2_ERR_FLOODED``: GOAWAY(ENHA
 
 Memory rules: the session is deleted in ``connectionLost`` (once the library has returned) and
 every call into the library first checks it is still there; the cffi handle that lets the
-callbacks (`trackingproxy.nghttp2`) find their connection lives exactly as long as the session.
+callbacks (`trackingproxy.server.nghttp2`) find their connection lives exactly as long as the
+session.
 """
 
 from __future__ import annotations
@@ -25,20 +26,18 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from trackingproxy import nghttp2 as ng
-from trackingproxy.h2request import H2Request
-from trackingproxy.h2server import (
+from trackingproxy.server import nghttp2 as ng
+from trackingproxy.server.http2 import (
     ENHANCE_YOUR_CALM,
-    MAX_HEADER_LIST,
-    MAX_STREAMS,
     PROTOCOL_ERROR,
     H2ServerBase,
     Owner,
     Server,
 )
-from trackingproxy.http1server import MAX_HEADER_BYTES
+from trackingproxy.server.http2request import H2Request
+from trackingproxy.server.limits import MAX_HEADER_BYTES, MAX_HEADER_LIST, MAX_STREAMS
 
-log = Logger(namespace="trackingproxy.h2native")
+log = Logger(namespace="trackingproxy.server.http2_nghttp2")
 
 HIGH_WATER = 256 * 1024  # answer bytes queued on a stream before its producer is paused
 _WRITE_CHUNK = 64 * 1024  # output written at a time: the transport may pause us in between

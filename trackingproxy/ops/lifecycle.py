@@ -14,7 +14,7 @@ from __future__ import annotations
 import gc
 import resource
 import weakref
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
@@ -27,16 +27,15 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from zope.interface import implementer
 
-log = Logger(namespace="trackingproxy.lifecycle")
+from trackingproxy.server.exchange import ClientExchange
+from trackingproxy.server.listener import ListenerObserver
+
+log = Logger(namespace="trackingproxy.ops.lifecycle")
 
 
-class _Finishing(Protocol):
-    """A request in flight (``trackingproxy.serverrequest.ServerRequest``)."""
-
-    def notifyFinish(self) -> Deferred[None]: ...
 
 
-class ActiveRequests:
+class ActiveRequests(ListenerObserver):
     """How many requests have started and not yet finished (or failed), across listeners."""
 
     def __init__(self, clock: IReactorTime) -> None:
@@ -44,9 +43,9 @@ class ActiveRequests:
         self.count = 0
         self._waiters: list[Deferred[bool]] = []
 
-    def started(self, request: _Finishing) -> None:
+    def request_started(self, exchange: ClientExchange) -> None:
         self.count += 1
-        request.notifyFinish().addBoth(self._finished)
+        exchange.notifyFinish().addBoth(self._finished)
 
     def _finished(self, result: object) -> None:
         self.count -= 1

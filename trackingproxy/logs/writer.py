@@ -12,7 +12,7 @@ from twisted.logger import Logger
 
 from trackingproxy.errors import ConfigError
 
-log = Logger(namespace="trackingproxy.logwriter")
+log = Logger(namespace="trackingproxy.logs.writer")
 
 FLUSH_INTERVAL = 0.1
 FLUSH_BYTES = 64 * 1024

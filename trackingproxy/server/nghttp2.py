@@ -6,9 +6,9 @@ HTTP/2 engine is used). The declarations follow nghttp2.h (1.52); structs the se
 receives pointers to are declared up to the fields it reads.
 
 `callbacks()` gives the session callbacks, made once per process: each C callback finds its
-`SessionHandler` (the connection, `trackingproxy.h2native`) through the cffi handle passed as
-the session's ``user_data``. A Python exception in a callback is logged and fails the session
-(the connection is closed), never the process.
+`SessionHandler` (the connection, `trackingproxy.server.http2_nghttp2`) through the cffi handle
+passed as the session's ``user_data``. A Python exception in a callback is logged and fails the
+session (the connection is closed), never the process.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 __all__ = ["Bound", "Callbacks", "SessionHandler", "callbacks", "load"]
 
-log = Logger(namespace="trackingproxy.nghttp2")
+log = Logger(namespace="trackingproxy.server.nghttp2")
 
 CDEF = """
 typedef struct nghttp2_session nghttp2_session;

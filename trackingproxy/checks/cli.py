@@ -75,9 +75,9 @@ def make_resolver(opts: Mapping[str, Any], reactor: Any) -> IResolver:
     """The DNS client: the `--resolver` server only, or the system's (/etc/resolv.conf)."""
     from twisted.names import client
 
-    from trackingproxy.checks.settings import _resolver
+    from trackingproxy.checks.settings import parse_resolver
 
-    server = _resolver(opts.get("resolver"))
+    server = parse_resolver(opts.get("resolver"))
     if server is not None:
         resolver: IResolver = client.Resolver(servers=[server], reactor=reactor)
         return resolver

@@ -16,14 +16,19 @@ from attrs import frozen
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from trackingproxy.certificates import LoadedCertificate, check_usable, load_certs_dir, load_pair
 from trackingproxy.config import ProxyConfig
 from trackingproxy.domains import normalise_domain, read_domains_file
 from trackingproxy.errors import ConfigError
-from trackingproxy.sni import SNIContextMap
-from trackingproxy.wellknown import WellKnownFile, load_well_known
+from trackingproxy.proxy.wellknown import WellKnownFile, load_well_known
+from trackingproxy.tls.certificates import (
+    LoadedCertificate,
+    check_usable,
+    load_certs_dir,
+    load_pair,
+)
+from trackingproxy.tls.sni import SNIContextMap
 
-log = Logger(namespace="trackingproxy.reload")
+log = Logger(namespace="trackingproxy.ops.reload")
 
 
 class ManagesDomains(Protocol):

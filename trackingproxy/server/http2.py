@@ -1,10 +1,10 @@
 """The HTTP/2 server connection: what both engines share, and the choice between them.
 
-Two engines speak the protocol: `trackingproxy.h2native` (libnghttp2 through cffi, the default
-when the library loads) and `trackingproxy.h2python` (the pure-Python ``h2`` state machine).
-Both validate every inbound header block (connection-specific fields, pseudo-header rules,
-CR/LF/NUL, content-length against the DATA received) and hand each complete request to the
-request handler as an `trackingproxy.h2request.H2Request`. What this module adds on top:
+Two engines speak the protocol: `trackingproxy.server.http2_nghttp2` (libnghttp2 through cffi, the
+default when the library loads) and `trackingproxy.server.http2_python` (the pure-Python ``h2``
+state machine). Both validate every inbound header block (connection-specific fields, pseudo-header
+rules, CR/LF/NUL, content-length against the DATA received) and hand each complete request to the
+request handler as an `trackingproxy.server.http2request.H2Request`. What this module adds on top:
 
 - Streams that are not tracking requests are refused with RST_STREAM(PROTOCOL_ERROR): CONNECT,
   a :path that is neither origin-form nor ``*`` or holds a space or a control character (both
@@ -49,31 +49,31 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from trackingproxy.exchange import ClientExchange
-from trackingproxy.h2request import H2Request
-from trackingproxy.http1server import MAX_HEADER_BYTES, MAX_HEADERS
-from trackingproxy.proxy import MAX_BODY
-from trackingproxy.pushproducer import ConnectionProducer
+from trackingproxy.server.backpressure import ConnectionProducer
+from trackingproxy.server.exchange import ClientExchange
+from trackingproxy.server.http2request import H2Request
+from trackingproxy.server.limits import (
+    MAX_BODY,
+    MAX_HEADER_BYTES,
+    MAX_HEADERS,
+    MAX_STREAMS,
+    RAPID_RESET_MIN,
+)
 
-log = Logger(namespace="trackingproxy.h2server")
+log = Logger(namespace="trackingproxy.server.http2")
 
-__all__ = ["ENGINES", "MAX_STREAMS", "H2ServerBase", "Owner", "Server", "choose_engine"]
+__all__ = ["H2ServerBase", "Owner", "Server"]
 
-MAX_STREAMS = 100
-# RFC 9113 6.5.2 counts 32 bytes per field on top of its name and value.
-MAX_HEADER_LIST = MAX_HEADER_BYTES + 32 * MAX_HEADERS + 4096
-RAPID_RESET_MIN = 200  # resets of unanswered streams tolerated before the ratio is looked at
 # Error codes (RFC 9113 7).
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, ENHANCE_YOUR_CALM = 0x0, 0x1, 0x2, 0xB
 REFUSED_STREAM = 0x7
 # A :path with a space or a control character: not a request target (RFC 9112 3.2).
 _BAD_TARGET = re.compile(rb"[\x00-\x20\x7f]")
 TEXT = [(b"content-type", b"text/plain; charset=utf-8"), (b"cache-control", b"no-store")]
-ENGINES = ("auto", "nghttp2", "python")
 
 
 class Server(Protocol):
-    """What a connection needs from its listener (``trackingproxy.site.ProxySite``)."""
+    """What a connection needs from its listener (``trackingproxy.server.listener.ProxySite``)."""
 
     clock: IReactorTime
     idle_timeout: float
@@ -317,7 +317,7 @@ class H2ServerBase(TwistedProtocol):
             self._local += 1  # answered at once (421, 413...): no upstream work to reset
 
     def _too_large(self, request: H2Request) -> None:
-        request.tp_too_large = True
+        request.too_large = True
         request.body_parts = []
         self._dispatch(request)  # the handler answers 413 at once
 
@@ -418,27 +418,9 @@ class H2ServerBase(TwistedProtocol):
             return
         body_timeout = self._server.body_timeout
         for request in list(self._streams.values()):
-            if not request.dispatched and now - request.tp_started >= body_timeout:
+            if not request.dispatched and now - request.started >= body_timeout:
                 # Its body did not arrive in time (slow-body attack): 408, then RST_STREAM.
                 request.dispatched = True
                 self._local += 1
                 request.respond(408, TEXT, b"408 Request Timeout: the body came too slowly\n")
         self._arm(min(left, self._server.idle_timeout / 4, body_timeout / 2))
-
-
-def choose_engine(engine: str) -> tuple[type[H2ServerBase], str]:
-    """The connection class for ``--http2-engine`` (auto, nghttp2, python) and a line for the
-    log saying which one runs. Raises ValueError when nghttp2 is asked for and cannot load."""
-    from trackingproxy import nghttp2
-    from trackingproxy.h2python import PythonH2Connection
-
-    if engine == "python":
-        return PythonH2Connection, "HTTP/2 engine: h2 (pure Python), as configured"
-    bound = nghttp2.load()
-    if isinstance(bound, str):
-        if engine == "nghttp2":
-            raise ValueError(f"--http2-engine nghttp2: {bound}")
-        return PythonH2Connection, f"HTTP/2 engine: h2 (pure Python), because {bound}"
-    from trackingproxy.h2native import NativeH2Connection
-
-    return NativeH2Connection, f"HTTP/2 engine: libnghttp2 {bound.version}"

@@ -1,6 +1,6 @@
-"""What the HTTP/1.1 and HTTP/2 requests share (`trackingproxy.h1request`,
-`trackingproxy.h2request`): the parsed request's fields and header lookups, and the end of an
-exchange: finished (the connection hears of it, ``notifyFinish`` fires) or lost (the handler's
+"""What the HTTP/1.1 and HTTP/2 requests share (`trackingproxy.server.http1request`,
+`trackingproxy.server.http2request`): the parsed request's fields and header lookups, and the end
+of an exchange: finished (the connection hears of it, ``notifyFinish`` fires) or lost (the handler's
 ``on_lost`` callback runs, ``notifyFinish`` fails). The answer itself is protocol-specific.
 """
 
@@ -12,6 +12,8 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
+
+from trackingproxy.server.exchange import Outcome
 
 NEW, STARTED, DONE = 0, 1, 2
 
@@ -26,7 +28,7 @@ class _Connection(Protocol):
 
 
 class ServerRequest:
-    """A request received from a client (see `trackingproxy.exchange.ClientExchange`)."""
+    """A request received from a client (see `trackingproxy.server.exchange.ClientExchange`)."""
 
     __slots__ = (
         "_conn",
@@ -37,12 +39,10 @@ class ServerRequest:
         "code",
         "headers",
         "method",
+        "outcome",
         "sent",
-        "tp_client",
-        "tp_host",
-        "tp_started",
-        "tp_too_large",
-        "tp_upstream_error",
+        "started",
+        "too_large",
         "uri",
     )
 
@@ -60,11 +60,9 @@ class ServerRequest:
         self.uri = uri
         self.clientproto = clientproto
         self.headers = headers
-        self.tp_started = started
-        self.tp_host = "-"
-        self.tp_client: str | None = None
-        self.tp_upstream_error: str | None = None
-        self.tp_too_large = False
+        self.started = started  # when its head began to arrive
+        self.too_large = False  # its body is over MAX_BODY: answered 413, never read
+        self.outcome = Outcome()
         self.code = 200
         self.sent = 0
         self._state = NEW

@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 
 from trackingproxy.errors import ConfigError
 
-log = Logger(namespace="trackingproxy.listeners")
+log = Logger(namespace="trackingproxy.ops.listeners")
 
 
 class ListenerService(Service):

@@ -24,7 +24,6 @@ from twisted.python.failure import Failure
 
 _original_write = abstract.FileDescriptor.write
 _original_lose_connection = abstract.FileDescriptor.loseConnection
-_installed = False
 
 
 def _nothing_buffered(self: tcp.Connection) -> bool:
@@ -74,11 +73,30 @@ def _close_flushed(self: tcp.Connection) -> None:
     self.connectionLost(Failure(main.CONNECTION_DONE))
 
 
+_PATCHED = ("write", "loseConnection", "_shouldShutdown")
+_saved: dict[str, object] = {}  # what tcp.Connection itself defined before install()
+
+
 def install() -> None:
     """Use optimistic writes and closes for every TCP connection of this process (idempotent)."""
-    global _installed
-    if not _installed:
-        tcp.Connection.write = _write  # type: ignore[assignment,method-assign]
-        tcp.Connection.loseConnection = _lose_connection  # type: ignore[assignment,method-assign]
-        tcp.Connection._shouldShutdown = False
-        _installed = True
+    if _saved:
+        return
+    _saved.update({name: tcp.Connection.__dict__.get(name, _saved) for name in _PATCHED})
+    tcp.Connection.write = _write  # type: ignore[assignment,method-assign]
+    tcp.Connection.loseConnection = _lose_connection  # type: ignore[assignment,method-assign]
+    tcp.Connection._shouldShutdown = False
+
+
+def installed() -> bool:
+    return bool(_saved)
+
+
+def uninstall() -> None:
+    """Give TCP connections Twisted's own write and close back (for tests that install)."""
+    saved = dict(_saved)
+    _saved.clear()
+    for name, value in saved.items():
+        if value is _saved:  # the sentinel: not defined on the class itself, inherited
+            delattr(tcp.Connection, name)
+        else:
+            setattr(tcp.Connection, name, value)

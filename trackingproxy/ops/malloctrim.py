@@ -30,6 +30,8 @@ from collections.abc import Callable
 from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from trackingproxy.server.listener import ListenerObserver
+
 __all__ = ["AllocatorTrim", "glibc_malloc_trim"]
 
 TRIM_AFTER = 1000  # closed connections
@@ -49,7 +51,7 @@ def glibc_malloc_trim() -> Callable[[], object] | None:
     return lambda: function(0)
 
 
-class AllocatorTrim(Service):
+class AllocatorTrim(Service, ListenerObserver):
     """See the module docstring."""
 
     def __init__(

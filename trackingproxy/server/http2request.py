@@ -1,8 +1,8 @@
 """One HTTP/2 request (a stream on the lean HTTP/2 server connection) and the writer of its answer.
 
-Like the HTTP/1.1 request (`trackingproxy.h1request`), the answer's headers are kept until the
-first body bytes (or the end), so an upstream that fails before its body still lets the proxy
-answer 502/504. When the length is known, the last DATA frame carries END_STREAM: a pixel or a
+Like the HTTP/1.1 request (`trackingproxy.server.http1request`), the answer's headers are kept
+until the first body bytes (or the end), so an upstream that fails before its body still lets the
+proxy answer 502/504. When the length is known, the last DATA frame carries END_STREAM: a pixel or a
 redirect leaves as one HEADERS and one DATA frame, in one write.
 """
 
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from trackingproxy.exchange import http_date
-from trackingproxy.serverrequest import DONE, NEW, STARTED, ServerRequest
+from trackingproxy.server.request import DONE, NEW, STARTED, ServerRequest
+from trackingproxy.server.wire import http_date
 
 if TYPE_CHECKING:
-    from trackingproxy.h2server import H2ServerBase
+    from trackingproxy.server.http2 import H2ServerBase
 
 _STATUS = {code: b"%d" % code for code in range(100, 600)}
 
@@ -27,7 +27,8 @@ def _head(code: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, by
 
 
 class H2Request(ServerRequest):
-    """A complete request received on one stream (see `trackingproxy.exchange.ClientExchange`)."""
+    """A complete request received on one stream (see
+    `trackingproxy.server.exchange.ClientExchange`)."""
 
     __slots__ = (
         "_ended",

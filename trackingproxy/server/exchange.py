@@ -1,37 +1,33 @@
 """The seam between the HTTP servers and the request handler: one client request and its answer.
 
-`ClientExchange` is what `trackingproxy.proxy.TrackingHandler` works on. Two implementations:
-the HTTP/1.1 server's request (`trackingproxy.h1request.H1Request`) and the HTTP/2 server's
-(`trackingproxy.h2request.H2Request`), both on `trackingproxy.serverrequest.ServerRequest`.
+`ClientExchange` is what `trackingproxy.proxy.handler.TrackingHandler` works on. Two
+implementations: the HTTP/1.1 server's request (`trackingproxy.server.http1request.H1Request`) and
+the HTTP/2 server's (`trackingproxy.server.http2request.H2Request`), both on
+`trackingproxy.server.request.ServerRequest`.
 
 Header names passed in are lower case; header lists passed out are ``(name, value)`` pairs.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from attrs import define
 from twisted.internet.defer import Deferred
-from twisted.web.http import RESPONSES
 
-# Reason phrases twisted.web does not know (RFC 9110).
-_PHRASES = {
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    421: b"Misdirected Request",
-    422: b"Unprocessable Content",
-    431: b"Request Header Fields Too Large",
-}
+__all__ = ["ClientExchange", "Outcome"]
 
-__all__ = ["ClientExchange", "date_line", "http_date", "status_line"]
+@define(slots=True)
+class Outcome:
+    """What handling a request found out, written by the handler and read by the access log
+    and the metrics once the answer is done: the configured domain it was for (``-`` when
+    none), the client address it stands for (X-Forwarded-For from a trusted proxy; None: the
+    peer), and the cause of an upstream failure (a metrics label; None: none)."""
 
-_DAYS = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")
-_MONTHS = (
-    b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun",
-    b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec",
-)  # fmt: skip
+    host: str = "-"
+    client: str | None = None
+    upstream_error: str | None = None
 
 
 class ClientExchange(Protocol):
@@ -40,17 +36,16 @@ class ClientExchange(Protocol):
     method: bytes
     uri: bytes
     clientproto: bytes  # b"HTTP/1.1", b"HTTP/1.0" or b"HTTP/2"
-    tp_host: str
-    tp_client: str | None
-    tp_upstream_error: str | None
-    tp_started: float
+    started: float  # when the request's head began to arrive (the listener's clock)
+    outcome: Outcome  # what handling it found out, for the access log and the metrics
 
     @property
     def code(self) -> int: ...
     @property
     def sent(self) -> int: ...
     @property
-    def tp_too_large(self) -> bool: ...
+    def too_large(self) -> bool:
+        """The body is over the limit: the handler answers 413 (the server read none of it)."""
 
     # -- the request ----------------------------------------------------------------------
     def header(self, name: bytes) -> bytes | None:
@@ -109,48 +104,3 @@ class ClientExchange(Protocol):
 
     def notifyFinish(self) -> Deferred[None]:
         """Fires when the answer is finished, fails if the client goes away first."""
-
-
-_cached_second = -1
-_cached_date = b""
-_cached_line = b""
-
-
-def http_date(now: float | None = None) -> bytes:
-    """The IMF-fixdate for ``now`` (default: the current time), formatted once per second."""
-    global _cached_second, _cached_date, _cached_line
-    second = int(time.time() if now is None else now)
-    if second != _cached_second:
-        t = time.gmtime(second)
-        _cached_date = b"%s, %02d %s %04d %02d:%02d:%02d GMT" % (
-            _DAYS[t.tm_wday],
-            t.tm_mday,
-            _MONTHS[t.tm_mon - 1],
-            t.tm_year,
-            t.tm_hour,
-            t.tm_min,
-            t.tm_sec,
-        )
-        _cached_line = b"Date: " + _cached_date + b"\r\n"
-        _cached_second = second
-    return _cached_date
-
-
-def date_line(now: float | None = None) -> bytes:
-    """``Date: ...\\r\\n`` for ``now``."""
-    http_date(now)
-    return _cached_line
-
-
-_STATUS_LINES: dict[tuple[bytes, int], bytes] = {}
-
-
-def status_line(version: bytes, code: int) -> bytes:
-    """``HTTP/1.1 200 OK\\r\\n`` (built once per version and code)."""
-    line = _STATUS_LINES.get((version, code))
-    if line is None:
-        phrase = _PHRASES.get(code) or RESPONSES.get(code, b"Unknown Status")
-        line = b"%s %d %s\r\n" % (version, code, phrase)
-        if len(_STATUS_LINES) < 512:
-            _STATUS_LINES[(version, code)] = line
-    return line

@@ -13,8 +13,8 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
 
-from trackingproxy.certificates import LoadedCertificate
-from trackingproxy.tlspolicy import ALPN_PROTOCOLS, make_context
+from trackingproxy.tls.certificates import LoadedCertificate
+from trackingproxy.tls.policy import ALPN_PROTOCOLS, make_context
 
 CertificateListener = Callable[[str], None]
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from OpenSSL import SSL
 from OpenSSL._util import lib as _openssl_lib
 
-from trackingproxy.certificates import LoadedCertificate
+from trackingproxy.tls.certificates import LoadedCertificate
 
 # Mozilla intermediate, restricted to forward-secret AEAD suites (no DHE, no CBC).
 TLS12_CIPHERS = (

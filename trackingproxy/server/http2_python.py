@@ -1,5 +1,5 @@
 """The pure-Python HTTP/2 engine: the ``h2`` state machine driven directly (used when libnghttp2
-cannot be loaded, or with ``--http2-engine python``). See `trackingproxy.h2server`.
+cannot be loaded, or with ``--http2-engine python``). See `trackingproxy.server.http2`.
 
 ``h2`` validates every inbound header block; a malformed one ends the connection with GOAWAY,
 as RFC 9113 8.1.1 allows (field names with control characters among them). It lets control
@@ -27,18 +27,17 @@ from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 from twisted.logger import Logger
 
-from trackingproxy.h2request import H2Request
-from trackingproxy.h2server import (
+from trackingproxy.server.http2 import (
     ENHANCE_YOUR_CALM,
-    MAX_HEADER_LIST,
-    MAX_STREAMS,
     PROTOCOL_ERROR,
     H2ServerBase,
     Owner,
     Server,
 )
+from trackingproxy.server.http2request import H2Request
+from trackingproxy.server.limits import MAX_HEADER_LIST, MAX_STREAMS
 
-log = Logger(namespace="trackingproxy.h2python")
+log = Logger(namespace="trackingproxy.server.http2_python")
 
 MAX_HELD_ACKS = 1000  # ACKs and RST_STREAMs queued while paused before it is a flood
 # Control characters a field value may not hold (RFC 9110 5.5; HTAB is allowed).

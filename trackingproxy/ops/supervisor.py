@@ -39,7 +39,7 @@ import select
 import socket
 import sys
 from collections.abc import Callable, Mapping
-from typing import IO, TYPE_CHECKING, Any, cast
+from typing import IO, Any, cast
 
 from attrs import frozen
 from twisted.application.service import Service
@@ -51,24 +51,20 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from trackingproxy.accesslog import AccessLog
 from trackingproxy.config import ProxyConfig
 from trackingproxy.errors import ConfigError
-from trackingproxy.logwriter import BufferedLines
-
-if TYPE_CHECKING:
-    from trackingproxy.service import TrackingProxyService
+from trackingproxy.logs.access import AccessLog, build_access_log
+from trackingproxy.logs.writer import BufferedLines
 
 __all__ = [
     "ListenSpec",
     "SharedListeners",
     "WorkerPool",
-    "build_with_workers",
     "line_safe_access_log",
     "parse_listen",
 ]
 
-log = Logger(namespace="trackingproxy.workers")
+log = Logger(namespace="trackingproxy.ops.supervisor")
 
 FIRST_FD = 4  # fd 3 is the control pipe; listening sockets follow in the order they were made
 KILL_GRACE = 5.0
@@ -385,29 +381,7 @@ class _WholeLines:
 def line_safe_access_log(config: ProxyConfig, reactor: Any) -> AccessLog:
     """``build_access_log`` for processes sharing stdout (files are opened with O_APPEND)."""
     if config.access_log != "stdout":
-        from trackingproxy.service import build_access_log
-
-        return build_access_log(config, reactor)
+        return build_access_log(config.access_log, config.log_format, config.log_paths, reactor)
     writer = BufferedLines(reactor, stream=cast(IO[bytes], _WholeLines(1)))
     reactor.addSystemEventTrigger("after", "shutdown", writer.close)
     return AccessLog(config.log_format, config.log_paths, write=writer)
-
-
-# -- assembly ---------------------------------------------------------------------------------
-def build_with_workers(
-    config: ProxyConfig, options: Mapping[str, Any], reactor: Any
-) -> TrackingProxyService:
-    """The parent's service tree: ``build_service`` on shared sockets, plus the worker pool."""
-    from trackingproxy.service import build_service
-
-    listeners = SharedListeners(reactor, config.workers)
-    root = build_service(
-        config, reactor, listen=listeners.endpoint,
-        access_log=line_safe_access_log(config, reactor),
-    )
-    pool = WorkerPool(reactor, listeners, options, config.shutdown_timeout)
-    pool.setServiceParent(root)
-    root.reload_hooks.append(pool.reload)
-    log.info("{count} processes serve the listeners: this one (pid {pid}) and {workers} "
-             "worker(s)", count=config.workers, pid=os.getpid(), workers=config.workers - 1)
-    return root

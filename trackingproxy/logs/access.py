@@ -10,10 +10,15 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 from attrs import frozen
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+
+from trackingproxy.logs.writer import open_access_log
+from trackingproxy.server.exchange import ClientExchange
+from trackingproxy.server.listener import ListenerObserver
 
 LogFormat = Literal["combined", "json"]
 PathMode = Literal["full", "redacted"]
@@ -140,3 +145,48 @@ class AccessLog:
             _log.info("{line}", line=self.format(entry), access=self.record(entry))
         else:
             self._write(self.format(entry))
+
+
+class AccessLogObserver(ListenerObserver):
+    """Writes one access-log entry per finished request of one listener (``scheme``)."""
+
+    def __init__(self, access_log: AccessLog, scheme: str, clock: IReactorTime) -> None:
+        self._log = access_log
+        self._scheme = scheme
+        self._clock = clock
+
+    def request_done(self, exchange: ClientExchange) -> None:
+        if not self._log.enabled:
+            return
+        now = self._clock.seconds()
+        outcome = exchange.outcome
+        self._log.log(
+            AccessEntry(
+                when=now,
+                client=outcome.client or exchange.peer_host(),
+                host=outcome.host,
+                method=exchange.method.decode("latin-1"),
+                target=exchange.uri,
+                protocol=exchange.clientproto.decode("latin-1") or "-",
+                status=exchange.code,
+                sent=exchange.sent,
+                referer=(exchange.header(b"referer") or b"").decode("latin-1"),
+                user_agent=(exchange.header(b"user-agent") or b"").decode("latin-1"),
+                duration=now - exchange.started,
+                scheme=self._scheme,
+            )
+        )
+
+
+def build_access_log(
+    destination: str, fmt: LogFormat, paths: PathMode, reactor: Any
+) -> AccessLog:
+    """The access log of ``--access-log``: buffered to stdout or a file, the twistd log, or
+    off (``destination``: ``stdout``, a path, ``log`` or ``off``)."""
+    if destination == "off":
+        return AccessLog(fmt, paths, write=None)
+    if destination == "log":
+        return AccessLog(fmt, paths)
+    writer = open_access_log(destination, reactor)
+    reactor.addSystemEventTrigger("after", "shutdown", writer.close)
+    return AccessLog(fmt, paths, write=writer)

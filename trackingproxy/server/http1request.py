@@ -9,18 +9,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from trackingproxy.exchange import date_line, status_line
-from trackingproxy.serverrequest import DONE, NEW, STARTED, ServerRequest
+from trackingproxy.server.request import DONE, NEW, STARTED, ServerRequest
+from trackingproxy.server.wire import date_line, status_line
 
 if TYPE_CHECKING:
-    from trackingproxy.http1server import HTTP1Connection
+    from trackingproxy.server.http1 import HTTP1Connection
 
 _CLOSE = b"Connection: close\r\n"
 _CHUNKED = b"Transfer-Encoding: chunked\r\n"
 
 
 class H1Request(ServerRequest):
-    """A parsed request (see `trackingproxy.exchange.ClientExchange`)."""
+    """A parsed request (see `trackingproxy.server.exchange.ClientExchange`)."""
 
     __slots__ = ("_body", "_chunked", "_head", "_no_body", "persistent")
     _conn: HTTP1Connection

@@ -26,14 +26,14 @@ from twisted.python.failure import Failure
 
 from trackingproxy.acme.filestore import FileStore
 from trackingproxy.acme.responder import HTTP01Responder
-from trackingproxy.acme.settings import AcmeSettings, _ResponderService, choose_state_dir
+from trackingproxy.acme.settings import AcmeSettings, ResponderService, choose_state_dir
 from trackingproxy.acme.store import StoredCertificate
-from trackingproxy.challenges import ChallengeResponder, NoChallenges
-from trackingproxy.sni import SNIContextMap
+from trackingproxy.proxy.challenges import ChallengeResponder, NoChallenges
+from trackingproxy.tls.sni import SNIContextMap
 
 __all__ = ["WATCH_INTERVAL", "CertificateWatcher", "build_worker_acme"]
 
-log = Logger(namespace="trackingproxy.certwatch")
+log = Logger(namespace="trackingproxy.acme.certwatch")
 WATCH_INTERVAL = 5.0
 _FILES = ("fullchain.pem", "privkey.pem")  # what FileStore.save writes for a certificate
 
@@ -152,7 +152,7 @@ def build_worker_acme(
     managed = [d for d in domains if d not in skip]
     state = choose_state_dir(settings)
     responder = HTTP01Responder(managed, reactor, shared_dir=state / "challenges")
-    _ResponderService(responder).setServiceParent(top)
+    ResponderService(responder).setServiceParent(top)
     CertificateWatcher(
         clock=reactor, store=FileStore(state, reactor), state_dir=state, sni=sni, domains=managed
     ).setServiceParent(top)

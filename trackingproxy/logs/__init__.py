@@ -1,0 +1,1 @@
+"""Logs: the access log, its buffered writer, the JSON log observer."""

@@ -1,0 +1,1 @@
+"""Request handling: routing, ACME challenges, well-known files, forwarding upstream."""

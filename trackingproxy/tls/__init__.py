@@ -1,0 +1,1 @@
+"""TLS for the listeners: certificate values, the policy, the SNI map, the TLS protocol."""

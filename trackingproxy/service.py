@@ -20,7 +20,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.names import client as names_client
 from twisted.python.components import Componentized
 
-from trackingproxy.acme.settings import build_acme
+from trackingproxy.acme.settings import AcmeParts, build_acme
 from trackingproxy.admin import build_admin
 from trackingproxy.config import ProxyConfig
 from trackingproxy.errors import ConfigError, exit_with
@@ -234,7 +234,7 @@ def build_service(
     access_log: AccessLog | None = None,
     upstream: UpstreamClient | None = None,
     listen: Callable[[str, str], object] | None = None,
-    acme_builder: Callable[..., tuple[Any, ChallengeResponder]] = build_acme,
+    acme_builder: Callable[..., AcmeParts] = build_acme,
 ) -> TrackingProxyService:
     """Build (not start) the service tree for ``config``.
 
@@ -262,14 +262,13 @@ def build_service(
         )
     forwarded = ForwardedFor(config.trusted_proxies)
     admin = build_admin(config.admin_port, reactor, runtime.current_domains)
-    acme_service = None
+    acme_parts: AcmeParts | None = None
     if challenges is None:
         acme = config.acme
         if config.https_port is None:
             acme = evolve(acme, no_acme=True)
-        acme_service, challenges = acme_builder(
-            acme, config.domains, config.user_covered, sni, reactor
-        )
+        acme_parts = acme_builder(acme, config.domains, config.user_covered, sni, reactor)
+        challenges = acme_parts.responder
     active = ActiveRequests(reactor)
     connections = OpenConnections(reactor)
     root = TrackingProxyService(
@@ -337,22 +336,19 @@ def build_service(
             connections.track(TLSServerFactory(sni, False, site("https"), clock=reactor)),
         ).setServiceParent(root)
     _UpstreamCloser(upstream, names).setServiceParent(root)
-    acme_parts: list[Any] = []
-    if acme_service is not None:
+    if acme_parts is not None:
         # After the listeners: port 80 must answer HTTP-01 before the first order is placed.
-        acme_service.setServiceParent(root)
-        issuer = _named_child(acme_service, "acme-issuer") or _named_child(
-            acme_service, "certificate-watcher"
-        )
-        acme_parts = [p for p in (issuer, challenges) if hasattr(p, "set_domains")]
+        acme_parts.service.setServiceParent(root)
     if admin is not None:  # last: it reports on the listeners and the issuer above
-        admin.service(root, sni, config.https_port is not None, acme_service).setServiceParent(root)
+        issuer = acme_parts.issuer if acme_parts is not None else None
+        admin.service(root, sni, config.https_port is not None, issuer).setServiceParent(root)
 
     def apply_runtime(domains: frozenset[str], well_known: dict[bytes, WellKnownFile]) -> None:
         runtime.domains = domains
         runtime.well_known = well_known
 
-    root.reloader = Reloader(config, reactor, sni, apply_runtime, acme_parts)
+    followers = list(acme_parts.follow_domains) if acme_parts is not None else []
+    root.reloader = Reloader(config, reactor, sni, apply_runtime, followers)
     return root
 
 
@@ -364,12 +360,6 @@ def _exit_zero_after_sigterm() -> None:
     if getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
         reactor._exitSignal = None  # type: ignore[attr-defined]
 
-
-def _named_child(service: Any, name: str) -> Any:
-    try:
-        return service.getServiceNamed(name)
-    except (KeyError, AttributeError):
-        return None
 
 
 def build_with_workers(

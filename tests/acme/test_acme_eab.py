@@ -55,7 +55,8 @@ def test_eab_required(pebble_factory, run_reactor, tmp_path: Path, caplog) -> No
         @inlineCallbacks
         def scenario(reactor: Any) -> Generator[Deferred[Any], Any, None]:
             h = Harness(reactor, pebble, [A])
-            service, responder = build_acme(settings, [A], [], h.sni, reactor)
+            parts = build_acme(settings, [A], [], h.sni, reactor)
+            service, responder = parts.service, parts.responder
             h.listen(responder)
             h.service = service  # type: ignore[assignment]
             service.startService()

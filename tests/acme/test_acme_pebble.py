@@ -44,7 +44,8 @@ def test_first_issuance_and_restart(pebble_factory, run_reactor, tmp_path: Path)
     @inlineCallbacks
     def first(reactor: Any) -> Generator[Deferred[Any], Any, dict[str, int]]:
         h = Harness(reactor, pebble, [A, B])
-        service, responder = build_acme(settings, [A, B], [], h.sni, reactor)
+        parts = build_acme(settings, [A, B], [], h.sni, reactor)
+        service, responder = parts.service, parts.responder
         h.listen(responder)
         h.service = service  # type: ignore[assignment]
         service.startService()

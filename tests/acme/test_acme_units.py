@@ -137,11 +137,10 @@ class SettingsTests(SynchronousTestCase):
 
     def test_no_acme(self) -> None:
         """--no-acme builds an empty service and a responder that answers nothing."""
-        service, responder = build_acme(
-            AcmeSettings(no_acme=True), [A], [], SNIContextMap([A]), Clock()
-        )
-        self.assertIsInstance(responder, NoChallenges)
-        self.assertEqual(list(service), [])  # type: ignore[call-overload]
+        parts = build_acme(AcmeSettings(no_acme=True), [A], [], SNIContextMap([A]), Clock())
+        self.assertIsInstance(parts.responder, NoChallenges)
+        self.assertEqual(list(parts.service), [])  # type: ignore[call-overload]
+        self.assertEqual((parts.issuer, parts.follow_domains), (None, ()))
 
 
 class LocalCATests(SynchronousTestCase):

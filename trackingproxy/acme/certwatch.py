@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import MultiService, Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -26,9 +26,14 @@ from twisted.python.failure import Failure
 
 from trackingproxy.acme.filestore import FileStore
 from trackingproxy.acme.responder import HTTP01Responder
-from trackingproxy.acme.settings import AcmeSettings, ResponderService, choose_state_dir
+from trackingproxy.acme.settings import (
+    AcmeParts,
+    AcmeSettings,
+    ResponderService,
+    choose_state_dir,
+)
 from trackingproxy.acme.store import StoredCertificate
-from trackingproxy.proxy.challenges import ChallengeResponder, NoChallenges
+from trackingproxy.proxy.challenges import NoChallenges
 from trackingproxy.tls.sni import SNIContextMap
 
 __all__ = ["WATCH_INTERVAL", "CertificateWatcher", "build_worker_acme"]
@@ -138,7 +143,7 @@ def build_worker_acme(
     skip_domains: Iterable[str],
     sni: SNIContextMap,
     reactor: IReactorTime,
-) -> tuple[IService, ChallengeResponder]:
+) -> AcmeParts:
     """``build_acme`` for a worker process: the same responder, a watcher instead of an issuer.
 
     Same signature as ``trackingproxy.acme.settings.build_acme`` (``build_service`` takes
@@ -147,13 +152,14 @@ def build_worker_acme(
     top = MultiService()
     top.setName("acme")
     if settings.no_acme:
-        return top, NoChallenges()
+        return AcmeParts(top, NoChallenges())
     skip = set(skip_domains)
     managed = [d for d in domains if d not in skip]
     state = choose_state_dir(settings)
     responder = HTTP01Responder(managed, reactor, shared_dir=state / "challenges")
     ResponderService(responder).setServiceParent(top)
-    CertificateWatcher(
+    watcher = CertificateWatcher(
         clock=reactor, store=FileStore(state, reactor), state_dir=state, sni=sni, domains=managed
-    ).setServiceParent(top)
-    return top, responder
+    )
+    watcher.setServiceParent(top)
+    return AcmeParts(top, responder, None, (watcher, responder))

@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from attrs import field, frozen
@@ -38,7 +39,9 @@ __all__ = [
     "DIRECTORY_ALIASES",
     "FALLBACK_STATE_DIR",
     "KEY_TYPES",
+    "AcmeParts",
     "AcmeSettings",
+    "DomainsFollower",
     "build_acme",
     "choose_state_dir",
     "key_generator",
@@ -220,13 +223,31 @@ class ResponderService(Service):
         self._responder.stop()
 
 
+@frozen
+class AcmeParts:
+    """What `build_acme` (or `certwatch.build_worker_acme`) makes: the service to start, the
+    HTTP-01 responder the port-80 handler reads, the issuer the status page reports on (None
+    in a worker, or without ACME), and the parts that a SIGHUP hands the new domain list to."""
+
+    service: IService
+    responder: ChallengeResponder
+    issuer: IssuingService | None = None
+    follow_domains: tuple[DomainsFollower, ...] = ()
+
+
+class DomainsFollower(Protocol):
+    """A part that serves or watches a domain list, told the new one on SIGHUP."""
+
+    def set_domains(self, domains: Iterable[str]) -> None: ...
+
+
 def build_acme(
     settings: AcmeSettings,
     domains: Iterable[str],
     skip_domains: Iterable[str],
     sni: SNIContextMap,
     reactor: IReactorTime,
-) -> tuple[IService, ChallengeResponder]:
+) -> AcmeParts:
     """The certificate service for ``domains`` (minus ``skip_domains``) and its responder.
 
     With ``no_acme`` the service is empty and the responder answers nothing. ``reactor`` must
@@ -235,7 +256,7 @@ def build_acme(
     top = MultiService()
     top.setName("acme")
     if settings.no_acme:
-        return top, NoChallenges()
+        return AcmeParts(top, NoChallenges())
     settings.validate()
     skip = set(skip_domains)
     managed = [d for d in domains if d not in skip]
@@ -273,4 +294,4 @@ def build_acme(
     )
     ResponderService(responder).setServiceParent(top)
     issuer.setServiceParent(top)
-    return top, responder
+    return AcmeParts(top, responder, issuer, (issuer, responder))

@@ -79,18 +79,16 @@ class Admin:
         root: MultiService,
         certificates: CertificateSource,
         https_enabled: bool,
-        acme: object | None,
+        acme_issuer: object | None,
     ) -> AdminService:
-        """The admin listener reporting on ``root``'s listeners and ``acme``'s issuer."""
+        """The admin listener reporting on ``root``'s listeners and the ACME issuer (None:
+        ACME is off, or this is a worker)."""
 
         def listeners() -> list[ListenerService]:
             return [s for s in root if isinstance(s, ListenerService)]
 
         def issuer() -> Any:
-            try:
-                return getattr(acme, "getServiceNamed", lambda name: None)("acme-issuer")
-            except KeyError:  # --no-acme: the ACME service has no issuer
-                return None
+            return acme_issuer
 
         active = getattr(root, "active", None)
         rates = RateTracker(self.clock, self.metrics.totals_by_kind)

@@ -43,6 +43,7 @@ import re
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from attrs import define
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import connectionDone
@@ -62,7 +63,7 @@ from trackingproxy.server.limits import (
 
 log = Logger(namespace="trackingproxy.server.http2")
 
-__all__ = ["H2ServerBase", "Owner", "Server"]
+__all__ = ["H2ServerBase", "Owner", "Server", "Unsent"]
 
 # Error codes (RFC 9113 7).
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, ENHANCE_YOUR_CALM = 0x0, 0x1, 0x2, 0xB
@@ -90,6 +91,15 @@ class Owner(Protocol):
     def sni(self) -> str | None: ...
 
 
+@define(slots=True)
+class Unsent:
+    """A stream's answer bytes the engine could not send yet (flow control), and whether
+    END_STREAM follows them."""
+
+    data: bytearray
+    end: bool
+
+
 class H2ServerBase(TwistedProtocol):
     """One HTTP/2 client connection (see the module docstring); the engine subclasses fill in
     the protocol. Also the IPushProducer the TLS transport pauses when its buffer is full
@@ -102,7 +112,7 @@ class H2ServerBase(TwistedProtocol):
         self._streams: dict[int, H2Request] = {}
         self._producers: dict[int, Any] = {}
         # stream -> [answer bytes the engine has not sent yet (flow control), END_STREAM after]
-        self._queued: dict[int, list[Any]] = {}
+        self._queued: dict[int, Unsent] = {}
         self._paused = False  # the transport's buffer is full: not reading, output held
         self._pusher: ConnectionProducer | None = None  # registered with the transport
         self._closed = False

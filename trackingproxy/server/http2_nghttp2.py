@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from attrs import Factory, define
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,6 +34,7 @@ from trackingproxy.server.http2 import (
     H2ServerBase,
     Owner,
     Server,
+    Unsent,
 )
 from trackingproxy.server.http2request import H2Request
 from trackingproxy.server.limits import MAX_HEADER_BYTES, MAX_HEADER_LIST, MAX_STREAMS
@@ -45,7 +47,14 @@ _HEADER_BYTES_CAP = 4 * MAX_HEADER_BYTES  # beyond this a header block is not ev
 
 
 # A header block being received: pseudo-header fields, the other fields, their size.
-_Incoming = tuple[dict[bytes, bytes], list[tuple[bytes, bytes]], list[int]]
+@define(slots=True)
+class _Incoming:
+    """A header block being received: its pseudo-header fields, the other fields, and the
+    bytes of their names and values so far."""
+
+    pseudo: dict[bytes, bytes] = Factory(dict)
+    fields: list[tuple[bytes, bytes]] = Factory(list)
+    size: int = 0
 
 
 _settings: Any = None
@@ -79,9 +88,7 @@ class NativeH2Connection(H2ServerBase):
             raise MemoryError("nghttp2_session_server_new2")
         self._session: Any = pp[0]
         self._out = ffi.new("const uint8_t **")
-        self._incoming: dict[
-            int, tuple[dict[bytes, bytes], list[tuple[bytes, bytes]], list[int]]
-        ] = {}
+        self._incoming: dict[int, _Incoming] = {}
         self._ready: list[int] = []  # requests that ended while the input was processed
         self._drained: list[int] = []  # streams whose queued answer left in the last flush
         self._receiving = False  # inside nghttp2_session_mem_recv
@@ -222,7 +229,7 @@ class NativeH2Connection(H2ServerBase):
 
     def _blocked(self, stream_id: int) -> bool:
         pending = self._queued.get(stream_id)
-        return pending is not None and len(pending[0]) > HIGH_WATER
+        return pending is not None and len(pending.data) > HIGH_WATER
 
     # -- sending --------------------------------------------------------------------------
     def send(
@@ -241,7 +248,7 @@ class NativeH2Connection(H2ServerBase):
             if end and not data:
                 provider = ffi.NULL
             else:
-                self._queued[stream_id] = [bytearray(data), end]
+                self._queued[stream_id] = Unsent(bytearray(data), end)
                 provider = b.provider
             if b.lib.nghttp2_submit_response(session, stream_id, nva, len(keep), provider) != 0:
                 self._queued.pop(stream_id, None)  # the stream is gone (reset meanwhile)
@@ -254,11 +261,11 @@ class NativeH2Connection(H2ServerBase):
             pending = self._queued.get(stream_id)
             if pending is None:
                 return  # the stream is gone, or its end was sent already
-            was_blocked = len(pending[0]) > HIGH_WATER
-            pending[0] += data
-            pending[1] = end
+            was_blocked = len(pending.data) > HIGH_WATER
+            pending.data += data
+            pending.end = end
             b.lib.nghttp2_session_resume_data(session, stream_id)
-            if not was_blocked and len(pending[0]) > HIGH_WATER:
+            if not was_blocked and len(pending.data) > HIGH_WATER:
                 producer = self._producers.get(stream_id)
                 if producer is not None:
                     producer.pauseProducing()
@@ -271,7 +278,7 @@ class NativeH2Connection(H2ServerBase):
         if pending is None:
             data_flags[0] |= ng.DATA_FLAG_EOF
             return 0
-        data = pending[0]
+        data = pending.data
         n = min(length, len(data))
         if n:
             self._progress += 1  # answer bytes leave: the stream is alive
@@ -281,7 +288,7 @@ class NativeH2Connection(H2ServerBase):
             if was_blocked and len(data) <= HIGH_WATER:
                 self._drained.append(stream_id)  # resume its producer after this flush
         if not data:
-            if pending[1]:
+            if pending.end:
                 data_flags[0] |= ng.DATA_FLAG_EOF
                 del self._queued[stream_id]
                 self._drained.append(stream_id)
@@ -295,21 +302,20 @@ class NativeH2Connection(H2ServerBase):
 
     def on_begin_headers(self, stream_id: int) -> None:
         if stream_id not in self._streams:  # otherwise: trailers, ignored
-            self._incoming[stream_id] = ({}, [], [0])
+            self._incoming[stream_id] = _Incoming()
 
     def on_header(self, stream_id: int, name: bytes, value: bytes) -> int:
         incoming = self._incoming.get(stream_id)
         if incoming is None:
             return 0
         if name[:1] == b":":
-            incoming[0][name] = value
+            incoming.pseudo[name] = value
             return 0
-        size = incoming[2]
-        size[0] += len(name) + len(value)
-        if size[0] > _HEADER_BYTES_CAP:
+        incoming.size += len(name) + len(value)
+        if incoming.size > _HEADER_BYTES_CAP:
             del self._incoming[stream_id]
             return ng.ERR_TEMPORAL_CALLBACK_FAILURE  # the library resets the stream
-        incoming[1].append((name, value))
+        incoming.fields.append((name, value))
         return 0
 
     def on_invalid_header(self, stream_id: int) -> int:
@@ -324,13 +330,13 @@ class NativeH2Connection(H2ServerBase):
         if kind == ng.HEADERS:
             incoming = self._incoming.pop(stream_id, None)
             if incoming is not None:
-                pseudo, headers, size = incoming
+                pseudo, headers = incoming.pseudo, incoming.fields
                 ended = bool(flags & ng.FLAG_END_STREAM)
                 cookies = [v for n, v in headers if n == b"cookie"]
                 if len(cookies) > 1:  # RFC 9113 8.2.3: one field for HTTP/1.1
                     headers = [(n, v) for n, v in headers if n != b"cookie"]
                     headers.append((b"cookie", b"; ".join(cookies)))
-                request = self._new_request(stream_id, pseudo, headers, size[0], ended)
+                request = self._new_request(stream_id, pseudo, headers, incoming.size, ended)
                 if request is not None and ended:
                     self._ready.append(stream_id)
             elif flags & ng.FLAG_END_STREAM:  # trailers (ignored) end the request

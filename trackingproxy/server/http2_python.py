@@ -33,6 +33,7 @@ from trackingproxy.server.http2 import (
     H2ServerBase,
     Owner,
     Server,
+    Unsent,
 )
 from trackingproxy.server.http2request import H2Request
 from trackingproxy.server.limits import MAX_HEADER_LIST, MAX_STREAMS
@@ -191,8 +192,8 @@ class PythonH2Connection(H2ServerBase):
                 self._h2.send_headers(stream_id, head, end_stream=end and not data)
             queued = self._queued.get(stream_id)
             if queued is not None:
-                queued[0] += data
-                queued[1] = end
+                queued.data += data
+                queued.end = end
             elif data:
                 self._send_data(stream_id, data, end)
             elif end and head is None:
@@ -215,7 +216,7 @@ class PythonH2Connection(H2ServerBase):
             h2c.send_data(stream_id, chunk, end_stream=end and not data)
             window = min(h2c.local_flow_control_window(stream_id), h2c.max_outbound_frame_size)
         if data:
-            self._queued[stream_id] = [data, end]
+            self._queued[stream_id] = Unsent(bytearray(data), end)
             producer = self._producers.get(stream_id)
             if producer is not None and not paused:
                 producer.pauseProducing()
@@ -225,7 +226,7 @@ class PythonH2Connection(H2ServerBase):
         if queued is None:
             return
         try:
-            self._send_data(stream_id, queued[0], queued[1], paused=True)
+            self._send_data(stream_id, bytes(queued.data), queued.end, paused=True)
         except h2.exceptions.H2Error:
             return
         self._progress += 1  # answer bytes leave: the stream is alive

@@ -28,7 +28,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from tests.test_http1server import _connect, _Server
+from tests.server.test_http1 import _connect, _Server
 from tests.upstream_standin import MemoryConnector, StaticDNS
 from trackingproxy.upstream.client import UpstreamClient
 from trackingproxy.upstream.dns import CachingResolver

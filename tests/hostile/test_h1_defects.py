@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.harness import DOMAIN, start_proxy, stop_proxy
 from tests.hostile.memory import build_memory_proxy
-from tests.test_http1server import H, _connect, _Server
+from tests.server.test_http1 import H, _connect, _Server
 from trackingproxy.server.http1 import LINGER_IDLE
 from trackingproxy.server.http1request import H1Request
 

@@ -24,7 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.harness import DOMAIN, start_proxy, stop_proxy
 from tests.hostile.h2client import Request, exchange
-from tests.test_h2server import _frames, _Peer, _Server
+from tests.server.test_http2 import _frames, _Peer, _Server
 from trackingproxy.server.http2 import ENHANCE_YOUR_CALM, H2ServerBase
 from trackingproxy.server.http2_nghttp2 import NativeH2Connection
 from trackingproxy.server.http2_python import PythonH2Connection

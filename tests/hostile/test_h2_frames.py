@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.test_h2server import AUTHORITY, _Owner, _request, _Server
+from tests.server.test_http2 import AUTHORITY, _Owner, _request, _Server
 from trackingproxy.server.http2 import H2ServerBase
 from trackingproxy.server.http2_nghttp2 import NativeH2Connection
 from trackingproxy.server.http2_python import PythonH2Connection

@@ -53,7 +53,7 @@ def renew_memory_bios(connection: SSL.Connection) -> bool:
     for the ClientHello, about 4 KiB per connection that an idle keep-alive connection holds
     for nothing (measured with massif: ``python -m bench.tls_memory``). The new pair only
     grows to the size of the requests and answers. Returns whether it renewed; the BIOs are
-    pyOpenSSL's private state (pyOpenSSL 23-26), covered by tests/test_tlsserver.py.
+    pyOpenSSL's private state (pyOpenSSL 23-26), covered by tests/tls/test_protocol.py.
     """
     old_in, old_out = connection._into_ssl, connection._from_ssl
     if old_in is None or any(_lib.BIO_get_mem_data(b, _ffi.NULL) for b in (old_in, old_out)):
@@ -80,7 +80,7 @@ class TLSServerProtocol(BufferingTLSTransport):
         # directlyProvides per interface (each replacing the last), then
         # ProtocolWrapper.makeConnection declares them all again and repeats
         # Protocol.makeConnection and registerProtocol. About 25 us per connection, 4 % of
-        # the CPU of a new TLS connection per request. Covered by tests/test_tlsserver.py.
+        # the CPU of a new TLS connection per request. Covered by tests/tls/test_protocol.py.
         self._tlsConnection = self.factory._creatorCallable(self)
         self._appSendBuffer = []
         # Set here, with the others, not first after the handshake: an attribute added to an
@@ -103,7 +103,7 @@ class TLSServerProtocol(BufferingTLSTransport):
 
     def _tlsShutdownFinished(self, reason: Failure | None) -> None:
         # Private Twisted hook (twisted.protocols.tls, 22.x-26.x): called with the Failure of
-        # the TLS error, or None for a clean shutdown. Covered by tests/test_tlsserver.py.
+        # the TLS error, or None for a clean shutdown. Covered by tests/tls/test_protocol.py.
         super()._tlsShutdownFinished(reason)
         if reason is not None:
             reason.cleanFailure()

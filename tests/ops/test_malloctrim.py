@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.test_http1server import H, _connect, _Server
+from tests.server.test_http1 import H, _connect, _Server
 from trackingproxy.ops.malloctrim import AllocatorTrim, glibc_malloc_trim
 from trackingproxy.server.listener import HTTPListener
 

@@ -27,8 +27,7 @@ from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.harness import DOMAIN, DOMAIN2, client, start_proxy, stop_proxy
-from tests.test_admin_status import (
+from tests.admin.test_status import (
     FakeCertificates,
     FakeListener,
     FakePort,
@@ -36,6 +35,7 @@ from tests.test_admin_status import (
     FakeRequest,
     state,
 )
+from tests.harness import DOMAIN, DOMAIN2, client, start_proxy, stop_proxy
 from trackingproxy.admin.metrics import ProxyMetrics
 from trackingproxy.admin.resources import AdminSite, admin_resource
 from trackingproxy.admin.status import RateTracker, StatusSource

@@ -142,6 +142,29 @@ class ResponseBoundaries(SynchronousTestCase):
                 self.assertEqual(self.pool.idle_count, 1)
         self.assertEqual(len(self.connector.attempts), 1)
 
+    def test_a_connection_paused_by_its_reader_is_pooled_reading(self) -> None:
+        """The reader pauses the body as its last bytes arrive (its client stopped reading):
+        the connection goes back to the pool reading again, so the next request on it gets
+        its answer (before: it stayed paused, and the next request timed out, a 504)."""
+        d1 = self.client.request(b"GET", b"/a", HEADERS, None)
+        self.connector.last.succeed()
+        wire = self.connector.last.transport
+        assert wire is not None
+
+        class Pausing(_Then):
+            def dataReceived(self, data: bytes) -> None:
+                super().dataReceived(data)
+                self.transport.pauseProducing()  # the client's buffer is full
+
+        body = Pausing(lambda: None)
+        d1.addCallback(lambda response: response.deliverBody(body))
+        wire.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc")
+        self.assertEqual((body.data, self.pool.idle_count), (b"abc", 1))
+        self.assertEqual(wire.producerState, "producing")
+        d2 = self.client.request(b"GET", b"/b", HEADERS, None)
+        wire.protocol.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertEqual(self.successResultOf(d2).code, 204)
+
     def test_101_is_a_protocol_error(self) -> None:
         """A 101 to a request that asked for no upgrade fails the request with 'protocol' and
         aborts the connection; nothing escapes as an unhandled error."""

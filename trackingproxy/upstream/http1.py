@@ -411,6 +411,11 @@ class LeanHTTP11ClientProtocol(Protocol):
             # does), and detached from this response so its reader cannot pause the next one.
             self.state = QUIESCENT
             response._transport.stopProxying()
+            if self._paused:
+                # Its reader paused the transport while the last bytes were delivered: a
+                # pooled connection must read again, or the next answer would never arrive.
+                self._paused = False
+                self.transport.resumeProducing()  # type: ignore[union-attr]
             self._quiescent(self)
         else:
             self.state = CONNECTION_LOST

@@ -321,19 +321,23 @@ def build_service(
             h2_engine=h2_engine,
         )
 
+    def watched(listener: HTTPListener) -> HTTPListener:
+        connections.watch(listener.connections)
+        return listener
+
     if config.http_port is not None:
         ListenerService(
             "--http-port",
             config.http_port,
             listen("http-port", config.http_port),  # type: ignore[arg-type]
-            connections.track(site("http")),
+            watched(site("http")),
         ).setServiceParent(root)
     if config.https_port is not None:
         ListenerService(
             "--https-port",
             config.https_port,
             listen("https-port", config.https_port),  # type: ignore[arg-type]
-            connections.track(TLSServerFactory(sni, False, site("https"), clock=reactor)),
+            TLSServerFactory(sni, False, watched(site("https")), clock=reactor),
         ).setServiceParent(root)
     _UpstreamCloser(upstream, names).setServiceParent(root)
     if acme_parts is not None:

@@ -279,7 +279,7 @@ class RealSockets(TestCase):
         site = None
         for child in running.service:
             if getattr(child, "option", "") == "--http-port":
-                site = child.factory._factory
+                site = child.factory
         assert site is not None
         original = site.request_done
 

@@ -35,10 +35,10 @@ class _Server:
     def request_done(self, request: H1Request) -> None:
         self.done.append(request)
 
-    def connection_opened(self) -> None:
+    def connection_opened(self, connection: Any) -> None:
         self.opened += 1
 
-    def connection_closed(self) -> None:
+    def connection_closed(self, connection: Any) -> None:
         self.closed += 1
 
     def http2_connection(self, owner: Any) -> Any:

@@ -13,22 +13,18 @@ from __future__ import annotations
 
 import gc
 import resource
-import weakref
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
-    IAddress,
     IDelayedCall,
-    IProtocol,
-    IProtocolFactory,
     IReactorTime,
 )
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from trackingproxy.server.exchange import ClientExchange
 from trackingproxy.server.listener import ListenerObserver
+from trackingproxy.server.registry import SHUTDOWN, ClientConnection, ConnectionRegistry
 
 log = Logger(namespace="trackingproxy.ops.lifecycle")
 
@@ -86,43 +82,40 @@ _POLL = 0.05
 
 
 class OpenConnections:
-    """The client connections of the listeners (without wrapping them: nothing is added to a
-    connection's reads or writes), and their polite close at shutdown."""
+    """The client connections of the listeners, reached through each listener's registry
+    (`trackingproxy.server.registry`), and their polite close at shutdown."""
 
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
-        self._protocols: weakref.WeakSet[IProtocol] = weakref.WeakSet()
+        self._registries: list[ConnectionRegistry] = []
 
-    def track(self, factory: IProtocolFactory) -> IProtocolFactory:
-        """``factory``, remembering every connection (outermost protocol) it builds."""
-        return _TrackedFactory(factory, self._protocols)
+    def watch(self, registry: ConnectionRegistry) -> None:
+        """Take the connections of one more listener into account."""
+        self._registries.append(registry)
+
+    def _open(self) -> list[ClientConnection]:
+        return [c for registry in self._registries for c in registry]
 
     def notify_shutdown(self) -> None:
-        """Tell every connection the server is stopping (``shutdown_notice``): HTTP/1.1 ones
+        """Tell every connection the server is stopping (a `ShutdownNotice`): HTTP/1.1 ones
         close after the answers they owe (idle ones now), HTTP/2 ones send GOAWAY, so clients
         take new requests to another server instead of racing the final close."""
-        for p in list(self._protocols):
-            if not _is_open(p):
-                continue
-            app = getattr(p, "wrappedProtocol", p)  # under TLS: the HTTP connection
-            notice = getattr(app, "shutdown_notice", None)
-            if notice is not None:
-                try:
-                    notice()
-                except Exception:
-                    log.failure("Telling a client connection about the shutdown failed")
+        for connection in self._open():
+            try:
+                connection.shutdown_notice(SHUTDOWN)
+            except Exception:
+                log.failure("Telling a client connection about the shutdown failed")
 
     def close(self, grace: float = CLOSE_GRACE) -> Deferred[int]:
         """Close every open connection politely (buffered output is sent first); fires once all
         are closed, or after ``grace`` seconds with the number that had to be aborted."""
-        protocols = [p for p in list(self._protocols) if _is_open(p)]
-        for p in protocols:
-            _close(p, "loseConnection")
+        for connection in self._open():
+            _safely(connection.close)
         done: Deferred[int] = Deferred()
         deadline = self._clock.seconds() + grace
 
         def check() -> None:
-            still = [p for p in protocols if _is_open(p)]
+            still = self._open()
             if not still:
                 done.callback(0)
             elif self._clock.seconds() >= deadline:
@@ -132,8 +125,8 @@ class OpenConnections:
                     count=len(still),
                     grace=grace,
                 )
-                for p in still:
-                    _close(p, "abortConnection")
+                for connection in still:
+                    _safely(connection.abort)
                 done.callback(len(still))
             else:
                 self._clock.callLater(_POLL, check)
@@ -142,48 +135,9 @@ class OpenConnections:
         return done
 
 
-@implementer(IProtocolFactory)
-class _TrackedFactory:
-    def __init__(self, factory: IProtocolFactory, protocols: weakref.WeakSet[IProtocol]) -> None:
-        self._factory = factory
-        self._protocols = protocols
-
-    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
-        protocol = self._factory.buildProtocol(addr)
-        if protocol is not None:
-            self._protocols.add(protocol)
-        return protocol
-
-    def doStart(self) -> None:
-        self._factory.doStart()
-
-    def doStop(self) -> None:
-        self._factory.doStop()
-
-    def logPrefix(self) -> str:
-        prefix = getattr(self._factory, "logPrefix", None)
-        return str(prefix()) if prefix is not None else type(self._factory).__name__
-
-
-def _socket_level(protocol: IProtocol) -> Any:
-    """The transport at the bottom of ``protocol``'s stack (the TCP connection)."""
-    transport: Any = getattr(protocol, "transport", None)
-    while getattr(transport, "transport", None) is not None:
-        transport = transport.transport
-    return transport
-
-
-def _is_open(protocol: IProtocol) -> bool:
-    transport = _socket_level(protocol)
-    return transport is not None and not getattr(transport, "disconnected", True)
-
-
-def _close(protocol: IProtocol, how: str) -> None:
-    """``protocol.loseConnection()`` or ``abortConnection()`` when it is itself a transport
-    (TLS, PROXY protocol wrappers), else the same on its transport (plain TCP)."""
-    target: Any = protocol if hasattr(protocol, how) else getattr(protocol, "transport", None)
+def _safely(action: Any) -> None:
     try:
-        getattr(target, how)()
+        action()
     except Exception:
         log.failure("Closing a client connection at shutdown failed")
 

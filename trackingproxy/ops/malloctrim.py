@@ -6,8 +6,8 @@ keeps the freed memory: it only returns the top of the heap on its own, and what
 connections leave free is scattered between chunks still in use. ``malloc_trim(0)`` also hands
 back those free pages in the middle of the heap (``madvise``), which brings the RSS back near
 where it was before the wave. (Closed connections are freed by reference counting, without
-the garbage collector: see ``tlsserver`` and ``http1server``. A full collection here measured
-as a reactor stall long enough to change what a TLS scanner saw.)
+the garbage collector: see `trackingproxy.tls.protocol` and `trackingproxy.server.http1`. A
+full collection here would stall the reactor for too long.)
 
 :class:`AllocatorTrim` counts closed connections; once ``after`` of them have closed it trims
 ``delay`` seconds later, on the reactor: never on the path of a request, and at most once per

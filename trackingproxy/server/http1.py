@@ -32,8 +32,8 @@ answered in order (pipelining), with the limits and timeouts of the listener.
 - Keep-alive: HTTP/1.1 unless ``Connection: close``; HTTP/1.0 closes after each answer; after
   a shutdown notice (SIGTERM) every answer closes the connection, and an idle one closes at once.
 - TLS connections whose ALPN chose ``h2`` are handed to `trackingproxy.server.http2`.
-- Memory: an idle keep-alive connection keeps no parser (about 0.9 KiB with its bound callbacks;
-  a new one costs ~0.3 us when the next request starts) and no copy of the last request's head.
+- Memory: an idle keep-alive connection keeps no parser (a new one is cheap to make when the
+  next request starts) and no copy of the last request's head.
   A closed connection drops its parser, whose callbacks point back at it: without that, every
   connection would be a reference cycle left for the (tuned, rarely running) collector.
 """
@@ -46,7 +46,6 @@ from typing import Any, Protocol
 import httptools
 from twisted.internet.interfaces import (
     IDelayedCall,
-    IProtocol,
     IReactorTime,
     ISSLTransport,
     ITCPTransport,
@@ -58,6 +57,7 @@ from twisted.python.failure import Failure
 
 from trackingproxy.server.backpressure import ConnectionProducer
 from trackingproxy.server.http1request import H1Request
+from trackingproxy.server.http2 import H2ServerBase
 from trackingproxy.server.limits import (
     MAX_BODY,
     MAX_HEADER_BYTES,
@@ -65,6 +65,7 @@ from trackingproxy.server.limits import (
     MAX_QUEUED,
     MAX_TARGET,
 )
+from trackingproxy.server.registry import SHUTDOWN, ShutdownNotice
 from trackingproxy.server.wire import status_line
 
 log = Logger(namespace="trackingproxy.server.http1")
@@ -92,9 +93,9 @@ class Server(Protocol):
 
     def handle(self, request: H1Request) -> None: ...
     def request_done(self, request: H1Request) -> None: ...
-    def connection_opened(self) -> None: ...
-    def connection_closed(self) -> None: ...
-    def http2_connection(self, owner: HTTP1Connection) -> IProtocol: ...
+    def connection_opened(self, connection: HTTP1Connection) -> None: ...
+    def connection_closed(self, connection: HTTP1Connection) -> None: ...
+    def http2_connection(self, owner: HTTP1Connection) -> H2ServerBase: ...
 
 
 class _Stop(Exception):
@@ -165,7 +166,7 @@ class HTTP1Connection(TwistedProtocol):
         self._server = server
         self._clock = server.clock
         self._parser: Any = None
-        self._h2: IProtocol | None = None
+        self._h2: H2ServerBase | None = None
         self._h1 = False  # the client speaks HTTP/1.x (no ALPN h2): decided on the first bytes
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -210,11 +211,11 @@ class HTTP1Connection(TwistedProtocol):
     # -- connection -----------------------------------------------------------------------
     def connectionMade(self) -> None:
         # The bound method, looked up once (TLS replaces ``write`` per instance with its
-        # small-write aggregator, which measured faster than writing through at once).
+        # small-write aggregator).
         self._write = self.transport.write  # type: ignore[union-attr]
         self._pusher = ConnectionProducer(self)
         self.transport.registerProducer(self._pusher, True)  # type: ignore[union-attr]
-        self._server.connection_opened()
+        self._server.connection_opened(self)
         self._idle_since = self._clock.seconds()
         self._arm(min(self._server.header_timeout, self._server.idle_timeout))
 
@@ -236,9 +237,9 @@ class HTTP1Connection(TwistedProtocol):
         self._queue.clear()
         if active is not None:
             active.connection_lost()
-        self._server.connection_closed()
+        self._server.connection_closed(self)
 
-    def shutdown_notice(self) -> None:
+    def shutdown_notice(self, notice: ShutdownNotice = SHUTDOWN) -> None:
         """The server is stopping: requests already received are answered with
         ``Connection: close`` and the connection closes after them; an idle one closes now.
         HTTP/2 connections send GOAWAY (`trackingproxy.server.http2`)."""
@@ -246,7 +247,7 @@ class HTTP1Connection(TwistedProtocol):
             return
         self._draining = True
         if self._h2 is not None:
-            self._h2.shutdown_notice()  # type: ignore[attr-defined]
+            self._h2.shutdown_notice(notice)
             return
         owed = [r for r in (self._active, *self._queue) if r is not None]
         if owed:
@@ -281,6 +282,12 @@ class HTTP1Connection(TwistedProtocol):
         if not self._closed:
             self._unregister()
             self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def abort(self) -> None:
+        """Drop the connection now (what is left at the end of a shutdown's grace period)."""
+        self._stopped = True
+        if not self._closed:
+            self.transport.abortConnection()  # type: ignore[union-attr]
 
     def _unregister(self) -> None:
         """Stop being the transport's producer (TLS holds a close back while one is)."""

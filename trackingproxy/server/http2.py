@@ -60,6 +60,7 @@ from trackingproxy.server.limits import (
     MAX_STREAMS,
     RAPID_RESET_MIN,
 )
+from trackingproxy.server.registry import SHUTDOWN, ShutdownNotice
 
 log = Logger(namespace="trackingproxy.server.http2")
 
@@ -159,7 +160,7 @@ class H2ServerBase(TwistedProtocol):
         raise NotImplementedError
 
     # -- shutdown -------------------------------------------------------------------------
-    def shutdown_notice(self) -> None:
+    def shutdown_notice(self, notice: ShutdownNotice = SHUTDOWN) -> None:
         """The server is stopping: once no stream is in flight, GOAWAY(NO_ERROR) naming the
         last stream taken, then close. Not earlier: a GOAWAY with streams in flight is legal,
         but some clients (the Python ``h2`` library) stop reading at it and lose the answers."""

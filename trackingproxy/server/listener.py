@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from twisted.internet.interfaces import IAddress, IProtocol, IReactorTime
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import ServerFactory
 
 from trackingproxy.server.engines import choose_engine
@@ -18,6 +18,7 @@ from trackingproxy.server.exchange import ClientExchange
 from trackingproxy.server.http1 import HTTP1Connection
 from trackingproxy.server.http2 import H2ServerBase, Owner
 from trackingproxy.server.limits import BODY_TIMEOUT, HEADER_TIMEOUT, IDLE_TIMEOUT
+from trackingproxy.server.registry import ConnectionRegistry
 
 __all__ = ["HTTPListener", "Handler", "ListenerObserver"]
 
@@ -69,6 +70,7 @@ class HTTPListener(ServerFactory):
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
         self.observers = tuple(observers)
+        self.connections = ConnectionRegistry()  # open now (shutdown reaches them through it)
         # Each hook calls only the observers that implement it (this runs per request).
         self._opened = _hooks(self.observers, "connection_opened")
         self._closed = _hooks(self.observers, "connection_closed")
@@ -80,15 +82,17 @@ class HTTPListener(ServerFactory):
         protocol.factory = self
         return protocol
 
-    def http2_connection(self, owner: Owner) -> IProtocol:
+    def http2_connection(self, owner: Owner) -> H2ServerBase:
         return self.h2_engine(self, owner)
 
     # -- what the connections call --------------------------------------------------------
-    def connection_opened(self) -> None:
+    def connection_opened(self, connection: HTTP1Connection) -> None:
+        self.connections.add(connection)
         for hook in self._opened:
             hook()
 
-    def connection_closed(self) -> None:
+    def connection_closed(self, connection: HTTP1Connection) -> None:
+        self.connections.discard(connection)
         for hook in self._closed:
             hook()
 

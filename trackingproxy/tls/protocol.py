@@ -34,7 +34,7 @@ _declarations: dict[tuple[type, type], Any] = {}
 
 def _declare_transport_interfaces(protocol: Any, transport: ITransport) -> None:
     """``directlyProvides(protocol, providedBy(transport))``, computed once per pair of classes
-    (zope normalises the arguments on every call: about 8 us)."""
+    (zope normalises the arguments on every call, which is slow)."""
     key = (type(protocol), type(transport))
     declared = _declarations.get(key)
     if declared is None:
@@ -50,8 +50,8 @@ def renew_memory_bios(connection: SSL.Connection) -> bool:
 
     A memory BIO never shrinks: after a TLS 1.3 handshake the outgoing one keeps room for the
     server's whole first flight (certificate chain, signature, tickets) and the incoming one
-    for the ClientHello, about 4 KiB per connection that an idle keep-alive connection holds
-    for nothing (measured with massif: ``python -m bench.tls_memory``). The new pair only
+    for the ClientHello, memory an idle keep-alive connection holds for nothing
+    (``python -m bench.tls_memory`` measures it; bench/README.md). The new pair only
     grows to the size of the requests and answers. Returns whether it renewed; the BIOs are
     pyOpenSSL's private state (pyOpenSSL 23-26), covered by tests/tls/test_protocol.py.
     """
@@ -71,21 +71,20 @@ def renew_memory_bios(connection: SSL.Connection) -> bool:
 
 
 class TLSServerProtocol(BufferingTLSTransport):
-    # Twisted's default server protocol (it aggregates small writes into one TLS record: the
-    # HTTPS keep-alive benchmark lost 15 % when this derived from TLSMemoryBIOProtocol).
+    # Twisted's default server protocol: it aggregates small writes into one TLS record, which
+    # HTTPS keep-alive needs (bench/README.md).
 
     def makeConnection(self, transport: ITransport) -> None:
         # TLSMemoryBIOProtocol.makeConnection (Twisted 22.x-26.x, private state), doing once
         # what it does twice or nine times: it declares the transport's interfaces with one
         # directlyProvides per interface (each replacing the last), then
         # ProtocolWrapper.makeConnection declares them all again and repeats
-        # Protocol.makeConnection and registerProtocol. About 25 us per connection, 4 % of
-        # the CPU of a new TLS connection per request. Covered by tests/tls/test_protocol.py.
+        # Protocol.makeConnection and registerProtocol, a cost on every new TLS connection.
+        # Covered by tests/tls/test_protocol.py.
         self._tlsConnection = self.factory._creatorCallable(self)
         self._appSendBuffer = []
         # Set here, with the others, not first after the handshake: an attribute added to an
-        # instance late can make Python give it a dict of its own (832 bytes per connection
-        # in an in-process tracemalloc run).
+        # instance late can make Python give it a dict of its own.
         self._bios_renewed = False
         _declare_transport_interfaces(self, transport)
         Protocol.makeConnection(self, transport)

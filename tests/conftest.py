@@ -1,8 +1,11 @@
 """Test-wide set-up: any traceback logged while a test runs fails that test (trial's test cases
 do this themselves; this fixture gives plain pytest tests, hypothesis ones included, the same
-rule). The suite runs with the TCP write path of the real process: the optimistic writes of
-`trackingproxy.ops.tcpwrite`, which the twistd entry point installs (and logs)."""
+rule). The suite runs on Twisted's own TCP writes; the optimistic ones of
+`trackingproxy.ops.tcpwrite`, a process-wide patch that the twistd entry point installs (and
+logs), are covered by the tests that start the real twistd process, by
+tests/ops/test_tcpwrite.py, and by the whole suite with TP_TCPWRITE=1."""
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,7 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from trackingproxy.ops import tcpwrite
 
-tcpwrite.install()
+if os.environ.get("TP_TCPWRITE") == "1":
+    tcpwrite.install()
 
 
 @pytest.fixture(autouse=True)

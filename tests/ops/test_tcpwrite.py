@@ -1,5 +1,5 @@
-"""The optimistic TCP writes and closes (trackingproxy.ops.tcpwrite, installed for the whole
-suite by conftest, as the twistd entry point installs it): on real loopback sockets, every byte written before ``loseConnection`` arrives,
+"""The optimistic TCP writes and closes (trackingproxy.ops.tcpwrite, installed by these tests;
+the twistd entry point installs it for the real process): on real loopback sockets, every byte written before ``loseConnection`` arrives,
 then a clean EOF, whether the kernel took the bytes at once or Twisted had to buffer them."""
 
 from __future__ import annotations

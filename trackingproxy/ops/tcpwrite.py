@@ -2,7 +2,7 @@
 
 Twisted buffers every ``transport.write`` and asks epoll to report writability
 (``startWriting``), even when the socket could take the bytes at once; adding EPOLLOUT is the
-single most expensive call in the proxy's profile (about 11 % of its CPU under keep-alive load).
+most expensive call in the proxy's profile (bench/README.md).
 When nothing is buffered, ``write`` here sends straight away and only buffers what the kernel
 did not take. Ordering is kept (only with an empty buffer), and errors fall through to Twisted's
 own path, which reports the lost connection as usual.

@@ -14,11 +14,11 @@ venv: $(STAMP)
 
 # An editable install in "compat" mode: setuptools' default (PEP 660 finder) hides
 # twisted/plugins from Twisted's plugin scan, compat mode puts the checkout on sys.path.
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 || $(MAKE) --no-print-directory debs APT_PACKAGES=python3-venv
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]' --config-settings editable_mode=compat
 	$(MAKE) --no-print-directory plugin-cache
 	touch $@
 

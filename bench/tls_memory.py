@@ -29,8 +29,8 @@ import trustme
 from OpenSSL import SSL, crypto
 from OpenSSL._util import lib as _lib
 
+from trackingproxy.internals.pyopenssl_private import renew_memory_bios
 from trackingproxy.tls.policy import GROUPS
-from trackingproxy.tls.protocol import renew_memory_bios
 
 
 class _MallInfo2(ctypes.Structure):

@@ -1,102 +1,59 @@
-"""The private internals of Twisted and pyOpenSSL that the proxy relies on are still there, with
-the shape it uses: on a release whose internals differ, this fails first, with a message that
-names the module that must be adapted (setup.cfg bounds both packages to the releases checked).
-
-- trackingproxy/tls/protocol.py: TLSMemoryBIOProtocol's set-up and hooks; pyOpenSSL's memory
-  BIOs of a connection.
-- trackingproxy/tls/policy.py: the OpenSSL context behind a pyOpenSSL Context (groups list).
-- trackingproxy/ops/tcpwrite.py: the TCP connection's write buffer and close state.
-- trackingproxy/upstream/http1.py, client.py: twisted.web._newclient's failure types.
-"""
+"""The private internals of Twisted and pyOpenSSL that the proxy relies on are all still there:
+they are used only in trackingproxy/internals/ (one module for each package), and on a release
+whose internals differ this fails first, naming what is missing and the module to adapt
+(setup.cfg bounds both packages to the releases checked)."""
 
 from __future__ import annotations
 
-import socket
-from typing import Any
+import ast
+from pathlib import Path
 
 import OpenSSL
-from OpenSSL import SSL
-from twisted.internet import tcp
-from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import MemoryReactor
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 
 import twisted
-from tests.certs import ServerTLS, issue, make_ca
+from trackingproxy.internals import pyopenssl_private, twisted_private
+
+PACKAGE = Path(__file__).resolve().parent.parent / "trackingproxy"
 
 
 def _versions() -> str:
     return f"Twisted {twisted.__version__}, pyOpenSSL {OpenSSL.__version__}"
 
 
-def _missing(owner: Any, names: tuple[str, ...]) -> list[str]:
-    return [name for name in names if not hasattr(owner, name)]
-
-
-def test_twisted_tls_internals() -> None:
-    """The TLS protocol's private set-up state and hooks that tls/protocol.py overrides."""
-    factory = TLSMemoryBIOFactory(
-        ServerTLS(issue(make_ca(), "click.example.com")), False, Factory.forProtocol(Protocol)
-    )
-    protocol = factory.buildProtocol(None)
-    assert isinstance(protocol, BufferingTLSTransport)
-    class_names = ("_flushSendBIO", "_tlsShutdownFinished", "_checkHandshakeStatus")
-    missing = _missing(BufferingTLSTransport, class_names)
-    missing += _missing(factory, ("_creatorCallable",))
-    missing += _missing(protocol, ("_connectWrapped", "_handshakeDone"))
+def test_twisted_internals_are_there() -> None:
+    """Everything trackingproxy/internals/twisted_private.py reaches into exists."""
+    missing = twisted_private.missing()
     assert missing == [], (
-        f"{_versions()}: Twisted's TLS internals changed ({missing}); adapt "
-        "trackingproxy/tls/protocol.py, or keep twisted below this release (setup.cfg)"
+        f"{_versions()}: Twisted's internals changed ({missing}); adapt "
+        "trackingproxy/internals/twisted_private.py, or keep twisted below this release"
     )
 
 
-def test_pyopenssl_internals() -> None:
-    """A pyOpenSSL Connection's memory BIOs and SSL pointer, a Context's SSL_CTX pointer, and
-    the cffi binding module (OpenSSL._util)."""
-    from OpenSSL import _util
-
-    context = SSL.Context(SSL.TLS_SERVER_METHOD)
-    connection = SSL.Connection(context, None)
-    missing = _missing(connection, ("_into_ssl", "_from_ssl", "_ssl"))
-    missing += _missing(context, ("_context",))
-    missing += _missing(_util, ("ffi", "lib"))
-    missing += _missing(_util.lib, ("SSL_set_bio", "BIO_new", "BIO_s_mem", "BIO_get_mem_data"))
+def test_pyopenssl_internals_are_there() -> None:
+    """Everything trackingproxy/internals/pyopenssl_private.py reaches into exists."""
+    missing = pyopenssl_private.missing()
     assert missing == [], (
         f"{_versions()}: pyOpenSSL's internals changed ({missing}); adapt "
-        "trackingproxy/tls/protocol.py and tls/policy.py, or keep pyopenssl below this release"
+        "trackingproxy/internals/pyopenssl_private.py, or keep pyopenssl below this release"
     )
 
 
-def test_twisted_tcp_internals() -> None:
-    """The write buffer and close state of a TCP connection that ops/tcpwrite.py reads."""
-    left, right = socket.socketpair()
-    connection = tcp.Connection(left, Protocol(), reactor=MemoryReactor())
-    try:
-        names = (
-            "_tempDataBuffer", "dataBuffer", "offset", "_writeDisconnected",
-            "_writeDisconnecting", "_aborting", "producer", "writeSomeData", "disconnecting",
-        )  # fmt: skip
-        missing = _missing(connection, names)
-        assert missing == [], (
-            f"{_versions()}: Twisted's TCP connection changed ({missing}); adapt "
-            "trackingproxy/ops/tcpwrite.py, or keep twisted below this release (setup.cfg)"
-        )
-    finally:
-        left.close()
-        right.close()
-
-
-def test_twisted_newclient_names() -> None:
-    """The failure types and helpers of twisted.web._newclient the upstream client uses."""
-    from twisted.web import _newclient
-
-    names = (
-        "ParseError", "RequestNotSent", "RequestTransmissionFailed", "RequestGenerationFailed",
-        "ResponseDone", "ResponseFailed", "ResponseNeverReceived", "TransportProxyProducer",
-        "_ensureValidMethod", "_ensureValidURI",
-    )  # fmt: skip
-    missing = _missing(_newclient, names)
-    assert missing == [], (
-        f"{_versions()}: twisted.web._newclient changed ({missing}); adapt "
-        "trackingproxy/upstream/http1.py and client.py, or keep twisted below this release"
-    )
+def test_no_other_module_imports_their_private_modules() -> None:
+    """Only trackingproxy/internals/ imports a private module of Twisted or pyOpenSSL
+    (twisted.web._newclient, OpenSSL._util...)."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.parent.name == "internals":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            else:
+                continue
+            for module in modules:
+                parts = module.split(".")
+                if parts[0] in ("twisted", "OpenSSL") and any(p.startswith("_") for p in parts):
+                    found.append(f"{path.relative_to(PACKAGE.parent)}: {module}")
+    assert found == []

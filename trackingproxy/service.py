@@ -24,6 +24,7 @@ from trackingproxy.acme.settings import AcmeParts, build_acme
 from trackingproxy.admin import build_admin
 from trackingproxy.config import ProxyConfig
 from trackingproxy.errors import ConfigError, exit_with
+from trackingproxy.internals.twisted_private import forget_exit_signal, stop_resolv_conf_timer
 from trackingproxy.logs.access import AccessLog, AccessLogObserver, build_access_log
 from trackingproxy.logs.jsonlines import JSONLinesObserver
 from trackingproxy.ops.lifecycle import (
@@ -192,10 +193,7 @@ class _UpstreamCloser(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        for resolver in getattr(self._names, "resolvers", ()):
-            call = getattr(resolver, "_parseCall", None)  # twisted.names.client.Resolver
-            if call is not None and call.active():
-                call.cancel()
+        stop_resolv_conf_timer(self._names)
         return self._upstream.close()
 
 
@@ -361,8 +359,7 @@ def _exit_zero_after_sigterm() -> None:
     that we handled gracefully is a normal stop, so make twistd exit with status 0 instead."""
     from twisted.internet import reactor
 
-    if getattr(reactor, "_exitSignal", None) == signal.SIGTERM:
-        reactor._exitSignal = None  # type: ignore[attr-defined]
+    forget_exit_signal(reactor, signal.SIGTERM)
 
 
 

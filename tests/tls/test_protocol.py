@@ -20,8 +20,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import Interface, directlyProvidedBy, directlyProvides, providedBy
 
 from tests.certs import ServerTLS, issue, make_ca
-from trackingproxy.tls import protocol as tlsserver
-from trackingproxy.tls.protocol import TLSServerFactory, renew_memory_bios
+from trackingproxy.internals import twisted_private
+from trackingproxy.internals.pyopenssl_private import renew_memory_bios
+from trackingproxy.tls.protocol import TLSServerFactory
 
 # The start of a ClientHello: the peer goes away before the rest.
 PARTIAL_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 20
@@ -109,17 +110,17 @@ class TransportInterfacesTests(SynchronousTestCase):
         self.assertIn(ours, ours.factory.protocols)
 
     def test_first_and_cached_connections_match_twisted(self) -> None:
-        tlsserver._declarations.clear()
+        twisted_private.DECLARATIONS.clear()
         self._same_as_twisted(StringTransport())
-        self.assertEqual(len(tlsserver._declarations), 1)
+        self.assertEqual(len(twisted_private.DECLARATIONS), 1)
         self._same_as_twisted(StringTransport())
 
     def test_transport_with_its_own_interfaces_is_not_cached(self) -> None:
-        tlsserver._declarations.clear()
+        twisted_private.DECLARATIONS.clear()
         transport = StringTransport()
         directlyProvides(transport, _Marked)
         self._same_as_twisted(transport)
-        self.assertEqual(tlsserver._declarations, {})
+        self.assertEqual(twisted_private.DECLARATIONS, {})
         self._same_as_twisted(StringTransport())
         self.assertNotIn(_Marked, list(providedBy(_connected(TLSServerFactory, StringTransport()))))
 
@@ -187,7 +188,7 @@ class MemoryBIORenewalTests(SynchronousTestCase):
     def test_renewed_once_after_the_handshake_and_bytes_still_flow(self) -> None:
         self._pump()
         self.assertTrue(self.server._handshakeDone)
-        self.assertTrue(self.server._bios_renewed)
+        self.assertTrue(self.server.after_handshake_done)
         renewed = (self.server._tlsConnection._into_ssl, self.server._tlsConnection._from_ssl)
         self.assertNotEqual(renewed[0], self.first_bios[0])
         self.assertNotEqual(renewed[1], self.first_bios[1])

@@ -10,8 +10,8 @@ import os
 from collections.abc import Callable, Sequence
 
 from OpenSSL import SSL
-from OpenSSL._util import lib as _openssl_lib
 
+from trackingproxy.internals.pyopenssl_private import set_groups
 from trackingproxy.tls.certificates import LoadedCertificate
 
 # Mozilla intermediate, restricted to forward-secret AEAD suites (no DHE, no CBC).
@@ -62,8 +62,7 @@ def make_context(
     # connections sit idle in keep-alive between a few requests.
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     ctx.set_cipher_list(TLS12_CIPHERS)
-    # pyOpenSSL has no wrapper for the groups list; cryptography's binding exports it.
-    if _openssl_lib.SSL_CTX_set1_curves_list(ctx._context, GROUPS) != 1:
+    if not set_groups(ctx, GROUPS):
         raise RuntimeError("OpenSSL refused the TLS groups list")
     ctx.set_session_id(session_id or os.urandom(16))
     ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)

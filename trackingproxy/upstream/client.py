@@ -28,14 +28,14 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol as Protocol_
 from twisted.python.failure import Failure
-from twisted.web._newclient import (
+
+from trackingproxy.internals.twisted_private import (
     ParseError,
     RequestGenerationFailed,
     RequestNotSent,
     RequestTransmissionFailed,
     ResponseFailed,
 )
-
 from trackingproxy.upstream.errors import (
     UpstreamError,
     UpstreamProtocolError,
@@ -100,7 +100,7 @@ class UpstreamClient:
         Does nothing if the body has already been read completely (the connection is back in
         the pool by then).
         """
-        transport: Any = response._transport._producer
+        transport: Any = response.connection_transport
         if transport is not None:
             transport.abortConnection()
 

@@ -39,21 +39,21 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import (
-    ParseError,
-    RequestNotSent,
-    ResponseDone,
-    ResponseFailed,
-    ResponseNeverReceived,
-    TransportProxyProducer,
-    _ensureValidMethod,
-    _ensureValidURI,
-)
+from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
+from trackingproxy.internals.twisted_private import (
+    ParseError,
+    ProxyProducer,
+    RequestNotSent,
+    ResponseFailed,
+    ResponseNeverReceived,
+    ensure_valid_method,
+    ensure_valid_uri,
+)
 from trackingproxy.upstream.errors import UpstreamTimeout
 
 log = Logger(namespace="trackingproxy.upstream")
@@ -91,8 +91,8 @@ class UpstreamRequest:
         body: bytes | None,
         persistent: bool = True,
     ) -> None:
-        self.method: bytes = _ensureValidMethod(method)
-        self.uri: bytes = _ensureValidURI(uri)
+        self.method: bytes = ensure_valid_method(method)
+        self.uri: bytes = ensure_valid_uri(uri)
         self.persistent = persistent
         lines = [method, b" ", uri, b" HTTP/1.1\r\n"]
         names = []
@@ -148,7 +148,7 @@ class LeanResponse:
         phrase: bytes,
         raw_headers: list[tuple[bytes, bytes]],
         length: int | object,
-        transport: TransportProxyProducer,
+        transport: ProxyProducer,
         request: UpstreamRequest,
     ) -> None:
         self.version = _HTTP11
@@ -157,11 +157,16 @@ class LeanResponse:
         self.raw_headers = raw_headers
         self.length = length
         self.request = request
-        self._transport = transport  # client.abandon() reaches the connection through this
+        self._transport = transport
         self._protocol: Protocol | None = None
         self._buffer: list[bytes] = []
         self._end: Failure | None = None
         self._headers: Headers | None = None
+
+    @property
+    def connection_transport(self) -> Any:
+        """The upstream connection's transport while the body is being read, else None."""
+        return self._transport.proxied
 
     @property
     def headers(self) -> Headers:
@@ -202,7 +207,7 @@ class LeanResponse:
             self._protocol.connectionLost(reason)
 
 
-class _BodyProducer(TransportProxyProducer):
+class _BodyProducer(ProxyProducer):
     """The transport as the body reader sees it; pausing it also suspends the body timeout."""
 
     def __init__(self, transport: Any, owner: LeanHTTP11ClientProtocol) -> None:
@@ -210,13 +215,13 @@ class _BodyProducer(TransportProxyProducer):
         self._owner = owner
 
     def pauseProducing(self) -> None:
-        if self._producer is not None:
-            self._producer.pauseProducing()
+        if self.proxied is not None:
+            self.proxied.pauseProducing()
             self._owner._body_paused(True)
 
     def resumeProducing(self) -> None:
-        if self._producer is not None:
-            self._producer.resumeProducing()
+        if self.proxied is not None:
+            self.proxied.resumeProducing()
             self._owner._body_paused(False)
 
 

@@ -31,7 +31,6 @@ from attrs import frozen
 from cryptography import x509
 from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
-from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
@@ -50,6 +49,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from trackingproxy.errors import ConfigError
+from trackingproxy.internals.twisted_private import IOpenSSLTrustRoot
 from trackingproxy.upstream.dns import CachingResolver
 from trackingproxy.upstream.errors import (
     DNSLookupFailed,

@@ -41,11 +41,14 @@ run: $(STAMP)
 	$(BIN)/twistd --nodaemon --pidfile= trackingproxy $(ARGS)
 
 # ruff, mypy, and the import contracts that keep the layout the shape of the data flow
-# (pyproject.toml [tool.importlinter]; tests/test_layout.py checks what they cannot state).
+# (pyproject.toml [tool.importlinter]; tests/test_layout.py and tests/test_internals.py check
+# what they cannot state: no module imports another's private names, nor a private module of
+# Twisted or pyOpenSSL outside trackingproxy/internals/).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_layout.py tests/test_internals.py
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -3,7 +3,6 @@ stand-in upstream: for tests that drive it with signals and read what it printed
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from tests.harness import TWISTD, proxy_args
+from tests.ports import free_ports
 from tests.standin import StandIn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,16 +47,6 @@ class Collect(ProcessProtocol):
         return pid
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` loopback TCP ports that were free a moment ago."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def spawn(

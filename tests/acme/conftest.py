@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -23,11 +22,7 @@ import trustme
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.ports import free_port
 
 
 def _find_pebble() -> tuple[str, str] | None:
@@ -71,10 +66,10 @@ class Pebble:
         self.binaries = binaries
         self.workdir = workdir
         self.http_port = http_port
-        self.port = _free_port()
-        self.management_port = _free_port()
-        self.dns_port = _free_port()
-        self.dns_management_port = _free_port()
+        self.port = free_port()
+        self.management_port = free_port()
+        self.dns_port = free_port()
+        self.dns_management_port = free_port()
         ca = trustme.CA()
         server = ca.issue_cert("127.0.0.1", "localhost")
         self.ca_bundle = workdir / "pebble-api-ca.pem"
@@ -88,7 +83,7 @@ class Pebble:
             "certificate": str(cert),
             "privateKey": str(key),
             "httpPort": http_port,
-            "tlsPort": _free_port(),
+            "tlsPort": free_port(),
             "ocspResponderURL": "",
             "externalAccountBindingRequired": eab_keys is not None,
         }
@@ -178,7 +173,7 @@ def pebble_factory(
     def make(start: bool = True, **options: Any) -> Pebble:
         workdir = tmp_path / f"pebble{len(made)}"
         workdir.mkdir()
-        options.setdefault("http_port", _free_port())
+        options.setdefault("http_port", free_port())
         pebble = Pebble(pebble_binaries, workdir, **options)
         made.append(pebble)
         if start:

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.certs import issue, make_ca, write_pair
+from tests.ports import free_port
 from trackingproxy.ops.malloctrim import TRIM_DELAY
 
 DOMAIN = "click.example.com"
@@ -41,10 +42,6 @@ WAVE_GROWTH_MIB = 10  # a later wave's peak over the first wave's peak
 AFTER_MARGIN_MIB = 20  # RSS over the baseline once a wave is cut and the trim has run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_mib(pid: int) -> float:
@@ -68,7 +65,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int, 
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     tmp = tmp_path_factory.mktemp("slow")
     cert, key = write_pair(issue(make_ca(), DOMAIN), tmp, "proxy")
-    http, https = _free_port(), _free_port()
+    http, https = free_port(), free_port()
     log = (tmp / "proxy.log").open("wb")
     args = [
         sys.executable,

@@ -8,11 +8,11 @@ from pathlib import Path
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from tests.harness import DOMAIN, start_proxy, stop_proxy
+from tests.hostile.wire import RawClient
 
 H = b"Host: " + DOMAIN.encode() + b"\r\n"
 
@@ -66,16 +66,6 @@ FOREIGN = {
 }
 
 
-class _Raw(Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.closed = False
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: object = None) -> None:
-        self.closed = True
 
 
 class HostileRequestTests(TestCase):
@@ -83,14 +73,14 @@ class HostileRequestTests(TestCase):
 
     @inlineCallbacks
     def exchange(self, port: int, payload: bytes, wait: float = 1.0):
-        proto = _Raw()
+        proto = RawClient()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
         proto.transport.write(payload)
         for _ in range(int(wait / 0.02)):
-            if proto.closed:
+            if proto.ended:
                 break
             yield deferLater(reactor, 0.02, lambda: None)
-        if not proto.closed:
+        if not proto.ended:
             proto.transport.abortConnection()
         return proto
 
@@ -114,7 +104,7 @@ class HostileRequestTests(TestCase):
             self.assertTrue(
                 status.startswith(b"4")
                 or status == b"501"  # a transfer coding other than chunked (RFC 9112 6.1)
-                or (status == b"" and proto.closed)
+                or (status == b"" and proto.ended)
                 or (status == b"302" and name in _ACCEPTABLE_PLAIN),
                 f"{name}: {proto.data[:200]!r}",
             )
@@ -136,7 +126,7 @@ class HostileRequestTests(TestCase):
             proto = yield self.exchange(r.http_port, payload)
             status = proto.data[9:12]
             self.assertTrue(
-                status.startswith(b"4") or (not proto.data and proto.closed),
+                status.startswith(b"4") or (not proto.data and proto.ended),
                 f"{name}: {proto.data[:200]!r}",
             )
         self.assertEqual(r.standin.seen, [])

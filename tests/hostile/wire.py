@@ -79,9 +79,13 @@ class Answer:
         return f"{self.status} headers, then {cut} after {len(self.body)} body bytes"
 
 
-class _Raw(Protocol):
+class RawClient(Protocol):
+    """A raw client connection (the suite's one): ``data`` holds all it received; once the
+    connection is over ``ended`` is True and ``closed`` fires."""
+
     def __init__(self) -> None:
         self.data = b""
+        self.ended = False
         self.closed: Deferred[None] = Deferred()
         self.aborted_by_us = False
 
@@ -89,6 +93,7 @@ class _Raw(Protocol):
         self.data += data
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.ended = True
         self.closed.callback(None)
 
 
@@ -96,7 +101,7 @@ class _Raw(Protocol):
 def fetch(port: int, path: str, wait: float = 8.0, host: str = DOMAIN) -> Any:
     """GET `path` over plain HTTP/1.1 with `Connection: close`; an `Answer`, never an error."""
     started = time.monotonic()
-    proto = _Raw()
+    proto = RawClient()
     endpoint = TCP4ClientEndpoint(_global_reactor, "127.0.0.1", port)
     yield connectProtocol(endpoint, proto)
     assert proto.transport is not None
@@ -110,7 +115,7 @@ def fetch(port: int, path: str, wait: float = 8.0, host: str = DOMAIN) -> Any:
     return _parse(proto.data, not proto.aborted_by_us, time.monotonic() - started)
 
 
-def _give_up(proto: _Raw) -> None:
+def _give_up(proto: RawClient) -> None:
     proto.aborted_by_us = True
     assert proto.transport is not None
     proto.transport.abortConnection()  # type: ignore[attr-defined]
@@ -180,4 +185,4 @@ def start_fault_proxy(
     return FaultProxy(service, upstream, http_port, lines)
 
 
-__all__ = ["Answer", "FaultProxy", "fd_table", "fetch", "open_fds", "poll_until", "start_fault_proxy"]
+__all__ = ["Answer", "FaultProxy", "RawClient", "fd_table", "fetch", "open_fds", "poll_until", "start_fault_proxy"]

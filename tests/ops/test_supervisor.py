@@ -27,6 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.certs import issue, loaded, make_ca
 from tests.harness import DOMAIN, TWISTD, proxy_args
+from tests.ports import free_port
 from tests.standin import start_standin
 from trackingproxy.acme.certwatch import CertificateWatcher
 from trackingproxy.acme.filestore import FileStore
@@ -131,10 +132,6 @@ class CertificateWatcherTests(SynchronousTestCase):
 
 
 # -- real processes ---------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _server_pid(server_port: int, client_port: int, pids: list[int]) -> int | None:
@@ -212,7 +209,7 @@ class WorkerProcessTests(TestCase):
     timeout = 60
 
     def spawn(self, args: list[str]) -> tuple[_Collect, int, int]:
-        http, https = _free_port(), _free_port()
+        http, https = free_port(), free_port()
         args[args.index("--http-port") + 1] = f"tcp:{http}:interface=127.0.0.1"
         args[args.index("--https-port") + 1] = f"tcp:{https}:interface=127.0.0.1"
         proto = _Collect()

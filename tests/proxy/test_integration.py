@@ -10,7 +10,6 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
@@ -25,15 +24,8 @@ from tests.harness import (
     openssl,
     openssl_pipeline,
 )
+from tests.hostile.wire import RawClient
 from tests.standin import GIF
-
-
-class _Raw(Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
 
 
 def resumes(port: int, ca_pem: bytes, version: ssl.TLSVersion) -> bool:
@@ -179,7 +171,7 @@ class ProxyTests(ProxyTestCase):
     def test_body_limit(self):
         """A POST declaring more than 64 KiB gets 413 at once and the connection is closed."""
         r = self.start()
-        proto = _Raw()
+        proto = RawClient()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", r.http_port), proto)
         proto.transport.write(
             b"POST /f/x HTTP/1.1\r\nHost: "
@@ -352,7 +344,7 @@ class ProxyTests(ProxyTestCase):
             optionsForClientTLS(DOMAIN, trustRoot=trust),
             TCP4ClientEndpoint(reactor, "127.0.0.1", r.https_port),
         )
-        proto = _Raw()
+        proto = RawClient()
         yield connectProtocol(endpoint, proto)
         request = b"GET /q/%d HTTP/1.1\r\nHost: " + DOMAIN.encode() + b"\r\n\r\n"
         proto.transport.write(request % 1)
@@ -376,7 +368,7 @@ class ProxyTests(ProxyTestCase):
         proto.transport.loseConnection()
 
     @inlineCallbacks
-    def wait_for(self, proto: _Raw, marker: bytes):
+    def wait_for(self, proto: RawClient, marker: bytes):
         for _ in range(200):
             if marker in proto.data:
                 return
@@ -403,7 +395,7 @@ class ProxyTests(ProxyTestCase):
     def test_proxy_protocol(self):
         """Behind haproxy: the PROXY header's source address becomes X-Forwarded-For."""
         r = self.start("--http-port", "haproxy:tcp:0:interface=127.0.0.1")
-        proto = _Raw()
+        proto = RawClient()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", r.http_port), proto)
         proto.transport.write(
             b"PROXY TCP4 203.0.113.9 127.0.0.1 51000 80\r\n"
@@ -430,7 +422,7 @@ class ProxyTests(ProxyTestCase):
     def test_slow_headers_are_cut(self):
         """A client trickling its headers is disconnected after --header-timeout."""
         r = self.start("--header-timeout", "0.5")
-        proto = _Raw()
+        proto = RawClient()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", r.http_port), proto)
         proto.transport.write(b"GET /q/x HTTP/1.1\r\n")
         lost: list[object] = []
@@ -463,7 +455,7 @@ class ProxyTests(ProxyTestCase):
         """`Host: click.example.com ` (trailing space) names the domain (RFC 9110 optional
         white space), and forwarded header values carry no trailing white space."""
         r = self.start()
-        proto = _Raw()
+        proto = RawClient()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", r.http_port), proto)
         proto.transport.write(
             b"GET /q/ows HTTP/1.1\r\nHost: " + DOMAIN.encode() + b" \r\nX-A: b \t\r\n"

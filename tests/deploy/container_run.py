@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 import trustme  # noqa: E402
 from cryptography import x509  # noqa: E402
 
-from tests.acme.conftest import Pebble, _find_pebble, _free_port  # noqa: E402
+from tests.acme.conftest import Pebble, _find_pebble  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 BASE_IMAGE = "debian:bookworm-slim"
 IMAGE = "localhost/trackingproxy:container-test"
@@ -368,7 +369,7 @@ def main(argv: list[str]) -> int:
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", p)) == 0:
                     raise Failed(f"port {p} on this host is in use; the test binds 80 and 443")
-        admin_port = _free_port()
+        admin_port = free_port()
 
         pebble = Pebble(binaries, workdir, http_port=http_port)
         pebble.start()

@@ -33,7 +33,7 @@ from trackingproxy.logs.access import AccessLog
 from trackingproxy.options import Options
 from trackingproxy.proxy.challenges import ChallengeResponder
 from trackingproxy.service import TrackingProxyService, build_service
-from trackingproxy.upstream.http1 import LeanResponse
+from trackingproxy.upstream.http1 import UpstreamResponse
 
 
 @define
@@ -55,17 +55,17 @@ class RecordingUpstream:
     exchange is not what these tests look at)."""
 
     seen: list[Forwarded] = field(factory=list)
-    pending: list[Deferred[LeanResponse]] = field(factory=list)
+    pending: list[Deferred[UpstreamResponse]] = field(factory=list)
 
     def request(
         self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], body: bytes | None
-    ) -> Deferred[LeanResponse]:
+    ) -> Deferred[UpstreamResponse]:
         self.seen.append(Forwarded(method, path, list(headers), body))
-        d: Deferred[LeanResponse] = Deferred()
+        d: Deferred[UpstreamResponse] = Deferred()
         self.pending.append(d)
         return d
 
-    def abandon(self, response: LeanResponse) -> None:
+    def abandon(self, response: UpstreamResponse) -> None:
         pass
 
     def close(self) -> Deferred[None]:

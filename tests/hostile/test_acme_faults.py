@@ -31,7 +31,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.acme.conftest import Pebble, _free_port, pebble_binaries, run_reactor  # noqa: F401
+from tests.acme.conftest import Pebble, pebble_binaries, run_reactor  # noqa: F401
 from tests.acme.pebble_harness import (
     CountingObtainer,
     Harness,
@@ -41,6 +41,7 @@ from tests.acme.pebble_harness import (
     wait_for,
 )
 from tests.hostile.acme_fault_layer import FaultLayer
+from tests.ports import free_port
 from trackingproxy.acme.client import AcmeObtainer
 from trackingproxy.acme.filestore import FileStore, atomic_write
 from trackingproxy.acme.issuer import IssuingService
@@ -68,7 +69,7 @@ def pebble(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Pebble]:
     """One pebble for the module (each test uses its own names and state directory)."""
-    p = Pebble(pebble_binaries, tmp_path_factory.mktemp("pebble"), http_port=_free_port())
+    p = Pebble(pebble_binaries, tmp_path_factory.mktemp("pebble"), http_port=free_port())
     p.start()
     yield p
     p.stop()

@@ -11,7 +11,7 @@ from tests.upstream_standin import MemoryConnector, StaticDNS
 from trackingproxy.upstream.client import UpstreamClient
 from trackingproxy.upstream.dns import CachingResolver
 from trackingproxy.upstream.errors import UpstreamBusy
-from trackingproxy.upstream.http1 import LeanResponse
+from trackingproxy.upstream.http1 import UpstreamResponse
 from trackingproxy.upstream.pool import ConnectionPool
 from trackingproxy.upstream.target import UpstreamTarget
 
@@ -31,7 +31,7 @@ class ConnectionCap(SynchronousTestCase):
         )  # fmt: skip
         self.client = UpstreamClient(self.pool, self.clock, response_timeout=10.0)
 
-    def busy_pair(self) -> list[Deferred[LeanResponse]]:
+    def busy_pair(self) -> list[Deferred[UpstreamResponse]]:
         sent = []
         for path in (b"/a", b"/b"):
             sent.append(self.client.request(b"GET", path, HEADERS, None))

@@ -37,7 +37,7 @@ from tests.hostile.wire import (
     start_fault_proxy,
 )
 from trackingproxy.upstream.errors import UpstreamTimeout
-from trackingproxy.upstream.http1 import MAX_HEAD_BYTES, LeanHTTP11ClientProtocol, UpstreamRequest
+from trackingproxy.upstream.http1 import MAX_HEAD_BYTES, HTTP11ClientConnection, UpstreamRequest
 
 RESULTS = Path(__file__).resolve().parents[2] / "build" / "hostile-results" / "upstream-faults"
 UPSTREAM_TIMEOUT = 1.0
@@ -61,11 +61,11 @@ class _Body:
 
 
 class ClientProtocolLimits(SynchronousTestCase):
-    """LeanHTTP11ClientProtocol against an upstream that floods, stalls or sends trailers."""
+    """HTTP11ClientConnection against an upstream that floods, stalls or sends trailers."""
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.protocol = LeanHTTP11ClientProtocol()
+        self.protocol = HTTP11ClientConnection()
         self.protocol.clock = self.clock
         self.protocol.body_timeout = 10.0
         self.transport = StringTransport()

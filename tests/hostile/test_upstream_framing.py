@@ -17,7 +17,7 @@ from tests.upstream_standin import MemoryConnector, StaticDNS
 from trackingproxy.upstream.client import UpstreamClient
 from trackingproxy.upstream.dns import CachingResolver
 from trackingproxy.upstream.errors import UpstreamError
-from trackingproxy.upstream.http1 import LeanResponse
+from trackingproxy.upstream.http1 import UpstreamResponse
 from trackingproxy.upstream.pool import ConnectionPool
 from trackingproxy.upstream.target import UpstreamTarget
 
@@ -52,18 +52,18 @@ class ResponseBoundaries(SynchronousTestCase):
         self.pool = ConnectionPool(self.clock, target, resolver, self.connector)
         self.client = UpstreamClient(self.pool, self.clock, response_timeout=10.0)
 
-    def _first_then_second(self, method: bytes, answer: bytes) -> tuple[Deferred[LeanResponse], int]:
+    def _first_then_second(self, method: bytes, answer: bytes) -> tuple[Deferred[UpstreamResponse], int]:
         """Send ``method /a``; feed ``answer`` in one read; the reader sends ``GET /b`` when the
         first body ends. Returns the second request's Deferred and the connection count then."""
         d1 = self.client.request(method, b"/a", HEADERS, None)
         self.connector.last.succeed()
         first = self.connector.last
-        second: list[Deferred[LeanResponse]] = []
+        second: list[Deferred[UpstreamResponse]] = []
 
         def send_second() -> None:
             second.append(self.client.request(b"GET", b"/b", HEADERS, None))
 
-        def got(response: LeanResponse) -> None:
+        def got(response: UpstreamResponse) -> None:
             response.deliverBody(_Then(send_second))
 
         d1.addCallback(got)
@@ -73,7 +73,7 @@ class ResponseBoundaries(SynchronousTestCase):
         self.assertFalse(first.transport.connected, "the first connection was not closed")
         return second[0], len(self.connector.attempts)
 
-    def assert_fresh_connection(self, d2: Deferred[LeanResponse], attempts: int) -> None:
+    def assert_fresh_connection(self, d2: Deferred[UpstreamResponse], attempts: int) -> None:
         self.assertEqual(attempts, 2, "the second request reused the connection")
         self.assertNoResult(d2)
         self.connector.last.succeed()

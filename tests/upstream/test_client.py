@@ -25,7 +25,7 @@ from trackingproxy.upstream.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from trackingproxy.upstream.http1 import LeanResponse
+from trackingproxy.upstream.http1 import UpstreamResponse
 from trackingproxy.upstream.pool import ConnectionPool, PooledConnection
 from trackingproxy.upstream.target import UpstreamTarget
 
@@ -55,7 +55,7 @@ class ClientOverPool(SynchronousTestCase):
         self.pool = ConnectionPool(self.clock, target, resolver, self.connector)
         self.client = UpstreamClient(self.pool, self.clock, response_timeout=10.0)
 
-    def send(self, method: bytes = b"GET", path: bytes = b"/", body: bytes | None = None) -> Deferred[LeanResponse]:
+    def send(self, method: bytes = b"GET", path: bytes = b"/", body: bytes | None = None) -> Deferred[UpstreamResponse]:
         attempts = len(self.connector.attempts)
         d = self.client.request(method, path, HEADERS, body)
         if len(self.connector.attempts) > attempts:
@@ -274,7 +274,7 @@ class ScriptedPool:
 class RetryRule(SynchronousTestCase):
     """Retry once, on a fresh connection, only when the request provably was not sent."""
 
-    def run_with(self, *conns: tuple[Exception | None, bool]) -> tuple[ScriptedPool, Deferred[LeanResponse]]:
+    def run_with(self, *conns: tuple[Exception | None, bool]) -> tuple[ScriptedPool, Deferred[UpstreamResponse]]:
         pool = ScriptedPool(*conns)
         client = UpstreamClient(pool, Clock())
         return pool, client.request(b"GET", b"/click", HEADERS, None)

@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from trackingproxy.proxy.forward import Upstream
 from trackingproxy.server.listener import ListenerObserver
 from trackingproxy.upstream.errors import CAUSES, UpstreamError
-from trackingproxy.upstream.http1 import LeanResponse
+from trackingproxy.upstream.http1 import UpstreamResponse
 
 __all__ = [
     "ERROR_CAUSES",
@@ -113,7 +113,7 @@ class InstrumentedUpstream:
 
     def request(
         self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], body: bytes | None
-    ) -> Deferred[LeanResponse]:
+    ) -> Deferred[UpstreamResponse]:
         m = self._metrics
         m.upstream_count += 1
         m.upstream_requests.inc()
@@ -122,10 +122,10 @@ class InstrumentedUpstream:
         d.addCallbacks(self._answered, self._failed, callbackArgs=(started,))
         return d
 
-    def abandon(self, response: LeanResponse) -> None:
+    def abandon(self, response: UpstreamResponse) -> None:
         self._upstream.abandon(response)
 
-    def _answered(self, response: LeanResponse, started: float) -> LeanResponse:
+    def _answered(self, response: UpstreamResponse, started: float) -> UpstreamResponse:
         self._metrics.upstream_latency.observe(self._clock.seconds() - started)
         return response
 

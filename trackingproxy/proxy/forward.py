@@ -17,7 +17,7 @@ from twisted.web.http import PotentialDataLoss
 from trackingproxy.proxy.headers import OUTBOUND_DROP, one_line, outbound_drop
 from trackingproxy.server.exchange import ClientExchange
 from trackingproxy.upstream.errors import UpstreamError, UpstreamReset
-from trackingproxy.upstream.http1 import LeanResponse
+from trackingproxy.upstream.http1 import UpstreamResponse
 
 __all__ = ["SMALL_BODY", "Forward", "Upstream", "plain"]
 
@@ -43,9 +43,9 @@ class Upstream(Protocol):
 
     def request(
         self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], body: bytes | None
-    ) -> Deferred[LeanResponse]: ...
+    ) -> Deferred[UpstreamResponse]: ...
 
-    def abandon(self, response: LeanResponse) -> None: ...
+    def abandon(self, response: UpstreamResponse) -> None: ...
 
 
 class Forward(TwistedProtocol):
@@ -63,12 +63,12 @@ class Forward(TwistedProtocol):
         self._upstream = upstream
         self._host = host
         self._client_gone = False
-        self._response: LeanResponse | None = None
+        self._response: UpstreamResponse | None = None
         self._head: tuple[int, bytes, list[tuple[bytes, bytes]], int | None, bool] | None = None
         self._done = False
         self._producing = False
         self._working = True
-        self.pending: Deferred[LeanResponse] | None = None
+        self.pending: Deferred[UpstreamResponse] | None = None
         exchange.on_lost(self._client_lost)
 
     def _work_over(self) -> None:
@@ -86,7 +86,7 @@ class Forward(TwistedProtocol):
             pending, self.pending = self.pending, None
             pending.cancel()  # withdrawn: never sent if not written yet
 
-    def got_response(self, response: LeanResponse) -> None:
+    def got_response(self, response: UpstreamResponse) -> None:
         self.pending = None
         if self._client_gone:
             response.deliverBody(_Discard())

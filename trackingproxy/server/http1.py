@@ -1,4 +1,4 @@
-"""The lean HTTP/1.1 server connection: requests parsed by httptools (llhttp, in C, strict),
+"""The HTTP/1.1 server connection: requests parsed by httptools (llhttp, in C, strict),
 answered in order (pipelining), with the limits and timeouts of the listener.
 
 - Limits: at most ``MAX_HEADERS`` header fields and ``MAX_HEADER_BYTES`` of names and values

@@ -1,4 +1,4 @@
-"""One HTTP/1.1 request on the lean server connection, and the writer of its answer.
+"""One HTTP/1.1 request on the server connection, and the writer of its answer.
 
 The answer's status line and headers are kept until the first body bytes (or the end), so a
 small answer leaves in one ``transport.write``. Bodies of unknown length are sent chunked to

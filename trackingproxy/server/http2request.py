@@ -1,4 +1,4 @@
-"""One HTTP/2 request (a stream on the lean HTTP/2 server connection) and the writer of its answer.
+"""One HTTP/2 request (a stream on the HTTP/2 server connection) and the writer of its answer.
 
 Like the HTTP/1.1 request (`trackingproxy.server.http1request`), the answer's headers are kept
 until the first body bytes (or the end), so an upstream that fails before its body still lets the

@@ -42,7 +42,7 @@ from trackingproxy.upstream.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from trackingproxy.upstream.http1 import LeanResponse, UpstreamRequest
+from trackingproxy.upstream.http1 import UpstreamRequest, UpstreamResponse
 from trackingproxy.upstream.pool import PooledConnection
 
 RESPONSE_TIMEOUT: Final = 10.0
@@ -80,7 +80,7 @@ class UpstreamClient:
         path: bytes,
         headers: Iterable[tuple[bytes, bytes]],
         body: bytes | None,
-    ) -> Deferred[LeanResponse]:
+    ) -> Deferred[UpstreamResponse]:
         """Send `method path` with exactly `headers`, (name, value) pairs sent in order as
         spelled (they must hold the Host header).
 
@@ -94,7 +94,7 @@ class UpstreamClient:
             return fail(UpstreamProtocolError(f"the request cannot be sent: {e}", e))
         return _Exchange(self, request).start()
 
-    def abandon(self, response: LeanResponse) -> None:
+    def abandon(self, response: UpstreamResponse) -> None:
         """Stop reading `response`'s body: its connection is closed, never reused.
 
         Does nothing if the body has already been read completely (the connection is back in
@@ -134,10 +134,10 @@ class _Exchange:
         self._written = False  # the request has been handed to a connection
         self._conn: PooledConnection | None = None
         self._pending: Deferred[Any] | None = None
-        self._result: Deferred[LeanResponse] = Deferred(self._cancel)
+        self._result: Deferred[UpstreamResponse] = Deferred(self._cancel)
         self._timer: IDelayedCall | None = None
 
-    def start(self) -> Deferred[LeanResponse]:
+    def start(self) -> Deferred[UpstreamResponse]:
         client = self._client
         self._timer = client._clock.callLater(client._timeout, self._timed_out)
         self._attempt(fresh=False)
@@ -164,7 +164,7 @@ class _Exchange:
         self._pending = d
         d.addCallbacks(self._responded, self._failed)
 
-    def _responded(self, response: LeanResponse) -> None:
+    def _responded(self, response: UpstreamResponse) -> None:
         self._pending = None
         if self._withdrawn:
             self._stop_timer()  # the body timeout bounds the rest
@@ -215,7 +215,7 @@ class _Exchange:
             UpstreamTimeout(f"no response headers from the upstream within {seconds:g} s")
         )
 
-    def _cancel(self, _: Deferred[LeanResponse]) -> None:
+    def _cancel(self, _: Deferred[UpstreamResponse]) -> None:
         if self._settled:
             return
         self._settled = True  # Deferred.cancel then fails the result with CancelledError

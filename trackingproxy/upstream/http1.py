@@ -1,8 +1,8 @@
-"""A lean HTTP/1.1 client connection for the upstream leg: one request at a time, the response
+"""The HTTP/1.1 client connection for the upstream leg: one request at a time, the response
 parsed by httptools (llhttp, in C), the request written in one ``write``.
 
 It is a drop-in for the subset of ``twisted.web._newclient.HTTP11ClientProtocol`` the pool and
-the client use: ``request(UpstreamRequest) -> Deferred[LeanResponse]``, the ``state`` attribute
+the client use: ``request(UpstreamRequest) -> Deferred[UpstreamResponse]``, the ``state`` attribute
 (``QUIESCENT`` when reusable), the quiescent callback, and the same failure types
 (``RequestNotSent``, ``ResponseNeverReceived``, ``ResponseFailed`` with a ``ParseError`` for
 garbage), so the retry rule of ``client.py`` keeps its meaning. What it saves per request:
@@ -136,7 +136,7 @@ class _Refused(Exception):
 
 
 @implementer(IResponse)
-class LeanResponse:
+class UpstreamResponse:
     """The response handed to the proxy: status, header fields (``raw_headers``: (name, value)
     pairs as the upstream sent them, in order), and the body on ``deliverBody``."""
 
@@ -210,7 +210,7 @@ class LeanResponse:
 class _BodyProducer(ProxyProducer):
     """The transport as the body reader sees it; pausing it also suspends the body timeout."""
 
-    def __init__(self, transport: Any, owner: LeanHTTP11ClientProtocol) -> None:
+    def __init__(self, transport: Any, owner: HTTP11ClientConnection) -> None:
         super().__init__(transport)
         self._owner = owner
 
@@ -225,7 +225,7 @@ class _BodyProducer(ProxyProducer):
             self._owner._body_paused(False)
 
 
-class LeanHTTP11ClientProtocol(Protocol):
+class HTTP11ClientConnection(Protocol):
     """One persistent upstream connection; see the module docstring."""
 
     def __init__(self, quiescentCallback: Callable[[Any], None] = lambda _: None) -> None:
@@ -233,15 +233,15 @@ class LeanHTTP11ClientProtocol(Protocol):
         self.state = QUIESCENT
         self._parser = httptools.HttpResponseParser(self)
         self._request: UpstreamRequest | None = None
-        self._result: Deferred[LeanResponse] | None = None
-        self._response: LeanResponse | None = None
+        self._result: Deferred[UpstreamResponse] | None = None
+        self._response: UpstreamResponse | None = None
         self._header_list: list[tuple[bytes, bytes]] = []
         self._phrase = b""
         self._received = False
         self._unparsed = 0  # bytes fed since the parser last produced headers or body
         self._interim = 0  # interim (1xx) heads of the current response
         self._head_bytes = bytearray()  # what was read of a HEAD's answer, until its head ends
-        self._completed: LeanResponse | None = None  # complete, in the read being parsed
+        self._completed: UpstreamResponse | None = None  # complete, in the read being parsed
         self._keep = False  # ... and its connection may be reused
         self._surplus = False  # ... and bytes followed it in that read
         # Set by the user before a request: with both, a stalled body fails after body_timeout.
@@ -251,7 +251,7 @@ class LeanHTTP11ClientProtocol(Protocol):
         self._paused = False
 
     # -- sending --------------------------------------------------------------------------
-    def request(self, request: UpstreamRequest) -> Deferred[LeanResponse]:
+    def request(self, request: UpstreamRequest) -> Deferred[UpstreamResponse]:
         transport = self.transport
         if self.state != QUIESCENT or transport is None:
             return fail(RequestNotSent())
@@ -267,7 +267,7 @@ class LeanHTTP11ClientProtocol(Protocol):
         transport.write(request.wire)
         return self._result
 
-    def _cancel(self, _: Deferred[LeanResponse]) -> None:
+    def _cancel(self, _: Deferred[UpstreamResponse]) -> None:
         self._result = None
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
@@ -373,7 +373,7 @@ class LeanHTTP11ClientProtocol(Protocol):
             length = 0
         # A HEAD response keeps the length its GET would have (RFC 9110 9.3.2); it has no
         # body either way: the message ends at its head (see _HeadDone).
-        response = LeanResponse(
+        response = UpstreamResponse(
             code, phrase, header_list, length, _BodyProducer(self.transport, self), request
         )
         self._response = response

@@ -58,7 +58,7 @@ from trackingproxy.upstream.errors import (
     UpstreamError,
     UpstreamTLSFailed,
 )
-from trackingproxy.upstream.http1 import LeanHTTP11ClientProtocol
+from trackingproxy.upstream.http1 import HTTP11ClientConnection
 from trackingproxy.upstream.target import UpstreamTarget
 
 MAX_IDLE: Final = 64
@@ -104,7 +104,7 @@ class _SystemPlusBundle:
 
 
 @implementer(IHandshakeListener)
-class UpstreamProtocol(LeanHTTP11ClientProtocol):
+class UpstreamProtocol(HTTP11ClientConnection):
     """An HTTP/1.1 client connection that reports readiness (after TLS) and loss to its pool."""
 
     def __init__(self, tls: bool, on_quiescent: Callable[[], None], on_lost: Callable[[], None]):
@@ -127,7 +127,7 @@ class UpstreamProtocol(LeanHTTP11ClientProtocol):
             self.ready.callback(self)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        LeanHTTP11ClientProtocol.connectionLost(self, reason)
+        HTTP11ClientConnection.connectionLost(self, reason)
         if not self.ready.called:
             self.ready.errback(reason)
         self._on_lost()

@@ -114,6 +114,18 @@ def start_proxy(
     )
 
 
+def start_proxy_for(case: Any, *extra: str) -> tuple[Running, str]:
+    """``start_proxy`` in a fresh temporary directory of the trial test ``case``, stopped when
+    it ends; returns the proxy and the path of a PEM file of its CA (for TLS clients)."""
+    tmp = Path(case.mktemp())
+    tmp.mkdir(parents=True)
+    running = start_proxy(tmp, *extra)
+    case.addCleanup(stop_proxy, running)
+    ca_file = str(tmp / "client-ca.pem")
+    running.ca.cert_pem.write_to_path(ca_file)
+    return running, ca_file
+
+
 @inlineCallbacks
 def stop_proxy(running: Running) -> Any:
     yield running.service.stopService()

@@ -353,6 +353,46 @@ class MemoryConnector:
         return self.attempts[-1]
 
 
+class Collect(Protocol):
+    """Reads a response body: ``data`` so far, and the reason it ended."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.reason: Failure | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
+        self.reason = reason
+
+
+@define
+class MemoryUpstream:
+    """The real upstream client and pool over in-memory connections to ``upstream.test``
+    (192.0.2.1): the test decides how each connection attempt ends (``connector``)."""
+
+    clock: Any
+    connector: MemoryConnector
+    pool: Any  # trackingproxy.upstream.pool.ConnectionPool
+    client: Any  # trackingproxy.upstream.client.UpstreamClient
+
+
+def memory_upstream(clock: Any, **pool_options: Any) -> MemoryUpstream:
+    """A `MemoryUpstream` on ``clock`` (response timeout 10 s; ``pool_options`` go to the
+    pool, e.g. ``max_connections``)."""
+    from trackingproxy.upstream.client import UpstreamClient
+    from trackingproxy.upstream.dns import CachingResolver
+    from trackingproxy.upstream.pool import ConnectionPool
+    from trackingproxy.upstream.target import UpstreamTarget
+
+    connector = MemoryConnector()
+    target = UpstreamTarget("http", "upstream.test", 80)
+    resolver = CachingResolver(StaticDNS({"upstream.test": ["192.0.2.1"]}), clock)
+    pool = ConnectionPool(clock, target, resolver, connector, **pool_options)
+    return MemoryUpstream(clock, connector, pool, UpstreamClient(pool, clock, response_timeout=10.0))
+
+
 async def wait_until(clock: Any, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     """Poll `predicate` every 10 ms of real time until it holds (or raise after `timeout`)."""
     waited = 0.0
@@ -365,13 +405,16 @@ async def wait_until(clock: Any, predicate: Callable[[], bool], timeout: float =
 
 __all__ = [
     "Attempt",
+    "Collect",
     "MemoryConnector",
+    "MemoryUpstream",
     "SeenRequest",
     "StaticDNS",
     "UpstreamStandIn",
     "big_body",
     "close_after",
     "echo",
+    "memory_upstream",
     "read_body",
     "reset",
     "stall",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 
-from attrs import define
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -13,27 +12,17 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
+from tests.admin.fakes import FakeRequest
 from trackingproxy.acme.issuer import IssuingService
 from trackingproxy.acme.obtainer import ObtainFailed
 from trackingproxy.acme.testing import FakeObtainer, FixedRandom, MemoryStore, self_signed
 from trackingproxy.admin.metrics import ERROR_CAUSES, ProxyMetrics
-from trackingproxy.server.exchange import Outcome
 from trackingproxy.tls.sni import SNIContextMap
 from trackingproxy.upstream.errors import UpstreamTimeout, UpstreamTLSFailed
 
 A, B = "a.example.com", "b.example.com"
 
 
-@define
-class FakeRequest:
-    uri: bytes
-    code: int = 200
-    host: str = "-"
-    clientproto: bytes = b"HTTP/1.1"
-
-    @property
-    def outcome(self) -> Outcome:
-        return Outcome(host=self.host)
 
 
 class FakeUpstream:

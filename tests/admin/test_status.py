@@ -14,6 +14,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.admin.fakes import FakeRequest
 from trackingproxy.acme.issuer import RenewalState
 from trackingproxy.acme.testing import self_signed
 from trackingproxy.admin.collector import StatusCollector
@@ -21,7 +22,6 @@ from trackingproxy.admin.metrics import ProxyMetrics
 from trackingproxy.admin.page import render_page
 from trackingproxy.admin.resources import admin_resource
 from trackingproxy.admin.status import RateTracker, StatusSource
-from trackingproxy.server.exchange import Outcome
 from trackingproxy.tls.certificates import LoadedCertificate
 
 A, B, C = "a.example.com", "b.example.com", "c.example.com"
@@ -62,16 +62,6 @@ class FakeListener:
     port: Any = None  # a FakePort, or None: not listening
 
 
-@define
-class FakeRequest:
-    uri: bytes
-    code: int = 200
-    host: str = "-"
-    clientproto: bytes = b"HTTP/1.1"
-
-    @property
-    def outcome(self) -> Outcome:
-        return Outcome(host=self.host)
 
 
 def state(

@@ -24,16 +24,11 @@ from typing import Any
 import h11
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from tests.server.test_http1 import _connect, _Server
-from tests.upstream_standin import MemoryConnector, StaticDNS
-from trackingproxy.upstream.client import UpstreamClient
-from trackingproxy.upstream.dns import CachingResolver
-from trackingproxy.upstream.pool import ConnectionPool
-from trackingproxy.upstream.target import UpstreamTarget
+from tests.upstream_standin import Collect, memory_upstream
 
 SCALE = max(1, int(os.environ.get("TP_PROPERTY_SCALE", "1")))
 HOST = b"click.example.com"
@@ -198,16 +193,6 @@ def _response(draw: Any) -> tuple[bytes, bytes]:
     return method, head + payload + after
 
 
-class _Body(Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.reason: Failure | None = None
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        self.reason = reason
 
 
 def _h11_response(method: bytes, data: bytes, closed: bool) -> tuple[Any, bool]:
@@ -252,17 +237,13 @@ def test_upstream_leg_reads_what_h11_reads(exchange: tuple[bytes, bytes], cuts: 
     """The delivered response is h11's first response; the connection is pooled only when
     h11 sees that one response, complete, with nothing after it and keep-alive allowed."""
     method, data = exchange
-    clock = Clock()
-    connector = MemoryConnector()
-    target = UpstreamTarget("http", "upstream.test", 80)
-    resolver = CachingResolver(StaticDNS({"upstream.test": ["192.0.2.1"]}), clock)
-    pool = ConnectionPool(clock, target, resolver, connector)
-    client = UpstreamClient(pool, clock, response_timeout=10.0)
+    upstream = memory_upstream(Clock())
+    connector, pool, client = upstream.connector, upstream.pool, upstream.client
     d = client.request(method, b"/", [(b"host", HOST)], None)
     wire = connector.last.succeed()
     results: list[Any] = []
     d.addBoth(results.append)
-    body = _Body()
+    body = Collect()
     for part in _split(data, cuts):
         if wire.connected:
             wire.protocol.dataReceived(part)

@@ -22,7 +22,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.harness import DOMAIN, start_proxy, stop_proxy
+from tests.harness import DOMAIN, start_proxy_for
 from tests.hostile.h2client import Request, exchange
 from tests.server.test_http2 import _frames, _Peer, _Server
 from trackingproxy.server.http2 import ENHANCE_YOUR_CALM, H2ServerBase
@@ -141,12 +141,7 @@ class _PingFloodCases:
     assertGreater: Any
 
     def setUp(self) -> None:
-        tmp = Path(self.mktemp())
-        tmp.mkdir(parents=True)
-        self.running = start_proxy(tmp, "--http2-engine", self.engine)
-        self.addCleanup(stop_proxy, self.running)
-        self.ca_file = str(tmp / "client-ca.pem")
-        self.running.ca.cert_pem.write_to_path(self.ca_file)
+        self.running, self.ca_file = start_proxy_for(self, "--http2-engine", self.engine)
 
     @inlineCallbacks
     def test_ping_flood_from_a_client_that_never_reads_stays_bounded(self) -> Any:

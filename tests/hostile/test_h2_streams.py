@@ -6,7 +6,6 @@ characters in field values, and a :path with a space or a control character, res
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import h2.events as ev
@@ -15,7 +14,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.harness import DOMAIN, start_proxy, stop_proxy
+from tests.harness import DOMAIN, start_proxy_for
 from tests.hostile.h2client import Request, exchange
 from tests.server.test_http2 import _Peer, _request, _Server
 from trackingproxy.server.http2 import H2ServerBase
@@ -233,12 +232,7 @@ class _RealProxyCases:
     assertEqual: Any
 
     def setUp(self) -> None:
-        tmp = Path(self.mktemp())
-        tmp.mkdir(parents=True)
-        self.running = start_proxy(tmp, "--http2-engine", self.engine)
-        self.addCleanup(stop_proxy, self.running)
-        self.ca_file = str(tmp / "client-ca.pem")
-        self.running.ca.cert_pem.write_to_path(self.ca_file)
+        self.running, self.ca_file = start_proxy_for(self, "--http2-engine", self.engine)
 
     @inlineCallbacks
     def test_bad_characters_are_reset_and_never_forwarded(self) -> Any:

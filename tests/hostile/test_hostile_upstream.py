@@ -29,11 +29,9 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
 from tests.hostile.memory import MemoryProxy, build_memory_proxy
-from tests.upstream_standin import MemoryConnector, StaticDNS
+from tests.upstream_standin import MemoryConnector, memory_upstream
 from trackingproxy.upstream.client import UpstreamClient
-from trackingproxy.upstream.dns import CachingResolver
 from trackingproxy.upstream.pool import ConnectionPool
-from trackingproxy.upstream.target import UpstreamTarget
 
 SCALE = max(1, int(os.environ.get("TP_PROPERTY_SCALE", "1")))
 DOMAIN = "click.example.com"
@@ -118,11 +116,8 @@ class _Swappable:
         self.fresh()
 
     def fresh(self) -> None:
-        self.connector = MemoryConnector()
-        target = UpstreamTarget("http", "upstream.test", 80)
-        resolver = CachingResolver(StaticDNS({"upstream.test": ["192.0.2.1"]}), self.reactor)
-        self.pool = ConnectionPool(self.reactor, target, resolver, self.connector)
-        self.client = UpstreamClient(self.pool, self.reactor, response_timeout=10.0)
+        upstream = memory_upstream(self.reactor)
+        self.connector, self.pool, self.client = upstream.connector, upstream.pool, upstream.client
 
     def request(self, *args: Any) -> Any:
         return self.client.request(*args)

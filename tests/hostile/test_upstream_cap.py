@@ -7,13 +7,9 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.upstream_standin import MemoryConnector, StaticDNS
-from trackingproxy.upstream.client import UpstreamClient
-from trackingproxy.upstream.dns import CachingResolver
+from tests.upstream_standin import memory_upstream
 from trackingproxy.upstream.errors import UpstreamBusy
 from trackingproxy.upstream.http1 import UpstreamResponse
-from trackingproxy.upstream.pool import ConnectionPool
-from trackingproxy.upstream.target import UpstreamTarget
 
 HEADERS = [(b"host", b"click.example.com")]
 OK = b"HTTP/1.1 204 No Content\r\n\r\n"
@@ -22,14 +18,8 @@ OK = b"HTTP/1.1 204 No Content\r\n\r\n"
 class ConnectionCap(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.connector = MemoryConnector()
-        target = UpstreamTarget("http", "upstream.test", 80)
-        resolver = CachingResolver(StaticDNS({"upstream.test": ["192.0.2.1"]}), self.clock)
-        self.pool = ConnectionPool(
-            self.clock, target, resolver, self.connector,
-            max_connections=2, queue_timeout=3.0, max_waiting=2,
-        )  # fmt: skip
-        self.client = UpstreamClient(self.pool, self.clock, response_timeout=10.0)
+        upstream = memory_upstream(self.clock, max_connections=2, queue_timeout=3.0, max_waiting=2)
+        self.connector, self.pool, self.client = upstream.connector, upstream.pool, upstream.client
 
     def busy_pair(self) -> list[Deferred[UpstreamResponse]]:
         sent = []

@@ -13,13 +13,9 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.upstream_standin import MemoryConnector, StaticDNS
-from trackingproxy.upstream.client import UpstreamClient
-from trackingproxy.upstream.dns import CachingResolver
+from tests.upstream_standin import memory_upstream
 from trackingproxy.upstream.errors import UpstreamError
 from trackingproxy.upstream.http1 import UpstreamResponse
-from trackingproxy.upstream.pool import ConnectionPool
-from trackingproxy.upstream.target import UpstreamTarget
 
 HEADERS = [(b"host", b"click.example.com")]
 EVIL = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Evil: 1\r\n\r\nEVIL!"
@@ -46,11 +42,8 @@ class ResponseBoundaries(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.connector = MemoryConnector()
-        target = UpstreamTarget("http", "upstream.test", 80)
-        resolver = CachingResolver(StaticDNS({"upstream.test": ["192.0.2.1"]}), self.clock)
-        self.pool = ConnectionPool(self.clock, target, resolver, self.connector)
-        self.client = UpstreamClient(self.pool, self.clock, response_timeout=10.0)
+        upstream = memory_upstream(self.clock)
+        self.connector, self.pool, self.client = upstream.connector, upstream.pool, upstream.client
 
     def _first_then_second(self, method: bytes, answer: bytes) -> tuple[Deferred[UpstreamResponse], int]:
         """Send ``method /a``; feed ``answer`` in one read; the reader sends ``GET /b`` when the

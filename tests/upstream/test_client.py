@@ -6,7 +6,6 @@ from typing import Any, cast
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -17,31 +16,19 @@ from twisted.web._newclient import (
     ResponseNeverReceived,
 )
 
-from tests.upstream_standin import MemoryConnector, StaticDNS
+from tests.upstream_standin import Collect, memory_upstream
 from trackingproxy.upstream.client import UpstreamClient
-from trackingproxy.upstream.dns import CachingResolver
 from trackingproxy.upstream.errors import (
     UpstreamError,
     UpstreamReset,
     UpstreamTimeout,
 )
 from trackingproxy.upstream.http1 import UpstreamResponse
-from trackingproxy.upstream.pool import ConnectionPool, PooledConnection
-from trackingproxy.upstream.target import UpstreamTarget
+from trackingproxy.upstream.pool import PooledConnection
 
 HEADERS = [(b"host", b"click.example.com"), (b"x-a", b"1")]
 
 
-class Collect(Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-        self.reason: Failure | None = None
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        self.reason = reason
 
 
 class ClientOverPool(SynchronousTestCase):
@@ -49,11 +36,8 @@ class ClientOverPool(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.connector = MemoryConnector()
-        target = UpstreamTarget("http", "upstream.test", 80)
-        resolver = CachingResolver(StaticDNS({"upstream.test": ["192.0.2.1"]}), self.clock)
-        self.pool = ConnectionPool(self.clock, target, resolver, self.connector)
-        self.client = UpstreamClient(self.pool, self.clock, response_timeout=10.0)
+        upstream = memory_upstream(self.clock)
+        self.connector, self.pool, self.client = upstream.connector, upstream.pool, upstream.client
 
     def send(self, method: bytes = b"GET", path: bytes = b"/", body: bytes | None = None) -> Deferred[UpstreamResponse]:
         attempts = len(self.connector.attempts)

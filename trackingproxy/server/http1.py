@@ -77,7 +77,6 @@ _RAW_HEAD_LIMIT = MAX_HEADER_BYTES + MAX_TARGET + 8192
 # A chunk-size line with a long extension (llhttp skips extensions without a limit).
 _LONG_CHUNK_EXT = re.compile(rb"\n[0-9A-Fa-f]+[ \t]*;[^\r\n]{1024}")
 _CHUNK_TAIL = 2048  # bytes of the previous reads kept to find an extension split across them
-_LINGER_STATUSES = frozenset({400, 408, 413, 414, 431, 501, 505})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 _TEXT = [(b"Content-Type", b"text/plain; charset=utf-8"), (b"Cache-Control", b"no-store")]

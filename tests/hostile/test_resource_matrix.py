@@ -205,6 +205,14 @@ class _Matrix(_Base):
         return result
 
 
+def _all_cut_in_time(case: Any, endings: Any) -> None:
+    """Every slow client got its 408 within ANSWER_LIMIT of its head, and its connection ended."""
+    summary = _summary(endings)
+    case.assertEqual([e.status for e in endings], [408] * SLOW_CLIENTS, summary)
+    case.assertLess(max(e.answered_after or 99 for e in endings), ANSWER_LIMIT, summary)
+    case.assertNotIn(None, [e.closed_after for e in endings], summary)
+
+
 def _summary(endings: list[raw.Ending]) -> str:
     """One line for the slow and idle clients: statuses, how soon answered and closed."""
     answered = [e.answered_after for e in endings if e.answered_after is not None]
@@ -256,10 +264,7 @@ class HTTP1Matrix(_Matrix, TestCase):
             "h1 slow bodies", SMALL_RSS_MIB, raw.slow_bodies_h1,
             self.running.http_port, SLOW_CLIENTS, ATTACK_SECONDS + 1,
         )  # fmt: skip
-        summary = _summary(endings)
-        self.assertEqual([e.status for e in endings], [408] * SLOW_CLIENTS, summary)
-        self.assertLess(max(e.answered_after or 99 for e in endings), ANSWER_LIMIT, summary)
-        self.assertNotIn(None, [e.closed_after for e in endings], summary)
+        _all_cut_in_time(self, endings)
 
     @inlineCallbacks
     def test_aborts_plain(self) -> Any:
@@ -344,10 +349,7 @@ class _H2Cells(_Matrix):
             f"h2 {self.engine} slow bodies", SMALL_RSS_MIB, raw.slow_bodies_h2,
             self.running.https_port, self.ca_file, SLOW_CLIENTS, ATTACK_SECONDS + 2,
         )  # fmt: skip
-        summary = _summary(endings)
-        self.assertEqual([e.status for e in endings], [408] * SLOW_CLIENTS, summary)
-        self.assertLess(max(e.answered_after or 99 for e in endings), ANSWER_LIMIT, summary)
-        self.assertNotIn(None, [e.closed_after for e in endings], summary)
+        _all_cut_in_time(self, endings)
 
     @inlineCallbacks
     def test_aborts(self) -> Any:

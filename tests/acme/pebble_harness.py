@@ -21,13 +21,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from trackingproxy.acme.client import AcmeObtainer
-from trackingproxy.acme.filestore import FileStore
 from trackingproxy.acme.issuer import IssuingService
 from trackingproxy.acme.obtainer import ObtainRequest
 from trackingproxy.acme.responder import HTTP01Responder
-from trackingproxy.acme.store import AriWindow
 from trackingproxy.acme.testing import LogCapture
 from trackingproxy.proxy.challenges import ChallengeResponder
+from trackingproxy.store.contract import AriWindow
+from trackingproxy.store.files import FileStore
 from trackingproxy.tls.sni import SNIContextMap
 
 

@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from trackingproxy.acme.account import AccountManager
-from trackingproxy.acme.filestore import FileStore
+from trackingproxy.store.files import FileStore
 
 URL = "https://ca.example/dir"
 DIRECTORY = messages.Directory({

@@ -11,14 +11,14 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from trackingproxy.acme.issuer import IssuingService
 from trackingproxy.acme.obtainer import ObtainFailed, ObtainRequest
-from trackingproxy.acme.store import AriWindow, PendingOrder, StoredCertificate
 from trackingproxy.acme.testing import (
     FakeObtainer,
     FixedRandom,
     LogCapture,
-    MemoryStore,
     self_signed,
 )
+from trackingproxy.store.contract import AriWindow, PendingOrder, StoredCertificate
+from trackingproxy.store.memory import MemoryStore
 from trackingproxy.tls.certificates import PrivateKey
 from trackingproxy.tls.sni import SNIContextMap
 

@@ -15,8 +15,8 @@ from trackingproxy.acme.schedule import (
     parse_retry_after,
     renewal_time,
 )
-from trackingproxy.acme.store import AriWindow
 from trackingproxy.acme.testing import FixedRandom
+from trackingproxy.store.contract import AriWindow
 
 T0 = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
 DAY = datetime.timedelta(days=1)

@@ -15,16 +15,16 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from trackingproxy.acme.client import _DaemonThreadPool
-from trackingproxy.acme.filestore import FileStore
 from trackingproxy.acme.issuer import IssuingService
-from trackingproxy.acme.store import CertificateStore, PendingOrder, StoredCertificate
 from trackingproxy.acme.testing import (
     FakeObtainer,
     FixedRandom,
     LogCapture,
-    MemoryStore,
     self_signed,
 )
+from trackingproxy.store.contract import CertificateStore, PendingOrder, StoredCertificate
+from trackingproxy.store.files import FileStore
+from trackingproxy.store.memory import MemoryStore
 from trackingproxy.tls.certificates import PrivateKey
 from trackingproxy.tls.sni import SNIContextMap
 

@@ -15,8 +15,9 @@ from twisted.web.http_headers import Headers
 from tests.admin.fakes import FakeRequest
 from trackingproxy.acme.issuer import IssuingService
 from trackingproxy.acme.obtainer import ObtainFailed
-from trackingproxy.acme.testing import FakeObtainer, FixedRandom, MemoryStore, self_signed
+from trackingproxy.acme.testing import FakeObtainer, FixedRandom, self_signed
 from trackingproxy.admin.metrics import ERROR_CAUSES, ProxyMetrics
+from trackingproxy.store.memory import MemoryStore
 from trackingproxy.tls.sni import SNIContextMap
 from trackingproxy.upstream.errors import UpstreamTimeout, UpstreamTLSFailed
 

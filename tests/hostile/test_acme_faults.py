@@ -43,18 +43,18 @@ from tests.acme.pebble_harness import (
 from tests.hostile.acme_fault_layer import FaultLayer
 from tests.ports import free_port
 from trackingproxy.acme.client import AcmeObtainer
-from trackingproxy.acme.filestore import FileStore, atomic_write
 from trackingproxy.acme.issuer import IssuingService
 from trackingproxy.acme.obtainer import ObtainFailed
 from trackingproxy.acme.responder import HTTP01Responder
-from trackingproxy.acme.store import Lock
 from trackingproxy.acme.testing import (
     FakeObtainer,
     FixedRandom,
     LogCapture,
-    MemoryStore,
     self_signed,
 )
+from trackingproxy.store.contract import Lock
+from trackingproxy.store.files import FileStore, atomic_write
+from trackingproxy.store.memory import MemoryStore
 from trackingproxy.tls.certificates import LoadedCertificate, parse_pem
 from trackingproxy.tls.sni import SNIContextMap
 

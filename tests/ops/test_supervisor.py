@@ -30,12 +30,12 @@ from tests.harness import DOMAIN, TWISTD, proxy_args
 from tests.ports import free_port
 from tests.standin import start_standin
 from trackingproxy.acme.certwatch import CertificateWatcher
-from trackingproxy.acme.filestore import FileStore
-from trackingproxy.acme.store import StoredCertificate
 from trackingproxy.config import config_from_options, parse_workers
 from trackingproxy.errors import ConfigError
 from trackingproxy.ops.supervisor import SharedListeners, _WholeLines, parse_listen
 from trackingproxy.options import Options
+from trackingproxy.store.contract import StoredCertificate
+from trackingproxy.store.files import FileStore
 from trackingproxy.tls.sni import SNIContextMap
 
 ROOT = Path(__file__).resolve().parent.parent

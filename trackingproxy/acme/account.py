@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from trackingproxy.acme.problems import RegistrationFailed
-from trackingproxy.acme.store import AccountRecord, CertificateStore, Lock
+from trackingproxy.store.contract import AccountRecord, CertificateStore, Lock
 
 __all__ = ["Account", "AccountManager"]
 

@@ -24,7 +24,6 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from trackingproxy.acme.filestore import FileStore
 from trackingproxy.acme.responder import HTTP01Responder
 from trackingproxy.acme.settings import (
     AcmeParts,
@@ -32,8 +31,9 @@ from trackingproxy.acme.settings import (
     ResponderService,
     choose_state_dir,
 )
-from trackingproxy.acme.store import StoredCertificate
 from trackingproxy.proxy.challenges import NoChallenges
+from trackingproxy.store.contract import StoredCertificate
+from trackingproxy.store.files import FileStore
 from trackingproxy.tls.sni import SNIContextMap
 
 __all__ = ["WATCH_INTERVAL", "CertificateWatcher", "build_worker_acme"]

@@ -39,7 +39,7 @@ from trackingproxy.acme.obtainer import ObtainFailed, ObtainRequest
 from trackingproxy.acme.problems import explain, problem_code
 from trackingproxy.acme.responder import HTTP01Responder
 from trackingproxy.acme.schedule import parse_retry_after
-from trackingproxy.acme.store import (
+from trackingproxy.store.contract import (
     AriWindow,
     CertificateStore,
     PendingOrder,

@@ -29,7 +29,8 @@ from twisted.python.failure import Failure
 from trackingproxy.acme.locks import LockKeeper
 from trackingproxy.acme.obtainer import Obtainer, ObtainFailed, ObtainRequest
 from trackingproxy.acme.schedule import jittered, next_attempt, renewal_time
-from trackingproxy.acme.store import (
+from trackingproxy.errors import ConfigError
+from trackingproxy.store.contract import (
     AriWindow,
     CertificateStore,
     Lock,
@@ -37,7 +38,6 @@ from trackingproxy.acme.store import (
     PendingOrder,
     StoredCertificate,
 )
-from trackingproxy.errors import ConfigError
 from trackingproxy.tls.certificates import LoadedCertificate, PrivateKey, parse_pem
 from trackingproxy.tls.sni import SNIContextMap
 

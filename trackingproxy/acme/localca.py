@@ -18,9 +18,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from trackingproxy.acme.filestore import atomic_write, ensure_private_dir
 from trackingproxy.acme.obtainer import ObtainFailed, ObtainRequest
-from trackingproxy.acme.store import AriWindow
+from trackingproxy.store.contract import AriWindow
+from trackingproxy.store.files import atomic_write, ensure_private_dir
 
 __all__ = ["LocalCA"]
 

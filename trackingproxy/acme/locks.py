@@ -12,7 +12,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from trackingproxy.acme.store import CertificateStore, Lock, LockLost
+from trackingproxy.store.contract import CertificateStore, Lock, LockLost
 
 __all__ = ["LockKeeper"]
 

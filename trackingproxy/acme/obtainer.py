@@ -14,7 +14,7 @@ from typing import Protocol
 from attrs import frozen
 from twisted.internet.defer import Deferred
 
-from trackingproxy.acme.store import AriWindow, PendingOrder
+from trackingproxy.store.contract import AriWindow, PendingOrder
 from trackingproxy.tls.certificates import PrivateKey
 
 __all__ = ["ObtainFailed", "ObtainRequest", "Obtainer"]

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from trackingproxy.acme.filestore import atomic_write, ensure_private_dir
+from trackingproxy.store.files import atomic_write, ensure_private_dir
 
 __all__ = ["HTTP01Responder", "valid_token"]
 

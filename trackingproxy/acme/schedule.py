@@ -9,7 +9,7 @@ import datetime
 import email.utils
 import random
 
-from trackingproxy.acme.store import AriWindow
+from trackingproxy.store.contract import AriWindow
 
 __all__ = [
     "BACKOFF_MAX",

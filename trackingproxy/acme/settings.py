@@ -24,13 +24,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from trackingproxy.acme.client import AcmeObtainer
-from trackingproxy.acme.filestore import FileStore, ensure_private_dir
 from trackingproxy.acme.issuer import IssuingService
 from trackingproxy.acme.localca import LocalCA
 from trackingproxy.acme.obtainer import Obtainer
 from trackingproxy.acme.responder import HTTP01Responder
 from trackingproxy.errors import ConfigError
 from trackingproxy.proxy.challenges import ChallengeResponder, NoChallenges
+from trackingproxy.store.files import FileStore, ensure_private_dir
 from trackingproxy.tls.certificates import PrivateKey
 from trackingproxy.tls.sni import SNIContextMap
 

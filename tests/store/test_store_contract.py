@@ -13,8 +13,8 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from trackingproxy.acme.filestore import FileStore
-from trackingproxy.acme.store import (
+from trackingproxy.acme.testing import LogCapture, self_signed
+from trackingproxy.store.contract import (
     AccountRecord,
     AriWindow,
     CertificateStore,
@@ -22,7 +22,8 @@ from trackingproxy.acme.store import (
     PendingOrder,
     StoredCertificate,
 )
-from trackingproxy.acme.testing import LogCapture, MemoryStore, self_signed
+from trackingproxy.store.files import FileStore
+from trackingproxy.store.memory import MemoryStore
 
 NOW = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
 DAY = datetime.timedelta(days=1)

@@ -4,7 +4,7 @@ The store is the single source of truth shared by every process (and, later, eve
 pointed at one state directory: per ACME directory the account key and registration, per
 domain the private key, the full chain, metadata (ARI window, last error) and a resumable
 order, plus a per-name lock with an owner token and an expiry. Implementations:
-``trackingproxy.acme.filestore.FileStore`` (the state directory) and
+``trackingproxy.store.files.FileStore`` (the state directory) and
 ``trackingproxy.acme.testing.MemoryStore`` (tests).
 """
 

@@ -35,7 +35,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from trackingproxy.acme.store import (
+from trackingproxy.errors import ConfigError
+from trackingproxy.store.contract import (
     AccountRecord,
     AriWindow,
     Lock,
@@ -43,7 +44,6 @@ from trackingproxy.acme.store import (
     PendingOrder,
     StoredCertificate,
 )
-from trackingproxy.errors import ConfigError
 from trackingproxy.tls.certificates import parse_pem
 
 __all__ = ["FileStore", "atomic_write", "ensure_private_dir"]

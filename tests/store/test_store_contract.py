@@ -1,4 +1,8 @@
-"""The certificate store contract, run against the file store and the memory store."""
+"""The certificate store contract, run against the memory, file and Redis stores.
+
+Time moves through ``advance``: the memory and file stores read the test's Clock; for Redis the
+remaining PTTL of every key is shortened instead (expiry runs on Redis's own clock).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,12 @@ import stat
 import tempfile
 from pathlib import Path
 
+import pytest
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.redis_server import RedisServer
 from trackingproxy.acme.testing import LogCapture, self_signed
 from trackingproxy.store.contract import (
     AccountRecord,
@@ -24,6 +30,7 @@ from trackingproxy.store.contract import (
 )
 from trackingproxy.store.files import FileStore
 from trackingproxy.store.memory import MemoryStore
+from trackingproxy.store.redis import RedisStore, synchronous
 
 NOW = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
 DAY = datetime.timedelta(days=1)
@@ -35,6 +42,14 @@ class StoreContract:
     clock: Clock
 
     def make_store(self) -> CertificateStore:
+        raise NotImplementedError
+
+    def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass for the store's locks."""
+        self.clock.advance(seconds)
+
+    def set_stored_fence(self, name: str, fence: int) -> None:
+        """Make the data stored for ``name`` look written by a holder with ``fence``."""
         raise NotImplementedError
 
     def setUp(self) -> None:
@@ -70,7 +85,7 @@ class StoreContract:
         assert first is not None
         t.assertIsNone(t.successResultOf(self.store.acquire("a.example.com", 60)))
         t.assertIsNotNone(t.successResultOf(self.store.acquire("b.example.com", 60)))
-        self.clock.advance(61)
+        self.advance(61)
         second = t.successResultOf(self.store.acquire("a.example.com", 60))
         assert second is not None
         t.assertNotEqual(first.token, second.token)
@@ -80,7 +95,7 @@ class StoreContract:
         t: SynchronousTestCase = self  # type: ignore[assignment]
         first = t.successResultOf(self.store.acquire("a.example.com", 60))
         assert first is not None
-        self.clock.advance(61)
+        self.advance(61)
         cert = self_signed("a.example.com", NOW, NOW + 90 * DAY)
         t.failureResultOf(self.store.save(first, StoredCertificate(cert)), LockLost)
         second = t.successResultOf(self.store.acquire("a.example.com", 60))
@@ -97,9 +112,9 @@ class StoreContract:
         t: SynchronousTestCase = self  # type: ignore[assignment]
         lock = t.successResultOf(self.store.acquire("a.example.com", 60))
         assert lock is not None
-        self.clock.advance(50)
+        self.advance(50)
         lock = t.successResultOf(self.store.refresh(lock, 60))
-        self.clock.advance(50)
+        self.advance(50)
         t.assertIsNone(t.successResultOf(self.store.acquire("a.example.com", 60)))
         t.successResultOf(self.store.release(lock))
         other = t.successResultOf(self.store.acquire("a.example.com", 60))
@@ -151,10 +166,135 @@ class StoreContract:
         t: SynchronousTestCase = self  # type: ignore[assignment]
         t.successResultOf(self.store.record_error("a.example.com", "boom", NOW))
 
+    def test_fences_grow(self) -> None:
+        """Every acquisition of a name gets a fence above all earlier ones (release, expiry);
+        a refresh keeps the fence."""
+        t: SynchronousTestCase = self  # type: ignore[assignment]
+        first = t.successResultOf(self.store.acquire("a.example.com", 60))
+        assert first is not None
+        t.successResultOf(self.store.release(first))
+        second = t.successResultOf(self.store.acquire("a.example.com", 60))
+        assert second is not None
+        t.assertGreater(second.fence, first.fence)
+        refreshed = t.successResultOf(self.store.refresh(second, 60))
+        t.assertEqual(refreshed.fence, second.fence)
+        self.advance(61)
+        third = t.successResultOf(self.store.acquire("a.example.com", 60))
+        assert third is not None
+        t.assertGreater(third.fence, second.fence)
+
+    def test_older_fence_refused(self) -> None:
+        """A holder whose fence is older than the one stored with the data (a newer holder
+        wrote since) cannot save or save an order, even with its token still valid."""
+        t: SynchronousTestCase = self  # type: ignore[assignment]
+        lock = t.successResultOf(self.store.acquire("a.example.com", 60))
+        assert lock is not None
+        kept = self_signed("a.example.com", NOW, NOW + 90 * DAY)
+        t.successResultOf(self.store.save(lock, StoredCertificate(kept)))
+        self.set_stored_fence("a.example.com", lock.fence + 10)
+        other = self_signed("a.example.com", NOW, NOW + 90 * DAY)
+        failure = t.failureResultOf(self.store.save(lock, StoredCertificate(other)), LockLost)
+        t.assertIn("older fence", str(failure.value))
+        order = PendingOrder("https://ca/order/1", b"key", "https://ca/dir")
+        t.failureResultOf(self.store.save_order(lock, order), LockLost)
+        loaded = t.successResultOf(self.store.load("a.example.com"))
+        assert loaded is not None
+        t.assertEqual(loaded.cert.serial_hex, kept.serial_hex)
+        t.assertIsNone(t.successResultOf(self.store.load_order("a.example.com")))
+        t.successResultOf(self.store.release(lock))
+        newer = t.successResultOf(self.store.acquire("a.example.com", 60))
+        assert newer is not None
+        t.assertGreater(newer.fence, lock.fence + 10)
+        t.successResultOf(self.store.save(newer, StoredCertificate(other)))
+
+    def test_refusals_say_why(self) -> None:
+        """LockLost says whether the lock expired or was taken over by another holder."""
+        t: SynchronousTestCase = self  # type: ignore[assignment]
+        cert = StoredCertificate(self_signed("a.example.com", NOW, NOW + 90 * DAY))
+        first = t.successResultOf(self.store.acquire("a.example.com", 60))
+        assert first is not None
+        self.advance(61)
+        expired = t.failureResultOf(self.store.save(first, cert), LockLost)
+        t.assertIn("expired", str(expired.value))
+        t.assertIsNotNone(t.successResultOf(self.store.acquire("a.example.com", 60)))
+        taken = t.failureResultOf(self.store.save(first, cert), LockLost)
+        t.assertIn("taken over", str(taken.value))
+
+    def test_seed_only_when_empty(self) -> None:
+        """seed writes only where nothing is stored; a holder may replace a seeded
+        certificate, and seed never overwrites a saved one."""
+        t: SynchronousTestCase = self  # type: ignore[assignment]
+        seeded = self_signed("a.example.com", NOW, NOW + 90 * DAY)
+        t.assertTrue(t.successResultOf(self.store.seed("a.example.com", StoredCertificate(seeded))))
+        other = self_signed("a.example.com", NOW, NOW + 90 * DAY)
+        t.assertFalse(t.successResultOf(self.store.seed("a.example.com", StoredCertificate(other))))
+        loaded = t.successResultOf(self.store.load("a.example.com"))
+        assert loaded is not None
+        t.assertEqual(loaded.cert.serial_hex, seeded.serial_hex)
+        lock = t.successResultOf(self.store.acquire("a.example.com", 60))
+        assert lock is not None
+        t.successResultOf(self.store.save(lock, StoredCertificate(other)))
+        t.assertFalse(t.successResultOf(self.store.seed("a.example.com", StoredCertificate(seeded))))
+        loaded = t.successResultOf(self.store.load("a.example.com"))
+        assert loaded is not None
+        t.assertEqual(loaded.cert.serial_hex, other.serial_hex)
+
+    def test_serials(self) -> None:
+        """serials maps each name that has a certificate to its serial, and skips the rest."""
+        t: SynchronousTestCase = self  # type: ignore[assignment]
+        a = self_signed("a.example.com", NOW, NOW + 90 * DAY)
+        b = self_signed("b.example.com", NOW, NOW + 90 * DAY)
+        lock = t.successResultOf(self.store.acquire("a.example.com", 60))
+        assert lock is not None
+        t.successResultOf(self.store.save(lock, StoredCertificate(a)))
+        t.successResultOf(self.store.seed("b.example.com", StoredCertificate(b)))
+        found = t.successResultOf(
+            self.store.serials(["a.example.com", "b.example.com", "c.example.com"])
+        )
+        t.assertEqual(found, {"a.example.com": a.serial_hex, "b.example.com": b.serial_hex})
+        t.assertEqual(t.successResultOf(self.store.serials([])), {})
+
 
 class MemoryStoreTests(StoreContract, SynchronousTestCase):
     def make_store(self) -> CertificateStore:
         return MemoryStore(self.clock)
+
+    def set_stored_fence(self, name: str, fence: int) -> None:
+        assert isinstance(self.store, MemoryStore)
+        self.store.fences[name] = fence
+
+
+class RedisStoreTests(StoreContract, SynchronousTestCase):
+    """The contract against a real redis-server (calls run synchronously)."""
+
+    server: RedisServer
+
+    @pytest.fixture(autouse=True)
+    def _server(self, redis_server: RedisServer) -> None:
+        self.server = redis_server
+
+    def make_store(self) -> CertificateStore:
+        self.client = self.server.client()
+        self.addCleanup(self.client.close)
+        return RedisStore(
+            self.client, run=synchronous, clock=self.clock, prefix="test:", node_id="node-a",
+            description=f"redis://127.0.0.1:{self.server.port}/0",
+        )
+
+    def advance(self, seconds: float) -> None:
+        """Shorten every expiring key's remaining time (Redis's clock), then the Clock."""
+        for key in self.client.scan_iter(match="test:*"):
+            left = self.client.pttl(key)
+            if left < 0:
+                continue
+            if left <= seconds * 1000:
+                self.client.delete(key)
+            else:
+                self.client.pexpire(key, left - round(seconds * 1000))
+        self.clock.advance(seconds)
+
+    def set_stored_fence(self, name: str, fence: int) -> None:
+        self.client.hset(f"test:{{{name}}}:cert", "fence", fence)
 
 
 class FileStoreTests(StoreContract, SynchronousTestCase):
@@ -162,6 +302,12 @@ class FileStoreTests(StoreContract, SynchronousTestCase):
         self.dir = Path(tempfile.mkdtemp()) / "state"
         self.addCleanup(lambda: __import__("shutil").rmtree(self.dir.parent))
         return FileStore(self.dir, self.clock)
+
+    def set_stored_fence(self, name: str, fence: int) -> None:
+        path = self.dir / "certificates" / name / "meta.json"
+        meta = json.loads(path.read_text())
+        meta["fence"] = fence
+        path.write_text(json.dumps(meta))
 
     def _save(self, name: str = "a.example.com") -> None:
         cert = self_signed(name, NOW, NOW + 90 * DAY)
@@ -241,7 +387,7 @@ class FileStoreTests(StoreContract, SynchronousTestCase):
         mine = self.successResultOf(self.store.acquire("a.example.com", 60))
         self.assertIsNotNone(mine)
         self.assertIsNone(self.successResultOf(other.acquire("a.example.com", 60)))
-        self.clock.advance(61)
+        self.advance(61)
         self.assertIsNotNone(self.successResultOf(other.acquire("a.example.com", 60)))
 
     def test_rejects_path_names(self) -> None:

@@ -11,6 +11,7 @@ order, plus a per-name lock with an owner token and an expiry. Implementations:
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 from typing import Protocol
 
 from attrs import frozen
@@ -22,24 +23,40 @@ __all__ = [
     "AccountRecord",
     "AriWindow",
     "CertificateStore",
+    "ChallengeBoard",
+    "DomainList",
     "Lock",
     "LockLost",
     "PendingOrder",
+    "StoreUnavailable",
     "StoredCertificate",
 ]
 
 
 class LockLost(Exception):
-    """A write was refused because the caller's lock expired or was taken over."""
+    """A write was refused because the caller's lock expired, was taken over, or its fence is
+    older than the one stored with the data (a newer holder wrote since)."""
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached, is too slow, or refuses writes (read-only); the message is
+    one line naming the store (password masked) and the cause. Nothing was written."""
 
 
 @frozen
 class Lock:
-    """Proof that the holder may order ``name`` until ``expires`` (clock seconds)."""
+    """Proof that the holder may order ``name`` until ``expires`` (local clock seconds, an
+    estimate: a shared store enforces expiry on its own clock).
+
+    ``fence`` grows with every acquisition of ``name`` (across holders): a write commits only
+    while the lock is held with ``token`` and ``fence`` is not older than the fence stored with
+    the data, so a paused former holder can never overwrite what a newer one wrote.
+    """
 
     name: str
     token: str
     expires: float
+    fence: int = 0
 
 
 @frozen
@@ -115,3 +132,40 @@ class CertificateStore(Protocol):
 
     def save_account(self, directory_url: str, account: AccountRecord) -> Deferred[None]:
         """Store the account for an ACME directory (the key before registering, then both)."""
+
+    def seed(self, name: str, cert: StoredCertificate) -> Deferred[bool]:
+        """Store ``cert`` for ``name`` only when nothing is stored for it (moving a single
+        instance to a cluster, re-seeding a wiped store); True when it was written."""
+
+    def serials(self, names: Sequence[str]) -> Deferred[dict[str, str]]:
+        """The serial (hex) of the certificate stored per name, for the names that have one
+        (a cheap generation check: one round trip for all names on a shared store)."""
+
+
+class ChallengeBoard(Protocol):
+    """HTTP-01 answers shared by every replica (a store that several machines use)."""
+
+    def put_challenge(
+        self, host: str, token: str, key_authorization: bytes, ttl: float
+    ) -> Deferred[None]:
+        """Publish the answer for ``token`` on ``host`` for ``ttl`` seconds (store's clock)."""
+
+    def get_challenge(self, host: str, token: str) -> Deferred[bytes | None]:
+        """The published answer, or None."""
+
+    def delete_challenge(self, host: str, token: str) -> Deferred[None]:
+        """Withdraw the answer (the order is no longer pending)."""
+
+
+class DomainList(Protocol):
+    """The cluster-wide list of served domains kept in the store
+    (``trackingproxy domains add|remove``)."""
+
+    def list_domains(self) -> Deferred[list[str]]:
+        """The names, sorted."""
+
+    def add_domain(self, name: str) -> Deferred[bool]:
+        """Add ``name`` (normalised by the caller); False when it was already there."""
+
+    def remove_domain(self, name: str) -> Deferred[bool]:
+        """Remove ``name``; False when it was not there."""

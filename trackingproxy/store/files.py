@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.store.test_store_contract,tests.store.test_file_fences -*-
 """The certificate store in the state directory (files; safe for processes sharing it).
 
 Layout (directories 0700, files 0600, every write atomic: temp file, fsync, rename)::
@@ -6,9 +7,16 @@ Layout (directories 0700, files 0600, every write atomic: temp file, fsync, rena
     STATE/accounts/<sha256(url)[:16]>.json   {"directory": url, "key": JWK, "registration": ...}
     STATE/certificates/<domain>/privkey.pem
     STATE/certificates/<domain>/fullchain.pem
-    STATE/certificates/<domain>/meta.json    issuer, serial, not-before/after, ARI, last error
-    STATE/certificates/<domain>/order.json   a resumable order: URL, directory and new key
-    STATE/locks/<domain>.lock                {"token", "expires", "pid", "host"}
+    STATE/certificates/<domain>/meta.json    issuer, serial, not-before/after, ARI, last error,
+                                             the fence of the holder that wrote it
+    STATE/certificates/<domain>/order.json   a resumable order: URL, directory, new key, fence
+    STATE/locks/<domain>.lock                {"token", "expires", "fence", "pid", "host"}
+    STATE/fences/<domain>                    the last fence handed out for the name (kept
+                                             after the lock is released)
+
+Every acquisition of a name gets a fence above every earlier one (and above any fence stored
+with the data); a write commits only while its lock is held and its fence is not older than
+the one stored with what it replaces. Files written before fences existed count as fence 0.
 
 Reads and writes are short local-disk operations done synchronously (the Deferreds returned
 have already fired). A corrupt or half-written file is reported once and treated as missing.
@@ -27,7 +35,7 @@ import re
 import secrets
 import socket
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,10 +48,10 @@ from trackingproxy.store.contract import (
     AccountRecord,
     AriWindow,
     Lock,
-    LockLost,
     PendingOrder,
     StoredCertificate,
 )
+from trackingproxy.store.scripts import EXPIRED, OLDER, TAKEN, refusal
 from trackingproxy.tls.certificates import parse_pem
 
 __all__ = ["FileStore", "atomic_write", "ensure_private_dir"]
@@ -193,15 +201,49 @@ class FileStore:
             return None
         return data
 
-    def _check_lock(self, lock: Lock) -> None:
+    def _check_lock(self, lock: Lock, fenced: bool = True) -> None:
         data = self._read_json(self._lock_path(lock.name))
-        if data is None or data.get("token") != lock.token:
-            raise LockLost(f"the lock on {lock.name} was taken over")
+        if data is None:
+            raise refusal(EXPIRED, lock)
+        if data.get("token") != lock.token:
+            raise refusal(TAKEN, lock)
         if float(data.get("expires", 0)) <= self._clock.seconds():
-            raise LockLost(f"the lock on {lock.name} expired")
+            raise refusal(EXPIRED, lock)
+        if fenced and lock.fence < self._floor(lock.name):
+            raise refusal(OLDER, lock)
 
     def _meta(self, name: str) -> dict[str, Any]:
         return self._read_json(self._domain_dir(name) / "meta.json") or {}
+
+    @staticmethod
+    def _fence_of(data: dict[str, Any] | None) -> int:
+        value = (data or {}).get("fence", 0)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    def _floor(self, name: str) -> int:
+        """The largest fence stored with the data of ``name`` (certificate or order)."""
+        d = self._domain_dir(name)
+        return max(
+            self._fence_of(self._read_json(d / "meta.json")),
+            self._fence_of(self._read_json(d / "order.json")),
+        )
+
+    def _fence_path(self, name: str) -> Path:
+        return self._dir / "fences" / self._lock_path(name).stem
+
+    def _next_fence(self, name: str) -> int:
+        """Hand out the next fence of ``name`` (under the exclusive guard)."""
+        path = self._fence_path(name)
+        try:
+            last = int(path.read_text().strip() or "0")
+        except FileNotFoundError:
+            last = 0
+        except ValueError:
+            self._report(path, "not a number")
+            last = 0
+        fence = max(last, self._floor(name)) + 1
+        atomic_write(path, f"{fence}\n".encode())
+        return fence
 
     # -- certificates ---------------------------------------------------------------------
     def load(self, name: str) -> Deferred[StoredCertificate | None]:
@@ -235,11 +277,30 @@ class FileStore:
         return StoredCertificate(cert=cert, ari=ari)
 
     def save(self, lock: Lock, cert: StoredCertificate) -> Deferred[None]:
-        return self._run(True, lambda: self._save(lock, cert))
+        def write() -> None:
+            self._check_lock(lock)
+            self._write_cert(lock.name, cert, lock.fence)
 
-    def _save(self, lock: Lock, stored: StoredCertificate) -> None:
-        self._check_lock(lock)
-        d = self._domain_dir(lock.name)
+        return self._run(True, write)
+
+    def seed(self, name: str, cert: StoredCertificate) -> Deferred[bool]:
+        def write() -> bool:
+            d = self._domain_dir(name)
+            if (d / "privkey.pem").exists() or (d / "fullchain.pem").exists():
+                return False
+            self._write_cert(name, cert, 0)
+            return True
+
+        return self._run(True, write)
+
+    def write_copy(self, name: str, cert: StoredCertificate) -> None:
+        """Write ``cert`` for ``name`` like ``save`` does, without a lock (a local copy of what
+        a shared store holds: its lock and fence decided); raises OSError when it cannot."""
+        with self._guard(True):
+            self._write_cert(name, cert, self._fence_of(self._meta(name)))
+
+    def _write_cert(self, name: str, stored: StoredCertificate, fence: int) -> None:
+        d = self._domain_dir(name)
         cert = stored.cert
         atomic_write(d / "privkey.pem", cert.key_pem())
         atomic_write(d / "fullchain.pem", cert.fullchain_pem())
@@ -251,10 +312,22 @@ class FileStore:
             "ari": self._ari_json(stored.ari),
             "last_error": None,
             "last_error_at": None,
+            "fence": fence,
         }
         atomic_write(d / "meta.json", json.dumps(meta, indent=2).encode())
         with contextlib.suppress(FileNotFoundError):
             (d / "order.json").unlink()
+
+    def serials(self, names: Sequence[str]) -> Deferred[dict[str, str]]:
+        def read() -> dict[str, str]:
+            found = {}
+            for name in names:
+                stored = self._load(name)
+                if stored is not None:
+                    found[name] = stored.cert.serial_hex
+            return found
+
+        return self._run(False, read)
 
     @staticmethod
     def _ari_json(ari: AriWindow | None) -> dict[str, str | None] | None:
@@ -307,6 +380,7 @@ class FileStore:
                 "order_url": order.order_url,
                 "directory": order.directory_url,
                 "key": order.key_pem.decode("ascii"),
+                "fence": lock.fence,
             }
             atomic_write(self._domain_dir(lock.name) / "order.json", json.dumps(data).encode())
 
@@ -320,7 +394,10 @@ class FileStore:
             data = self._read_json(path)
             if data is not None and float(data.get("expires", 0)) > now:
                 return None
-            lock = Lock(name=name, token=secrets.token_hex(16), expires=now + ttl)
+            lock = Lock(
+                name=name, token=secrets.token_hex(16), expires=now + ttl,
+                fence=self._next_fence(name),
+            )
             self._write_lock(lock)
             return lock
 
@@ -330,6 +407,7 @@ class FileStore:
         data = {
             "token": lock.token,
             "expires": lock.expires,
+            "fence": lock.fence,
             "pid": os.getpid(),
             "host": socket.gethostname(),
         }
@@ -337,8 +415,12 @@ class FileStore:
 
     def refresh(self, lock: Lock, ttl: float) -> Deferred[Lock]:
         def extend() -> Lock:
-            self._check_lock(lock)
-            new = Lock(name=lock.name, token=lock.token, expires=self._clock.seconds() + ttl)
+            self._check_lock(lock, fenced=False)
+            data = self._read_json(self._lock_path(lock.name)) or {}
+            new = Lock(
+                name=lock.name, token=lock.token, expires=self._clock.seconds() + ttl,
+                fence=self._fence_of(data) or lock.fence,
+            )
             self._write_lock(new)
             return new
 
@@ -352,6 +434,32 @@ class FileStore:
                 path.unlink()
 
         return self._run(True, drop)
+
+    # -- listing (synchronous: for the command-line tools) --------------------------------
+    def names(self) -> list[str]:
+        """The names that have a certificate directory, sorted."""
+        with self._guard(False):
+            root = self._dir / "certificates"
+            if not root.is_dir():
+                return []
+            return sorted(
+                p.name for p in root.iterdir()
+                if p.is_dir() and _NAME.match(p.name) and (p / "fullchain.pem").exists()
+            )
+
+    def account_directories(self) -> list[str]:
+        """The ACME directory URLs that have an account stored, sorted."""
+        found = []
+        with self._guard(False):
+            root = self._dir / "accounts"
+            if not root.is_dir():
+                return []
+            for path in sorted(root.glob("*.json")):
+                data = self._read_json(path)
+                directory = None if data is None else data.get("directory")
+                if isinstance(directory, str) and self._account_path(directory) == path:
+                    found.append(directory)
+        return sorted(found)
 
     # -- accounts -------------------------------------------------------------------------
     def load_account(self, directory_url: str) -> Deferred[AccountRecord | None]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -19,6 +21,7 @@ from trackingproxy.domains import normalise_domain, read_domains_file
 from trackingproxy.errors import ConfigError
 from trackingproxy.logs.access import LogFormat, PathMode
 from trackingproxy.proxy.forwarded import IPNetwork, parse_networks
+from trackingproxy.store.settings import store_settings_from_options
 from trackingproxy.tls.certificates import (
     LoadedCertificate,
     check_usable,
@@ -26,6 +29,8 @@ from trackingproxy.tls.certificates import (
     load_pair,
 )
 from trackingproxy.upstream.target import UpstreamTarget, parse_upstream
+
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 @frozen
@@ -107,10 +112,12 @@ def _dir(option: str, raw: str | None) -> Path | None:
     return path
 
 
-def _domains(raw: list[str], domains_file: Path | None) -> tuple[str, ...]:
+def _domains(
+    raw: list[str], domains_file: Path | None, allow_empty: bool = False
+) -> tuple[str, ...]:
     if domains_file is not None:
         raw = raw + read_domains_file(domains_file)
-    if not raw:
+    if not raw and not allow_empty:
         raise ConfigError(
             "no domain configured; pass --domain click.example.com "
             "(or set TRACKINGPROXY_DOMAINS=click.example.com)"
@@ -142,7 +149,8 @@ def _user_certificates(
 def config_from_options(opts: Mapping[str, Any], now: datetime.datetime) -> ProxyConfig:
     """Validate parsed options (after environment defaults were applied)."""
     domains_file = Path(opts["domains-file"]) if opts.get("domains-file") else None
-    domains = _domains(list(opts["domain"]), domains_file)
+    # With --store the list may come from the store alone (`trackingproxy domains add`).
+    domains = _domains(list(opts["domain"]), domains_file, allow_empty=bool(opts.get("store")))
     certificates, certs_dir = _user_certificates(opts, domains, now)
     ca_bundle = opts.get("upstream-ca-bundle") or None
     if ca_bundle is not None and not Path(ca_bundle).is_file():
@@ -182,6 +190,16 @@ def config_from_options(opts: Mapping[str, Any], now: datetime.datetime) -> Prox
         workers=parse_workers(opts.get("workers") or "1"),
         http2_engine=parse_http2_engine(opts.get("http2-engine") or "auto"),
     )
+
+
+def parse_node_id(raw: str | None) -> str:
+    """``--node-id`` (default: the host name): letters, digits and ``.-_``, at most 63."""
+    value = (raw or "").strip() or socket.gethostname() or "node"
+    if not _NODE_ID.match(value):
+        raise ConfigError(
+            f"--node-id {value!r}: use 1 to 63 letters, digits, '.', '-' or '_' (e.g. the pod name)"
+        )
+    return value
 
 
 def parse_http2_engine(raw: str) -> str:
@@ -228,6 +246,9 @@ def _acme_settings(opts: Mapping[str, Any]) -> AcmeSettings:
         state_dir=Path(state) if state else None,
         no_acme=bool(opts["no-acme"]),
         panic_command=opts.get("panic-command") or None,
+        store=store_settings_from_options(opts),
+        node_id=parse_node_id(opts.get("node-id")),
+        order_lock_ttl=_positive_seconds("order-lock-ttl", opts.get("order-lock-ttl") or "120"),
     )
     if not settings.no_acme:
         settings.validate()

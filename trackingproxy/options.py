@@ -98,6 +98,21 @@ PARAMETERS: list[tuple[str, str | None, str]] = [
         "State directory [default: /var/lib/trackingproxy, else ./trackingproxy-state].",
     ),
     ("panic-command", None, "Command run when a certificate nears expiry and renewal fails."),
+    (
+        "store",
+        None,
+        "Store shared by replicas: redis://[user:password@]host:port/db, rediss://..., or "
+        "redis+sentinel://host:port[,host:port]/service/db; also from the file named by "
+        "TRACKINGPROXY_STORE_FILE [default: the state directory only].",
+    ),
+    ("store-ca-bundle", None, "PEM CA bundle trusted for a rediss:// store's TLS."),
+    ("store-prefix", "trackingproxy:", "Prefix of every key in the store (one per cluster)."),
+    ("node-id", None, "This replica's name in locks, logs, metrics, /status [default: host name]."),
+    (
+        "order-lock-ttl",
+        "120",
+        "Seconds an order lock outlives a replica that stopped refreshing it (kill -9, pause).",
+    ),
     ("idle-timeout", "60", "Seconds an idle client keep-alive connection is kept open."),
     ("header-timeout", "10", "Seconds a client has to send a request's headers (slowloris)."),
     (
@@ -177,12 +192,34 @@ class Options(usage.Options):
             if not self[name]:
                 raw = env.get(ENV_PREFIX + plural) or env.get(env_name(name)) or ""
                 self[name] = [v.strip() for v in raw.split(",") if v.strip()]
+        if self.get("store") is None and not env.get(env_name("store")):
+            self["store"] = read_secret_file(env, "store")
         for name, default, _ in PARAMETERS:
             if self[name] is None:
                 self[name] = env.get(env_name(name), default)
         for name, _ in FLAGS:
             if not self[name]:
                 self[name] = parse_bool(name, env.get(env_name(name), ""))
+
+
+def read_secret_file(env: Mapping[str, str], name: str) -> str | None:
+    """``TRACKINGPROXY_<NAME>_FILE``: the option's value read from a file (a mounted secret)."""
+    from trackingproxy.errors import ConfigError
+
+    path = env.get(env_name(name) + "_FILE")
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        raise ConfigError(
+            f"{env_name(name)}_FILE={path}: cannot read it ({reason}); mount the secret there"
+        ) from None
+    if not value:
+        raise ConfigError(f"{env_name(name)}_FILE={path} is empty; put the --{name} value in it")
+    return value
 
 
 def parse_bool(name: str, raw: str) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from attrs import define, evolve
@@ -20,8 +20,9 @@ from twisted.logger import ILogObserver, Logger
 from twisted.names import client as names_client
 from twisted.python.components import Componentized
 
-from trackingproxy.acme.settings import AcmeParts, build_acme
+from trackingproxy.acme.settings import AcmeParts, build_acme, open_store
 from trackingproxy.admin import build_admin
+from trackingproxy.admin.status import ClusterFacts
 from trackingproxy.config import ProxyConfig
 from trackingproxy.errors import ConfigError, exit_with
 from trackingproxy.internals.twisted_private import forget_exit_signal, stop_resolv_conf_timer
@@ -243,6 +244,11 @@ def build_service(
     if listen is None:
         def listen(option: str, description: str) -> object:
             return _endpoint(reactor, option, description)
+    opened = None
+    if challenges is None and config.https_port is not None and acme_builder is build_acme:
+        opened = open_store(config.acme, config.domains, reactor)
+        if opened is not None:
+            config = with_store_domains(config, opened.domains)
     sni = sni_map = SNIContextMap(config.domains)
     for cert in config.certificates:
         sni.install(cert)
@@ -265,10 +271,21 @@ def build_service(
         acme = config.acme
         if config.https_port is None:
             acme = evolve(acme, no_acme=True)
-        acme_parts = acme_builder(acme, config.domains, config.user_covered, sni, reactor)
+        if opened is None:
+            acme_parts = acme_builder(acme, config.domains, config.user_covered, sni, reactor)
+        else:
+            acme_parts = acme_builder(
+                acme, config.domains, config.user_covered, sni, reactor, opened=opened,
+                on_store_domains=lambda names: root_reloader().store_domains_changed(names),
+            )
         challenges = acme_parts.responder
     active = ActiveRequests(reactor)
     connections = OpenConnections(reactor)
+
+    def root_reloader() -> Reloader:
+        assert root.reloader is not None  # set below, before the service starts
+        return root.reloader
+
     root = TrackingProxyService(
         sni,
         runtime,
@@ -343,7 +360,13 @@ def build_service(
         acme_parts.service.setServiceParent(root)
     if admin is not None:  # last: it reports on the listeners and the issuer above
         issuer = acme_parts.issuer if acme_parts is not None else None
-        admin.service(root, sni, config.https_port is not None, issuer).setServiceParent(root)
+        cluster = ClusterFacts(config.acme.node_id or "-")
+        if opened is not None:
+            cluster = ClusterFacts(config.acme.node_id, opened.shared.description,
+                                   opened.shared.health)
+        admin.service(
+            root, sni, config.https_port is not None, issuer, cluster
+        ).setServiceParent(root)
 
     def apply_runtime(domains: frozenset[str], well_known: dict[bytes, WellKnownFile]) -> None:
         runtime.domains = domains
@@ -351,7 +374,20 @@ def build_service(
 
     followers = list(acme_parts.follow_domains) if acme_parts is not None else []
     root.reloader = Reloader(config, reactor, sni, apply_runtime, followers)
+    if opened is not None:
+        root.reloader.store_domains = opened.domains
     return root
+
+
+def with_store_domains(config: ProxyConfig, store_domains: Iterable[str]) -> ProxyConfig:
+    """``config`` serving the shared store's domain list too; at least one domain in all."""
+    domains = tuple(dict.fromkeys([*config.domains, *store_domains]))
+    if not domains:
+        raise ConfigError(
+            "no domain configured: pass --domain click.example.com, or add one to the store "
+            "with `trackingproxy domains add click.example.com --store URL`"
+        )
+    return evolve(config, domains=domains)
 
 
 def _exit_zero_after_sigterm() -> None:

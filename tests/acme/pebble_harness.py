@@ -46,7 +46,7 @@ class ChallengeSite(Resource):
         host = request.getRequestHostname().decode("ascii", "replace")
         if len(parts) == 3 and parts[:2] == [b".well-known", b"acme-challenge"]:
             answer = self.responder.key_authorization(host, parts[2].decode("ascii", "replace"))
-            if answer is not None:
+            if isinstance(answer, bytes):  # no shared store here: never a Deferred
                 self.hits += 1
                 return answer
         request.setResponseCode(404)

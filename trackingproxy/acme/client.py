@@ -32,6 +32,7 @@ from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from trackingproxy.acme.account import Account, AccountManager
@@ -318,17 +319,21 @@ class AcmeObtainer:
                     )
                 response, validation = challb.response_and_validation(key)
                 token = challb.chall.encode("token")
-                self._responder.add(name, token, validation.encode("ascii"))
                 published.append(token)
-                answers.append((challb, response))
+                # Written everywhere it must be (the shared store) before the CA is told.
+                yield self._responder.add(name, token, validation.encode("ascii"))
+                if challb.status == messages.STATUS_PENDING:
+                    answers.append((challb, response))
+                # else: a resumed order whose challenge was already answered (by a replica
+                # that died or paused): the CA is validating it; answering again is refused.
             if published and self._responder.propagation_delay:
                 yield deferLater(self._clock, self._responder.propagation_delay)
             for challb, response in answers:
                 yield self._call(client.answer_challenge, challb, response)
             yield self._call(client.poll_authorizations, orderr, self._deadline())
         finally:
-            for token in published:
-                self._responder.remove(name, token)
+            for token in published:  # not waited for: a closed generator must not yield
+                self._responder.remove(name, token).addErrback(_withdraw_failed, name, token)
 
     def _finalize(
         self, client: acme_client.ClientV2, orderr: messages.OrderResource
@@ -363,3 +368,8 @@ class AcmeObtainer:
             next_check=parse_retry_after(response.headers.get("Retry-After"), now),
         )
 
+
+def _withdraw_failed(failure: Failure, name: str, token: str) -> None:
+    """The answer stays in the shared store until its time to live ends; harmless."""
+    log.info("{name}: cannot withdraw challenge {token}: {error}", name=name, token=token,
+             error=failure.getErrorMessage())

@@ -21,7 +21,7 @@ from typing import Any
 from attrs import define, field, frozen
 from cryptography.hazmat.primitives import serialization
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -37,6 +37,7 @@ from trackingproxy.store.contract import (
     LockLost,
     PendingOrder,
     StoredCertificate,
+    StoreUnavailable,
 )
 from trackingproxy.tls.certificates import LoadedCertificate, PrivateKey, parse_pem
 from trackingproxy.tls.sni import SNIContextMap
@@ -127,6 +128,17 @@ class IssuingService(Service):
         self._state = {d: self._state.get(d) or _Domain() for d in self.domains}
         if self.running:
             self._clock.callLater(0, self._run_check)
+
+    def served_serials(self) -> dict[str, str]:
+        """The serial of the certificate served per managed domain (for the store's safety
+        check)."""
+        return {n: st.current.serial_hex for n, st in self._state.items() if st.current}
+
+    def reload(self, name: str) -> Deferred[None]:
+        """Serve what the store now holds for ``name`` (another replica wrote it)."""
+        if name not in self._state:
+            return succeed(None)
+        return self._reload(name)
 
     def renewal_states(self) -> dict[str, RenewalState]:
         """Per managed domain: next attempt, failures, last error, orders by outcome."""
@@ -345,6 +357,12 @@ class IssuingService(Service):
         st = self._state[name]
         try:
             lock: Lock | None = yield self._store.acquire(name, self._lock_ttl)
+        except StoreUnavailable:
+            # No order without the lock. The store's state change is logged once (its health);
+            # try again when it may be back.
+            st.orders["store_down"] = st.orders.get("store_down", 0) + 1
+            st.retry_at = self._now() + self._busy_retry
+            return
         except Exception as e:  # a read-only or full state directory: back off like any failure
             self._failed(name, e)
             return
@@ -362,7 +380,16 @@ class IssuingService(Service):
             else:
                 st.retry_at = None
         except Exception as e:
-            if not keeper.abandoned:
+            if keeper.abandoned:
+                pass
+            elif keeper.lost is not None or isinstance(e, LockLost):
+                # Paused or partitioned past the lock's expiry: another replica owns the order
+                # now, and whatever this one still had in flight failed or was refused.
+                log.info("{name}: stopped ordering: the order lock passed to another replica "
+                         "({error})", name=name, error=e)
+                st.orders["lock_lost"] = st.orders.get("lock_lost", 0) + 1
+                st.retry_at = self._now() + self._busy_retry
+            else:
                 self._failed(name, e)
         keeper.stop()
         if keeper.abandoned:  # stopService released the lock already
@@ -425,6 +452,9 @@ class IssuingService(Service):
             retry_after = None
         elif isinstance(error, ObtainFailed):
             message, retry_after = error.message, error.retry_after
+        elif isinstance(error, StoreUnavailable):
+            message = f"{name}: the order stopped: {error}"
+            retry_after = None
         elif isinstance(error, OSError):
             where = f" ({error.filename})" if error.filename else ""
             message = (

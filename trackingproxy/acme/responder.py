@@ -1,10 +1,15 @@
-"""The HTTP-01 challenge responder: pending tokens in memory, shared through the state dir.
+"""The HTTP-01 challenge responder: pending tokens in memory, shared through the state dir
+or, in a cluster, through the shared store.
 
 ``key_authorization`` (called by the port-80 site for every challenge request) is a dict
 lookup. Tokens published by this process are answered at once; tokens published by other
 processes sharing the state directory (``STATE/challenges/<domain>/<token>``) are picked up
-by a periodic refresh, never per request. Only configured domains, only base64url tokens,
-only while the order is pending (published until withdrawn, at most ``ttl`` seconds).
+by a periodic refresh, never per request. With a shared store (``board``) the answer is
+written there before the CA is told the challenge is ready (``add`` fires once it is), and a
+token this replica does not hold is looked up in the store: the one store access on the
+request path, bounded (``MAX_LOOKUPS`` at once; beyond, 503 and the CA retries). Only
+configured domains, only base64url tokens, only while the order is pending (published until
+withdrawn, at most ``ttl`` seconds).
 """
 
 from __future__ import annotations
@@ -16,13 +21,19 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from trackingproxy.proxy.challenges import Busy
+from trackingproxy.store.contract import ChallengeBoard
 from trackingproxy.store.files import atomic_write, ensure_private_dir
 
-__all__ = ["HTTP01Responder", "valid_token"]
+__all__ = ["MAX_LOOKUPS", "HTTP01Responder", "valid_token"]
+
+MAX_LOOKUPS = 32  # store lookups in flight at once (challenge requests for unknown tokens)
 
 log = Logger()
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
@@ -44,6 +55,7 @@ class HTTP01Responder:
         shared_dir: Path | None = None,
         refresh_interval: float = 1.0,
         ttl: float = 600.0,
+        board: ChallengeBoard | None = None,
     ) -> None:
         self._domains = frozenset(domains)
         self._clock = clock
@@ -53,6 +65,8 @@ class HTTP01Responder:
         self._local: dict[tuple[str, str], _Entry] = {}
         self._shared: dict[tuple[str, str], _Entry] = {}
         self._loop: LoopingCall | None = None
+        self._board = board
+        self._lookups = 0
 
     @property
     def propagation_delay(self) -> float:
@@ -67,18 +81,35 @@ class HTTP01Responder:
         """Answer for exactly these domains from now on (SIGHUP reload)."""
         self._domains = frozenset(domains)
 
-    def key_authorization(self, host: str, token: str) -> bytes | None:
+    def key_authorization(self, host: str, token: str) -> bytes | Deferred[bytes | None] | None:
         host = host.lower().rstrip(".")
         if host not in self._domains or not valid_token(token):
             return None
         entry = self._local.get((host, token)) or self._shared.get((host, token))
-        if entry is None or entry[1] <= self._clock.seconds():
+        if entry is not None and entry[1] > self._clock.seconds():
+            return entry[0]
+        if self._board is None:
             return None
-        return entry[0]
+        if self._lookups >= MAX_LOOKUPS:
+            raise Busy("too many challenge lookups in the store at once")
+        self._lookups += 1
+        d = self._board.get_challenge(host, token)
+
+        def done(result: bytes | Failure | None) -> bytes | None:
+            self._lookups -= 1
+            if isinstance(result, Failure):
+                log.info("Challenge lookup for {host} failed: {error}", host=host,
+                         error=result.getErrorMessage())
+                return None
+            return result
+
+        d.addBoth(done)
+        return d
 
     # -- publishing (called by the obtainer on the reactor thread) ------------------------
-    def add(self, host: str, token: str, key_authorization: bytes) -> None:
-        """Answer ``token`` for ``host`` until ``remove`` (or ``ttl`` seconds)."""
+    def add(self, host: str, token: str, key_authorization: bytes) -> Deferred[None]:
+        """Answer ``token`` for ``host`` until ``remove`` (or ``ttl`` seconds); fires once
+        every replica can answer it (with a shared store: once it is written there)."""
         if host not in self._domains:
             raise ValueError(f"{host} is not a configured domain")
         if not valid_token(token):
@@ -88,14 +119,20 @@ class HTTP01Responder:
         if self._dir is not None:
             data = {"key_authorization": key_authorization.decode("ascii"), "expires": expires}
             atomic_write(self._dir / host / token, json.dumps(data).encode())
+        if self._board is not None:
+            return self._board.put_challenge(host, token, key_authorization, self._ttl)
+        return succeed(None)
 
-    def remove(self, host: str, token: str) -> None:
+    def remove(self, host: str, token: str) -> Deferred[None]:
         """Stop answering ``token`` (the order is no longer pending)."""
         self._local.pop((host, token), None)
         self._shared.pop((host, token), None)
         if self._dir is not None and valid_token(token) and host in self._domains:
             with contextlib.suppress(FileNotFoundError):
                 (self._dir / host / token).unlink()
+        if self._board is not None and valid_token(token):
+            return self._board.delete_challenge(host, token)
+        return succeed(None)
 
     # -- sharing --------------------------------------------------------------------------
     def start(self) -> None:

@@ -28,9 +28,13 @@ from trackingproxy.acme.issuer import IssuingService
 from trackingproxy.acme.localca import LocalCA
 from trackingproxy.acme.obtainer import Obtainer
 from trackingproxy.acme.responder import HTTP01Responder
+from trackingproxy.acme.sync import StoreSync
 from trackingproxy.errors import ConfigError
 from trackingproxy.proxy.challenges import ChallengeResponder, NoChallenges
+from trackingproxy.store.contract import CertificateStore
 from trackingproxy.store.files import FileStore, ensure_private_dir
+from trackingproxy.store.settings import StoreSettings
+from trackingproxy.store.shared import OpenedStore, open_shared_store
 from trackingproxy.tls.certificates import PrivateKey
 from trackingproxy.tls.sni import SNIContextMap
 
@@ -45,6 +49,7 @@ __all__ = [
     "build_acme",
     "choose_state_dir",
     "key_generator",
+    "open_store",
 ]
 
 log = Logger()
@@ -80,6 +85,9 @@ class AcmeSettings:
     no_acme: bool = False
     panic_command: str | None = None
     check_interval: float = 600.0
+    store: StoreSettings | None = None  # --store: shared by replicas (None: the state dir)
+    node_id: str = ""  # --node-id: in lock tokens, logs, metrics and /status
+    order_lock_ttl: float = 120.0  # --order-lock-ttl
 
     @property
     def is_local(self) -> bool:
@@ -136,6 +144,8 @@ class AcmeSettings:
             )
         if not self.check_interval > 0:
             raise ConfigError("the renewal check interval must be positive; e.g. 600 seconds")
+        if not 5 <= self.order_lock_ttl <= 3600:
+            raise ConfigError("--order-lock-ttl: give 5 to 3600 seconds, e.g. 120")
         if self.panic_command is not None and not self.panic_command.strip():
             raise ConfigError("--panic-command is empty; pass a shell command or leave it out")
 
@@ -233,6 +243,7 @@ class AcmeParts:
     responder: ChallengeResponder
     issuer: IssuingService | None = None
     follow_domains: tuple[DomainsFollower, ...] = ()
+    store: OpenedStore | None = None  # the shared store (--store), for the status page
 
 
 class DomainsFollower(Protocol):
@@ -247,11 +258,16 @@ def build_acme(
     skip_domains: Iterable[str],
     sni: SNIContextMap,
     reactor: IReactorTime,
+    *,
+    opened: OpenedStore | None = None,
+    on_store_domains: Callable[[list[str]], None] | None = None,
 ) -> AcmeParts:
     """The certificate service for ``domains`` (minus ``skip_domains``) and its responder.
 
-    With ``no_acme`` the service is empty and the responder answers nothing. ``reactor`` must
-    also provide IReactorFromThreads and IReactorProcess (the global reactor does).
+    With ``no_acme`` the service is empty and the responder answers nothing. ``opened`` is
+    the shared store (``open_store``) of a cluster replica; its domain list changes go to
+    ``on_store_domains``. ``reactor`` must also provide IReactorFromThreads and
+    IReactorProcess (the global reactor does).
     """
     top = MultiService()
     top.setName("acme")
@@ -260,9 +276,12 @@ def build_acme(
     settings.validate()
     skip = set(skip_domains)
     managed = [d for d in domains if d not in skip]
-    state = choose_state_dir(settings)
-    store = FileStore(state, reactor)
-    responder = HTTP01Responder(managed, reactor, shared_dir=state / "challenges")
+    state = opened.state_dir if opened is not None else choose_state_dir(settings)
+    store: CertificateStore = FileStore(state, reactor) if opened is None else opened.store
+    responder = HTTP01Responder(
+        managed, reactor, shared_dir=state / "challenges",
+        board=opened.store if opened is not None else None,
+    )
     obtainer: Obtainer
     if settings.is_local:
         obtainer = LocalCA(state, reactor)
@@ -291,7 +310,32 @@ def build_acme(
         key_generator=key_generator(settings.key_type),
         panic=panic,
         check_interval=settings.check_interval,
+        lock_ttl=settings.order_lock_ttl,
+        busy_retry=min(60.0, settings.order_lock_ttl / 2),
     )
+    if opened is not None:
+        opened.pool_service.setServiceParent(top)  # first: started before, stopped after
     ResponderService(responder).setServiceParent(top)
     issuer.setServiceParent(top)
-    return AcmeParts(top, responder, issuer, (issuer, responder))
+    if opened is not None:
+        StoreSync(
+            clock=reactor,
+            shared=opened.store,
+            issuer=issuer,
+            call_in_reactor=IReactorFromThreads(reactor).callFromThread,
+            on_domains=on_store_domains,
+        ).setServiceParent(top)
+    return AcmeParts(top, responder, issuer, (issuer, responder), opened)
+
+
+def open_store(
+    settings: AcmeSettings, domains: Iterable[str], reactor: IReactorTime
+) -> OpenedStore | None:
+    """The shared store of ``--store`` (None without it, or without ACME); start-up only."""
+    if settings.store is None or settings.no_acme:
+        return None
+    state = choose_state_dir(settings)
+    return open_shared_store(
+        settings.store, reactor=reactor, local=FileStore(state, reactor),
+        node_id=settings.node_id, domains=domains, state_dir=state,
+    )

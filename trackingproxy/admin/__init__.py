@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from trackingproxy.admin.collector import StatusCollector
 from trackingproxy.admin.metrics import InstrumentedUpstream, ProxyMetrics, SiteMetrics
 from trackingproxy.admin.resources import AdminSite, admin_resource
-from trackingproxy.admin.status import CertificateSource, RateTracker, StatusSource
+from trackingproxy.admin.status import CertificateSource, ClusterFacts, RateTracker, StatusSource
 from trackingproxy.errors import ConfigError
 from trackingproxy.ops.listeners import ListenerService
 from trackingproxy.proxy.forward import Upstream
@@ -80,6 +80,7 @@ class Admin:
         certificates: CertificateSource,
         https_enabled: bool,
         acme_issuer: object | None,
+        cluster: ClusterFacts | None = None,
     ) -> AdminService:
         """The admin listener reporting on ``root``'s listeners and the ACME issuer (None:
         ACME is off, or this is a worker)."""
@@ -101,6 +102,7 @@ class Admin:
             metrics=self.metrics,
             rates=rates,
             in_flight=(lambda: active.count) if active is not None else None,
+            cluster=cluster,
         )
         self.metrics.registry.register(StatusCollector(source))
         self.source = source

@@ -100,6 +100,7 @@ class StatusCollector(Collector):
                 last_error.add_metric((d.name, message), r.last_error_at.timestamp())
         yield from (info, present, not_before, not_after, next_attempt, failures, orders)
         yield last_error
+        yield from _cluster_metrics(source)
         in_flight = source.requests_in_flight()
         if in_flight is not None:
             yield GaugeMetricFamily(
@@ -107,3 +108,32 @@ class StatusCollector(Collector):
                 "Requests accepted and not yet finished.",
                 value=float(in_flight),
             )
+
+
+def _cluster_metrics(source: StatusSource) -> Iterator[Metric]:
+    """Which replica this is; with ``--store``, whether the store answers and when this
+    replica last checked that it serves what the store holds."""
+    cluster = source.cluster
+    if cluster is None:
+        return
+    node = GaugeMetricFamily(
+        "trackingproxy_node_info", "This replica (always 1), named by --node-id.",
+        labels=("node",),
+    )
+    node.add_metric((cluster.node_id,), 1.0)
+    yield node
+    health = cluster.health
+    if health is None:
+        return
+    yield GaugeMetricFamily(
+        "trackingproxy_store_up",
+        "1 while the shared store (--store) answers; 0 while it is unreachable, slow or "
+        "read-only (certificates in memory and in the local copy stay served, no orders).",
+        value=1.0 if health.up else 0.0,
+    )
+    if health.last_sync is not None:
+        yield GaugeMetricFamily(
+            "trackingproxy_store_last_sync_timestamp_seconds",
+            "When this replica last confirmed it serves what the store holds (epoch seconds).",
+            value=health.last_sync,
+        )

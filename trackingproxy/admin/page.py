@@ -187,6 +187,25 @@ def _rates(requests: Mapping[str, Any]) -> str:
     )
 
 
+def _cluster(cluster: Mapping[str, Any] | None) -> str:
+    """This replica's name and, with --store, the store (password masked) and its state."""
+    if cluster is None:
+        return ""
+    rows = [f"<tr><td>node</td><td>{escape(cluster['node_id'])}</td></tr>"]
+    if cluster.get("store"):
+        up = cluster.get("store_up")
+        state = (
+            '<span class="badge ok">reachable</span>' if up
+            else '<span class="badge bad">unreachable</span>'
+        )
+        synced = cluster.get("store_last_sync")
+        rows.append(f"<tr><td>store</td><td>{escape(cluster['store'])} {state}</td></tr>")
+        rows.append(
+            f"<tr><td>last sync</td><td>{escape(_when(synced) if synced else 'not yet')}</td></tr>"
+        )
+    return f"<section><h2>Cluster</h2><table>{''.join(rows)}</table></section>"
+
+
 def render_page(status: Mapping[str, Any]) -> bytes:
     """The page for one /status snapshot (UTF-8 bytes)."""
     now = status["time"]
@@ -222,6 +241,7 @@ def render_page(status: Mapping[str, Any]) -> bytes:
 errors: {errors}</p></section>
 <section><h2>Domains and certificates</h2>{domains}</section>
 <section><h2>Listeners</h2><table>{listeners}</table></section>
+{_cluster(status.get("cluster"))}
 </main></body></html>
 """
     return body.encode("utf-8")

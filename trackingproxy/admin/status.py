@@ -146,6 +146,34 @@ class RateTracker:
         return {k: round((current.get(k, 0) - base[1].get(k, 0)) / span, 4) for k in KINDS}
 
 
+class StoreHealthView(Protocol):
+    """The shared store's reachability (``trackingproxy.store.health.StoreHealth``)."""
+
+    @property
+    def up(self) -> bool | None: ...
+
+    @property
+    def last_sync(self) -> float | None: ...
+
+
+@frozen
+class ClusterFacts:
+    """Which replica this is and, with ``--store``, the shared store (password masked)."""
+
+    node_id: str
+    store: str | None = None  # the masked URL; None: the state directory only
+    health: StoreHealthView | None = None
+
+    def json(self) -> dict[str, Any]:
+        up = self.health.up if self.health is not None else None
+        return {
+            "node_id": self.node_id,
+            "store": self.store,
+            "store_up": up,
+            "store_last_sync": self.health.last_sync if self.health is not None else None,
+        }
+
+
 class StatusSource:
     """Readiness, per-domain facts and the JSON snapshot, read from the running objects."""
 
@@ -161,6 +189,7 @@ class StatusSource:
         rates: RateTracker | None = None,
         in_flight: Callable[[], int] | None = None,
         started: float | None = None,
+        cluster: ClusterFacts | None = None,
     ) -> None:
         self._clock = clock
         self._certificates = certificates
@@ -171,6 +200,7 @@ class StatusSource:
         self._rates = rates
         self._in_flight = in_flight
         self._started = clock.seconds() if started is None else started
+        self.cluster = cluster
 
     def requests_in_flight(self) -> int | None:
         return self._in_flight() if self._in_flight is not None else None
@@ -225,6 +255,7 @@ class StatusSource:
             "uptime_seconds": round(now - self._started, 3),
             "ready": ready,
             "not_ready_reasons": reasons,
+            "cluster": self.cluster.json() if self.cluster is not None else None,
             "https": self._https,
             "listeners": [
                 {

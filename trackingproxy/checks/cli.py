@@ -162,14 +162,20 @@ def run_from_twistd(options: Mapping[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console script: `trackingproxy check --domain click.example.com [...]`."""
+    """Console script: `trackingproxy check --domain click.example.com [...]`, and the
+    cluster's `trackingproxy domains ...` and `trackingproxy store import ...`."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["check"]:
         args = args[1:]
+    elif args[:1] in (["domains"], ["store"]):
+        from trackingproxy.ops.storecli import main as store_main
+
+        raise SystemExit(store_main(args[0], args[1:]))
     elif args and not args[0].startswith("-"):
         sys.stderr.write(
-            f"trackingproxy: error: unknown command {args[0]!r}; the command is "
-            "`trackingproxy check --domain NAME` (serve with `twistd trackingproxy`)\n"
+            f"trackingproxy: error: unknown command {args[0]!r}; the commands are "
+            "`trackingproxy check --domain NAME`, `trackingproxy domains list|add|remove` and "
+            "`trackingproxy store import` (serve with `twistd trackingproxy`)\n"
         )
         raise SystemExit(1)
     opts = CheckOptions()

@@ -51,11 +51,16 @@ class Snapshot:
     well_known: dict[bytes, WellKnownFile]
 
 
-def read_snapshot(config: ProxyConfig, now: datetime.datetime) -> Snapshot:
-    """Read every reloadable file; raise ConfigError (one line) on the first problem."""
+def read_snapshot(
+    config: ProxyConfig, now: datetime.datetime, store_domains: Iterable[str] = ()
+) -> Snapshot:
+    """Read every reloadable file; raise ConfigError (one line) on the first problem.
+
+    ``store_domains`` is the cluster-wide list kept in the shared store (``--store``)."""
     names = list(config.command_line_domains)
     if config.domains_file is not None:
         names.extend(read_domains_file(config.domains_file))
+    names.extend(store_domains)
     if not names:
         raise ConfigError("no domain left after reading --domains-file; keep at least one")
     domains = tuple(dict.fromkeys(normalise_domain(n) for n in names))
@@ -83,12 +88,20 @@ class Reloader:
         self._sni = sni
         self._apply_runtime = apply_runtime
         self._acme = tuple(acme)
+        self.store_domains: tuple[str, ...] = ()
+
+    def store_domains_changed(self, names: Iterable[str]) -> None:
+        """The shared store's domain list changed (``trackingproxy domains add|remove``)."""
+        names = tuple(sorted(names))
+        if names != self.store_domains:
+            self.store_domains = names
+            self.reload()
 
     def reload(self) -> bool:
         """Re-read and apply; returns False (and logs why) when nothing was changed."""
         now = datetime.datetime.fromtimestamp(self._clock.seconds(), datetime.UTC)
         try:
-            snap = read_snapshot(self._config, now)
+            snap = read_snapshot(self._config, now, self.store_domains)
         except ConfigError as e:
             log.error("Reload refused, keeping the running configuration: {error}", error=str(e))
             return False

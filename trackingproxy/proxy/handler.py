@@ -14,10 +14,11 @@ from collections.abc import Callable, Mapping, Set
 from typing import Protocol
 from urllib.parse import unquote_to_bytes
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from trackingproxy.domains import host_from_header
-from trackingproxy.proxy.challenges import ChallengeResponder
+from trackingproxy.proxy.challenges import Busy, ChallengeResponder
 from trackingproxy.proxy.forward import Forward, Upstream, plain
 from trackingproxy.proxy.forwarded import ForwardedFor
 from trackingproxy.proxy.headers import CLIENT_CLAIMS, INBOUND_DROP, one_line, tokens
@@ -142,10 +143,28 @@ class TrackingHandler:
     def _challenge(self, exchange: ClientExchange, host: str, token: bytes) -> None:
         if exchange.method not in (b"GET", b"HEAD") or not _TOKEN.match(token):
             return plain(exchange, 404, b"404 Not Found\n")
-        answer = self._challenges.key_authorization(host, token.decode("ascii"))
-        if answer is None:
-            return plain(exchange, 404, b"404 Not Found\n")
-        plain(exchange, 200, answer)
+        try:
+            answer = self._challenges.key_authorization(host, token.decode("ascii"))
+        except Busy:
+            return plain(exchange, 503, b"503 Service Unavailable\n", (b"retry-after", b"1"))
+        if isinstance(answer, Deferred):
+            return self._challenge_later(exchange, answer)
+        _answer_challenge(exchange, answer)
+
+    def _challenge_later(self, exchange: ClientExchange, lookup: Deferred[bytes | None]) -> None:
+        """Answer once the shared store did (the client may be gone by then)."""
+        lost: list[bool] = []
+        exchange.on_lost(lambda: lost.append(True))
+        exchange.upstream_started()
+
+        def answer(found: bytes | None) -> None:
+            exchange.upstream_ended()
+            if not lost:
+                _answer_challenge(exchange, found)
+
+        lookup.addCallback(answer).addErrback(
+            lambda f: log.failure("Answering a challenge failed", f)
+        )
 
     def _serve_file(self, exchange: ClientExchange, found: WellKnownFile) -> None:
         if exchange.method not in (b"GET", b"HEAD"):
@@ -197,3 +216,8 @@ class TrackingHandler:
         pending.addCallbacks(forward.got_response, forward.failed)
 
 
+def _answer_challenge(exchange: ClientExchange, answer: bytes | None) -> None:
+    if answer is None:
+        plain(exchange, 404, b"404 Not Found\n")
+    else:
+        plain(exchange, 200, answer)

@@ -1,0 +1,104 @@
+"""The shared store's local write-through copy: reads fall back to it while the shared store
+is down, writes go through to it, and an emptied shared store is re-seeded from it."""
+
+from __future__ import annotations
+
+import datetime
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.store.doubles import FlakyShared
+from trackingproxy.acme.testing import self_signed
+from trackingproxy.store.contract import StoredCertificate, StoreUnavailable
+from trackingproxy.store.files import FileStore
+from trackingproxy.store.localcopy import LocalCopyStore
+
+NOW = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
+DAY = datetime.timedelta(days=1)
+NAME = "a.example.com"
+
+
+class LocalCopyTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(NOW.timestamp())
+        self.shared = FlakyShared(self.clock)
+        self.state = Path(tempfile.mkdtemp())
+        self.local = FileStore(self.state, self.clock)
+        self.store = LocalCopyStore(self.shared, self.local, self.clock, self.state)
+        self.cert = self_signed(NAME, NOW - DAY, NOW + 60 * DAY)
+
+    def _save_shared(self) -> None:
+        lock = self.successResultOf(self.store.acquire(NAME, 60))
+        assert lock is not None
+        self.successResultOf(self.store.save(lock, StoredCertificate(self.cert)))
+
+    def _serial(self, load: Callable[[str], Deferred[StoredCertificate | None]]) -> str | None:
+        stored = self.successResultOf(load(NAME))
+        return None if stored is None else stored.cert.serial_hex
+
+    def test_save_writes_through(self) -> None:
+        """A certificate saved in the shared store is also in the local copy."""
+        self._save_shared()
+        self.assertEqual(self._serial(self.local.load), self.cert.serial_hex)
+
+    def test_load_copies_what_another_replica_saved(self) -> None:
+        """Loading a certificate another replica saved writes the local copy."""
+        self.successResultOf(self.shared.seed(NAME, StoredCertificate(self.cert)))
+        self.assertIsNone(self._serial(self.local.load))
+        self.assertEqual(self._serial(self.store.load), self.cert.serial_hex)
+        self.assertEqual(self._serial(self.local.load), self.cert.serial_hex)
+
+    def test_store_down_serves_the_local_copy_and_refuses_locks(self) -> None:
+        """With the shared store down, load answers from the local copy; acquire fails."""
+        self._save_shared()
+        self.shared.down = True
+        self.assertEqual(self._serial(self.store.load), self.cert.serial_hex)
+        self.failureResultOf(self.store.acquire(NAME, 60), StoreUnavailable)
+
+    def test_emptied_store_is_reseeded_from_the_local_copy(self) -> None:
+        """A shared store that lost everything gets the local copy back, not a new order."""
+        self._save_shared()
+        self.shared.certs.clear()
+        self.assertEqual(self._serial(self.store.load), self.cert.serial_hex)
+        self.assertEqual(self._serial(self.shared.load), self.cert.serial_hex)
+
+    def test_expired_local_copy_is_not_seeded(self) -> None:
+        """An expired local copy is never written back to the shared store."""
+        old = self_signed(NAME, NOW - 90 * DAY, NOW - DAY)
+        self.local.write_copy(NAME, StoredCertificate(old))
+        self.assertIsNone(self.successResultOf(self.store.load(NAME)))
+        self.assertIsNone(self.successResultOf(self.shared.load(NAME)))
+
+    def test_seed_race_loads_the_winner(self) -> None:
+        """When another replica seeded first, its certificate is loaded and copied."""
+        mine = self_signed(NAME, NOW - DAY, NOW + 30 * DAY)
+        self.local.write_copy(NAME, StoredCertificate(mine))
+        original_seed = self.shared.seed
+
+        def lose(name: str, cert: StoredCertificate) -> Deferred[bool]:
+            original_seed(name, StoredCertificate(self.cert))  # the other replica, first
+            return original_seed(name, cert)
+
+        self.shared.seed = lose  # type: ignore[method-assign]
+        self.assertEqual(self._serial(self.store.load), self.cert.serial_hex)
+        self.assertEqual(self._serial(self.local.load), self.cert.serial_hex)
+
+    def test_domain_list_is_remembered_and_restored_after_a_wipe(self) -> None:
+        """The list is kept locally; a store that lost it (and its certificates) gets it
+        back, while a list emptied on purpose (certificates still there) stays empty."""
+        self.successResultOf(self.shared.add_domain(NAME))
+        self.assertEqual(self.successResultOf(self.store.list_domains()), [NAME])
+        self.shared.domains.clear()
+        self.shared.certs.clear()
+        self.assertEqual(self.successResultOf(self.store.list_domains()), [NAME])
+        self.assertEqual(self.shared.domains, {NAME})
+        self._save_shared()
+        self.successResultOf(self.shared.remove_domain(NAME))
+        self.assertEqual(self.successResultOf(self.store.list_domains()), [])
+        self.assertEqual(self.shared.domains, set())

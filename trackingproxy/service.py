@@ -239,16 +239,20 @@ def build_service(
 
     ``listen(option, description)`` makes the listening endpoints (default: Twisted's endpoint
     strings); ``acme_builder`` is ``build_acme`` or, in a --workers child,
-    ``certwatch.build_worker_acme``.
+    ``certwatch.build_worker_acme`` (with ``--store``, children run ``build_acme`` too).
     """
     if listen is None:
         def listen(option: str, description: str) -> object:
             return _endpoint(reactor, option, description)
     opened = None
-    if challenges is None and config.https_port is not None and acme_builder is build_acme:
-        opened = open_store(config.acme, config.domains, reactor)
+    if challenges is None and config.https_port is not None:
+        if acme_builder is build_acme or config.acme.store is not None:
+            opened = open_store(config.acme, config.domains, reactor)
         if opened is not None:
+            # With a shared store every process is a full replica, --workers children too:
+            # the store's locks decide who orders, its change messages reach every process.
             config = with_store_domains(config, opened.domains)
+            acme_builder = build_acme
     sni = sni_map = SNIContextMap(config.domains)
     for cert in config.certificates:
         sni.install(cert)

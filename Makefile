@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-APT_PACKAGES := pebble curl openssl ca-certificates chromium libnghttp2-14
+APT_PACKAGES := pebble curl openssl ca-certificates chromium libnghttp2-14 redis-server haproxy
 ARGS ?=
 
 .PHONY: run test lint unit debs venv clean plugin-cache
@@ -66,13 +66,27 @@ clean:
 demo: debs $(STAMP)
 	$(BIN)/python demo/run_demo.py $(DEMO_ARGS)
 
+# Cluster mode on one machine, offline, in about a minute: a real redis-server, pebble,
+# HAProxy (PROXY v2, round robin) and three replicas sharing the store: one certificate for
+# all three, a replica killed -9 mid-order and another finishing it, a renewal reaching every
+# replica, requests answered while Redis is down. DEMO_ARGS=--keep-running leaves it up.
+.PHONY: cluster-demo
+cluster-demo: debs $(STAMP)
+	$(BIN)/python demo/run_cluster_demo.py $(DEMO_ARGS)
+
 # trackingproxy against nginx (SparkPost's recipe, and tuned) and Caddy, on loopback; writes
 # bench/RESULTS.md and bench/results/latest.json (see bench/README.md). bench-quick: ~3 minutes.
-BENCH_DEBS := nginx caddy wrk nghttp2-client util-linux strace
-.PHONY: bench bench-quick
+BENCH_DEBS := nginx caddy wrk nghttp2-client util-linux strace redis-server
+.PHONY: bench bench-quick bench-domains
 bench: $(STAMP)
 	@$(MAKE) --no-print-directory debs APT_PACKAGES="$(BENCH_DEBS)"
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.domains
+
+# 100, 1,000 and 10,000 domains on one instance: start-up, memory per domain, handshakes,
+# SIGHUP, /metrics (bench/domains.py; writes its table into bench/RESULTS.md).
+bench-domains: $(STAMP)
+	$(BIN)/python -m bench.domains $(BENCH_DOMAINS_ARGS)
 
 bench-quick: $(STAMP)
 	@$(MAKE) --no-print-directory debs APT_PACKAGES="$(BENCH_DEBS)"

@@ -14,7 +14,9 @@ never appears in a message, a repr or a log line: ``StoreURL.masked`` replaces i
 
 from __future__ import annotations
 
+import re
 import socket
+import ssl
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -24,7 +26,7 @@ from attrs import field, frozen
 from redis import exceptions as rx
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import MasterNotFoundError, Sentinel
 
 from trackingproxy.errors import ConfigError
 from trackingproxy.store.contract import StoreUnavailable
@@ -193,11 +195,28 @@ _UNAVAILABLE_PREFIXES = (
 )
 
 
+# redis-py names each Sentinel it failed to ask by the whole repr of its client (every
+# connection setting, object addresses): only its address is worth a message.
+_CLIENT_REPR = re.compile(r"<redis\.client\.Redis\(.*?\bhost=([^,()<>]+),port=(\d+),.*?\)>\)>\)>")
+
+
 def _one_line(error: BaseException, secret: str | None = None) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
+    text = _CLIENT_REPR.sub(r"Sentinel \1:\2", text)
     if secret:
         text = text.replace(secret, "***")
     return text
+
+
+def _caused_by(error: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = error
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def unavailable_cause(error: BaseException, secret: str | None = None) -> str | None:
@@ -231,7 +250,8 @@ def password_of(client: Any) -> str | None:
 
 def probe(client: redis.Redis, description: str) -> None:
     """PING the store (blocking, at start-up); StoreUnavailable (one line) telling apart an
-    unreachable store, a refused password and something that is not a Redis server."""
+    unreachable store, an untrusted TLS certificate (or a failed handshake), a Sentinel that
+    knows no such master, a refused password and something that is not a Redis server."""
     secret = password_of(client)
     try:
         client.ping()
@@ -246,9 +266,27 @@ def probe(client: redis.Redis, description: str) -> None:
             "check the host and port of the store URL"
         ) from None
     except (rx.ConnectionError, rx.TimeoutError) as e:
+        cause = _one_line(e, secret)
+        if "CERTIFICATE_VERIFY_FAILED" in cause or _caused_by(e, ssl.SSLCertVerificationError):
+            raise StoreUnavailable(
+                f"store {description}: TLS certificate not trusted ({cause}); give "
+                "--store-ca-bundle the PEM file of the CA that signed the server's certificate, "
+                "and a host in the store URL that the certificate names"
+            ) from None
+        if _caused_by(e, ssl.SSLError):
+            raise StoreUnavailable(
+                f"store {description}: TLS handshake failed ({cause}); check that the port "
+                "speaks TLS (rediss://) and accepts clients without a certificate"
+            ) from None
+        service = getattr(client.connection_pool, "service_name", None)
+        if isinstance(e, MasterNotFoundError) and cause == f"No master found for {service!r}":
+            raise StoreUnavailable(
+                f"store {description}: the Sentinels answered but name no usable master "
+                f"{service!r}: check the service name (the name in `sentinel monitor`), or "
+                "the master is down and no replica has been promoted yet"
+            ) from None
         raise StoreUnavailable(
-            f"store {description}: unreachable (connection refused / timed out): "
-            f"{_one_line(e, secret)}"
+            f"store {description}: unreachable (connection refused / timed out): {cause}"
         ) from None
     except rx.ResponseError as e:
         cause = _one_line(e, secret)

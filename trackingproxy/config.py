@@ -20,6 +20,7 @@ from trackingproxy.acme.settings import AcmeSettings
 from trackingproxy.domains import normalise_domain, read_domains_file
 from trackingproxy.errors import ConfigError
 from trackingproxy.logs.access import LogFormat, PathMode
+from trackingproxy.logs.quiet import parse_level
 from trackingproxy.proxy.forwarded import IPNetwork, parse_networks
 from trackingproxy.store.settings import store_settings_from_options
 from trackingproxy.tls.certificates import (
@@ -62,6 +63,8 @@ class ProxyConfig:
     admin_port: str | None = None  # --admin-port (None: no admin listener, no metrics)
     workers: int = 1  # --workers: processes sharing the listeners (trackingproxy.ops.supervisor)
     http2_engine: str = "auto"  # --http2-engine: auto, nghttp2 or python (server.engines)
+    metrics_per_domain: str = "auto"  # --metrics-per-domain: on, off, auto (admin.metrics)
+    log_level: str = "info"  # --log-level (logs.quiet)
 
     @property
     def user_covered(self) -> tuple[str, ...]:
@@ -189,6 +192,10 @@ def config_from_options(opts: Mapping[str, Any], now: datetime.datetime) -> Prox
         admin_port=_endpoint("admin-port", opts.get("admin-port", "none")),
         workers=parse_workers(opts.get("workers") or "1"),
         http2_engine=parse_http2_engine(opts.get("http2-engine") or "auto"),
+        log_level=parse_level(opts.get("log-level") or "info").name,
+        metrics_per_domain=_choice(
+            "metrics-per-domain", opts.get("metrics-per-domain") or "auto", ("auto", "on", "off")
+        ),
     )
 
 
@@ -249,6 +256,9 @@ def _acme_settings(opts: Mapping[str, Any]) -> AcmeSettings:
         store=store_settings_from_options(opts),
         node_id=parse_node_id(opts.get("node-id")),
         order_lock_ttl=_positive_seconds("order-lock-ttl", opts.get("order-lock-ttl") or "120"),
+        max_orders_per_hour=_count(
+            "acme-max-orders-per-hour", opts.get("acme-max-orders-per-hour") or "90", most=10000
+        ),
     )
     if not settings.no_acme:
         settings.validate()

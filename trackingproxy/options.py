@@ -80,6 +80,7 @@ PARAMETERS: list[tuple[str, str | None, str]] = [
         "Access log destination: stdout, log (the twistd log), off, or a file path.",
     ),
     ("log-format", "combined", "Access log format: combined or json."),
+    ("log-level", "info", "Lowest level of the process log: debug, info, warn, error, critical."),
     ("log-paths", "full", "Paths in the access log: full, or redacted (hash of tracking tokens)."),
     ("email", None, "ACME account contact address (recommended)."),
     (
@@ -108,6 +109,16 @@ PARAMETERS: list[tuple[str, str | None, str]] = [
     ("store-ca-bundle", None, "PEM CA bundle trusted for a rediss:// store's TLS."),
     ("store-prefix", "trackingproxy:", "Prefix of every key in the store (one per cluster)."),
     ("node-id", None, "This replica's name in locks, logs, metrics, /status [default: host name]."),
+    (
+        "acme-max-orders-per-hour",
+        "90",
+        "ACME orders placed per hour at most (first issuance and renewals, queued and paced).",
+    ),
+    (
+        "metrics-per-domain",
+        "auto",
+        "Request counters per domain in /metrics: on, off, or auto (on below 100 domains).",
+    ),
     (
         "order-lock-ttl",
         "120",

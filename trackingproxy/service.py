@@ -9,15 +9,14 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from attrs import define, evolve
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IResolver
-from twisted.logger import ILogObserver, Logger
-from twisted.names import client as names_client
+from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.components import Componentized
 
 from trackingproxy.acme.settings import AcmeParts, build_acme, open_store
@@ -28,6 +27,7 @@ from trackingproxy.errors import ConfigError, exit_with
 from trackingproxy.internals.twisted_private import forget_exit_signal, stop_resolv_conf_timer
 from trackingproxy.logs.access import AccessLog, AccessLogObserver, build_access_log
 from trackingproxy.logs.jsonlines import JSONLinesObserver
+from trackingproxy.logs.quiet import install as quiet_logs
 from trackingproxy.ops.lifecycle import (
     ActiveRequests,
     OpenConnections,
@@ -48,7 +48,7 @@ from trackingproxy.server.listener import HTTPListener, ListenerObserver
 from trackingproxy.tls.protocol import TLSServerFactory
 from trackingproxy.tls.sni import SNIContextMap
 from trackingproxy.upstream.client import UpstreamClient
-from trackingproxy.upstream.dns import CachingResolver
+from trackingproxy.upstream.dns import CachingResolver, LazyResolver
 from trackingproxy.upstream.pool import (
     QUEUE_TIMEOUT,
     ConnectionPool,
@@ -106,6 +106,7 @@ class TrackingProxyService(MultiService):
         self.reloader: Reloader | None = None
         self.reload_hooks: list[Callable[[], object]] = []  # also run on SIGHUP (--workers)
         self.install_signals = False
+        self.log_level = "info"  # --log-level, applied when the process starts
         self._json_log = json_log
         self._previous_sighup: Any = None
 
@@ -117,6 +118,8 @@ class TrackingProxyService(MultiService):
             parent.setComponent(ILogObserver, JSONLinesObserver(sys.stdout))
 
     def privilegedStartService(self) -> None:
+        if self.install_signals:  # the real process: twistd's log observer exists by now
+            quiet_logs(LogLevel.levelWithName(self.log_level))
         try:
             super().privilegedStartService()
         except ConfigError as e:
@@ -137,6 +140,7 @@ class TrackingProxyService(MultiService):
                     reactor.callFromThread(hook)
 
             self._previous_sighup = signal.signal(signal.SIGHUP, on_sighup)
+            reactor.callWhenRunning(_stop_once, signal.SIGTERM, signal.SIGINT)
             reactor.callWhenRunning(tune_gc)
             raised = raise_open_files_limit()
             if raised is not None:
@@ -262,7 +266,7 @@ def build_service(
     )
     names: IResolver | None = None
     if upstream is None:
-        names = names_client.createResolver()
+        names = cast(IResolver, LazyResolver())
         upstream = build_upstream(config, reactor, names)
     if access_log is None:
         access_log = build_access_log(
@@ -377,6 +381,7 @@ def build_service(
         runtime.well_known = well_known
 
     followers = list(acme_parts.follow_domains) if acme_parts is not None else []
+    root.log_level = config.log_level
     root.reloader = Reloader(config, reactor, sni, apply_runtime, followers)
     if opened is not None:
         root.reloader.store_domains = opened.domains
@@ -392,6 +397,25 @@ def with_store_domains(config: ProxyConfig, store_domains: Iterable[str]) -> Pro
             "with `trackingproxy domains add click.example.com --store URL`"
         )
     return evolve(config, domains=domains)
+
+
+def _stop_once(*signums: int) -> None:
+    """A second SIGTERM (or Ctrl-C) while the first one's drain runs is ignored, with one line:
+    the reactor's own handler would ask the stopping reactor to stop again (a traceback)."""
+    stopping: list[int] = []
+    for signum in signums:
+        handler = signal.getsignal(signum)
+        if not callable(handler):
+            continue
+
+        def once(sig: int, frame: object, handler: Any = handler) -> None:
+            if stopping:
+                log.info("Already stopping (signal {sig} ignored)", sig=sig)
+                return
+            stopping.append(sig)
+            handler(sig, frame)
+
+        signal.signal(signum, once)
 
 
 def _exit_zero_after_sigterm() -> None:

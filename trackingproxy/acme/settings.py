@@ -88,6 +88,7 @@ class AcmeSettings:
     store: StoreSettings | None = None  # --store: shared by replicas (None: the state dir)
     node_id: str = ""  # --node-id: in lock tokens, logs, metrics and /status
     order_lock_ttl: float = 120.0  # --order-lock-ttl
+    max_orders_per_hour: int = 90  # --acme-max-orders-per-hour
 
     @property
     def is_local(self) -> bool:

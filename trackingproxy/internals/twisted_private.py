@@ -11,10 +11,13 @@ Twisted below 27). `missing` lists what a release lacks of it; tests/test_intern
 - twisted.internet.tcp: the optimistic write and close of `trackingproxy.ops.tcpwrite`.
 - the reactor's exit signal (twistd re-raises it) and the resolv.conf timer of the
   twisted.names client (left running at shutdown otherwise).
+- twisted.logger's global publisher: its observers (twistd's text or JSON file observer) are
+  wrapped in a filter once logging has begun (`wrap_log_observers`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from OpenSSL import SSL
@@ -22,6 +25,7 @@ from twisted.internet import abstract, main, tcp
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, ITransport
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import ILogObserver
 from twisted.protocols.tls import BufferingTLSTransport
 from twisted.python.failure import Failure
 from twisted.web import _newclient
@@ -56,6 +60,7 @@ __all__ = [
     "optimistic_tcp_installed",
     "stop_resolv_conf_timer",
     "uninstall_optimistic_tcp",
+    "wrap_log_observers",
 ]
 
 ensure_valid_method = _newclient._ensureValidMethod
@@ -79,9 +84,13 @@ def missing() -> list[str]:
     import socket
 
     from twisted.internet.testing import MemoryReactor
+    from twisted.logger import globalLogPublisher
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
-    lacking = [
+    lacking = [] if isinstance(getattr(globalLogPublisher, "_observers", None), list) else [
+        "twisted.logger.LogPublisher._observers"
+    ]
+    lacking += [
         f"twisted.web._newclient.{name}"
         for name in ("_ensureValidMethod", "_ensureValidURI", "TransportProxyProducer")
         if not hasattr(_newclient, name)
@@ -286,3 +295,14 @@ def stop_resolv_conf_timer(names: Any) -> None:
         call = getattr(resolver, "_parseCall", None)
         if call is not None and call.active():
             call.cancel()
+
+
+# -- logging ---------------------------------------------------------------------------------
+def wrap_log_observers(wrap: Callable[[ILogObserver], ILogObserver]) -> int:
+    """Replace every observer of the global log publisher (under twistd: the log file's) by
+    ``wrap(observer)``; the number wrapped. Call once logging has begun."""
+    from twisted.logger import globalLogPublisher
+
+    observers: list[ILogObserver] = globalLogPublisher._observers
+    observers[:] = [wrap(o) for o in observers]
+    return len(observers)

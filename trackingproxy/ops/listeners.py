@@ -54,7 +54,8 @@ class ListenerService(Service):
 
     def _listening(self, port: IListeningPort) -> None:
         self.port = port
-        log.info("{option} listening on {address}", option=self.option, address=port.getHost())
+        log.info("{option} listening on {address}", option=self.option,
+                 address=describe_address(port.getHost()))
 
     def _failed(self, reason: Failure) -> None:
         self._failure = reason
@@ -72,3 +73,11 @@ class ListenerService(Service):
             result: Deferred[None] | None = port.stopListening()
             return result
         return None
+
+
+def describe_address(address: object) -> str:
+    """``127.0.0.1:80``, ``[::]:443`` or a UNIX path: an address in words, not a repr."""
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is None or port is None:
+        return str(getattr(address, "name", address))
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

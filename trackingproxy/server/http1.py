@@ -371,9 +371,11 @@ class HTTP1Connection(TwistedProtocol):
                     self._h2.dataReceived(data)
                     return
                 if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+                    name_connection(self.transport, "h2")
                     self._switch_to_h2(data)
                     return
                 self._h1 = True
+                name_connection(self.transport, "h1")
             parser = self._parser = httptools.HttpRequestParser(self)
         if self._stopped:
             return
@@ -692,6 +694,20 @@ class HTTP1Connection(TwistedProtocol):
         transport: Any = self.transport
         h2.makeConnection(transport)
         h2.dataReceived(data)
+
+
+def name_connection(transport: Any, protocol: str) -> None:
+    """Name the connection in the log by what it speaks: ``h2 TLS,4,198.51.100.7`` instead of
+    ``HTTP1Connection (TLSServerProtocol),4,198.51.100.7`` (the TCP transport's log prefix,
+    fixed when it was accepted, before TLS and ALPN said what the client speaks)."""
+    secure = ISSLTransport.providedBy(transport)
+    tcp = transport
+    while tcp is not None and not hasattr(tcp, "logstr"):
+        tcp = getattr(tcp, "transport", None)
+    if tcp is None or not isinstance(tcp.logstr, str):
+        return
+    _, _, rest = tcp.logstr.partition(",")
+    tcp.logstr = f"{protocol} {'TLS' if secure else 'plain'}," + rest
 
 
 def _tokens(value: bytes) -> set[bytes]:

@@ -137,6 +137,31 @@ def default_resolver(clock: IReactorTime) -> CachingResolver:
     return CachingResolver(resolver, clock)
 
 
+class LazyResolver:
+    """The system's DNS client, made on the first lookup (so reading resolv.conf happens
+    once the process logs through its filters, and not at all when nothing is looked up)."""
+
+    def __init__(self, make: Any = client.createResolver) -> None:
+        self._make = make
+        self._resolver: Any = None
+
+    def _get(self) -> Any:
+        if self._resolver is None:
+            self._resolver = self._make()
+        return self._resolver
+
+    def lookupAddress(self, name: str, timeout: Any = None) -> Deferred[Any]:
+        return self._get().lookupAddress(name, timeout)  # type: ignore[no-any-return]
+
+    def lookupIPV6Address(self, name: str, timeout: Any = None) -> Deferred[Any]:
+        return self._get().lookupIPV6Address(name, timeout)  # type: ignore[no-any-return]
+
+    @property
+    def resolvers(self) -> Sequence[Any]:
+        """The chained resolvers, once made (for stopping their resolv.conf timer)."""
+        return () if self._resolver is None else getattr(self._resolver, "resolvers", ())
+
+
 class _NoAddresses(Exception):
     pass
 

@@ -65,6 +65,10 @@ class ProxyConfig:
     http2_engine: str = "auto"  # --http2-engine: auto, nghttp2 or python (server.engines)
     metrics_per_domain: str = "auto"  # --metrics-per-domain: on, off, auto (admin.metrics)
     log_level: str = "info"  # --log-level (logs.quiet)
+    outage_mode: str = "off"  # --outage-mode: off or replay
+    remember_links: int = 100_000  # --remember-links
+    journal_ttl: float = 86_400.0  # --journal-ttl (seconds, at most 72 h)
+    journal_max_bytes: int = 64 * 1024 * 1024  # --journal-max-bytes
 
     @property
     def user_covered(self) -> tuple[str, ...]:
@@ -193,10 +197,26 @@ def config_from_options(opts: Mapping[str, Any], now: datetime.datetime) -> Prox
         workers=parse_workers(opts.get("workers") or "1"),
         http2_engine=parse_http2_engine(opts.get("http2-engine") or "auto"),
         log_level=parse_level(opts.get("log-level") or "info").name,
+        outage_mode=_choice("outage-mode", opts.get("outage-mode") or "off", ("off", "replay")),
+        remember_links=_count("remember-links", opts.get("remember-links") or "100000",
+                              most=10_000_000),
+        journal_ttl=_journal_ttl(opts.get("journal-ttl") or "86400"),
+        journal_max_bytes=_count("journal-max-bytes", opts.get("journal-max-bytes")
+                                 or str(64 * 1024 * 1024), most=2**40),
         metrics_per_domain=_choice(
             "metrics-per-domain", opts.get("metrics-per-domain") or "auto", ("auto", "on", "off")
         ),
     )
+
+
+def _journal_ttl(raw: str) -> float:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not 0 < value <= 72 * 3600:
+        raise ConfigError(f"--journal-ttl {raw!r}: give 1 to 259200 seconds (72 h), e.g. 86400")
+    return value
 
 
 def parse_node_id(raw: str | None) -> str:

@@ -42,6 +42,15 @@ PARAMETERS: list[tuple[str, str | None, str]] = [
     ),
     ("upstream-timeout", "10", "Seconds to wait for the upstream's response headers (then 504)."),
     (
+        "outage-mode",
+        "off",
+        "When the upstream cannot be reached: off (502/504), or replay (local answers, a "
+        "journal re-sent once after recovery).",
+    ),
+    ("remember-links", "100000", "Click redirects remembered for replay mode (LRU, 24 h)."),
+    ("journal-ttl", "86400", "Seconds a journaled request is kept for replay (at most 259200)."),
+    ("journal-max-bytes", "67108864", "Size limit of the replay journal (oldest dropped)."),
+    (
         "upstream-max-connections",
         "1024",
         "Most upstream connections at once; beyond, requests wait up to 5 s, then 503.",

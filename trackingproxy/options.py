@@ -33,7 +33,9 @@ PARAMETERS: list[tuple[str, str | None, str]] = [
     (
         "upstream",
         "https://spgo.io",
-        "Tracking endpoint: URL, or 'us' (spgo.io) / 'eu' (eu.spgo.io).",
+        "Tracking endpoint: us (spgo.io), eu (eu.spgo.io), us-v2 (v2.spgo.io), eu-v2 "
+        "(eu.v2.spgo.io), enterprise:TENANT (TENANT.et.e.sparkpost.com) or a URL. Pick the "
+        "endpoint SparkPost's domain settings show for the tracking domain (new domains: V2).",
     ),
     (
         "upstream-ca-bundle",

@@ -1,6 +1,7 @@
 """`trackingproxy check` on loopback: a real DNS server (twisted.names.server), the real proxy
-(tests/harness.py) with the stand-in upstream, bare TLS servers with bad certificates, and the
-console command and `twistd trackingproxy --check` as subprocesses."""
+(tests/harness.py) with the stand-in upstream, an upstream that routes by Host as SparkPost does,
+bare TLS servers with bad certificates, and the console command and `twistd trackingproxy
+--check` as subprocesses."""
 
 from __future__ import annotations
 
@@ -21,16 +22,22 @@ from twisted.web.server import Site
 
 from tests.certs import ServerTLS, issue, make_ca
 from tests.harness import DOMAIN, DOMAIN2, proxy_args, start_proxy, stop_proxy
+from tests.standin import StandIn, start_standin
 from trackingproxy.checks.cli import CheckOptions, execute
-from trackingproxy.checks.dnscheck import judge, resolve
+from trackingproxy.checks.dnscheck import SPARKPOST_HOSTS, SPARKPOST_SUFFIXES, judge, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 SPGO_ADDRESS = "127.0.0.66"
+V2_ADDRESS = "127.0.0.68"  # v2.spgo.io in the test zone: a Host-routing upstream listens there
+PROBE = "/f/a/b/c/d"
+LANDING = "https://www.example.com/landing?utm=1"
 ZONE: dict[str, list[Any]] = {
     DOMAIN: [dns.Record_A("127.0.0.1", ttl=60)],
     DOMAIN2: [dns.Record_A("127.0.0.1", ttl=60)],
     "alias.example.com": [dns.Record_CNAME(b"click.example.com", ttl=60)],
     "sp.example.com": [dns.Record_CNAME(b"spgo.io", ttl=60)],
+    "spv2.example.com": [dns.Record_CNAME(b"eu.v2.spgo.io", ttl=60)],
+    "spent.example.com": [dns.Record_CNAME(b"acme.et.e.sparkpost.com", ttl=60)],
     "spaddr.example.com": [dns.Record_A(SPGO_ADDRESS, ttl=60)],
     "away.example.com": [dns.Record_A("198.51.100.7", ttl=60)],
     "half.example.com": [dns.Record_A("127.0.0.1", ttl=60), dns.Record_A("198.51.100.7", ttl=60)],
@@ -41,6 +48,7 @@ ZONE: dict[str, list[Any]] = {
 SPGO_ZONE: dict[str, list[Any]] = {
     "spgo.io": [dns.Record_A(SPGO_ADDRESS, ttl=60)],
     "eu.spgo.io": [dns.Record_A("127.0.0.67", ttl=60)],
+    "v2.spgo.io": [dns.Record_A(V2_ADDRESS, ttl=60)],
 }
 
 
@@ -84,6 +92,45 @@ class _Redirect(Resource):
 def start_tls_server(leaf: Any) -> Any:
     """A bare HTTPS server on 127.0.0.1 serving `leaf` for every name (no SNI logic)."""
     return reactor.listenSSL(0, Site(_Redirect()), ServerTLS(leaf), interface="127.0.0.1")
+
+
+class _Routing(Resource):
+    """An upstream that routes by Host as SparkPost does: a click redirect for the tracking
+    domains it holds, 404 for any other Host; it records (path, Host) of every request."""
+
+    isLeaf = True
+
+    def __init__(self, serves: set[str]) -> None:
+        super().__init__()
+        self.serves = serves
+        self.seen: list[tuple[bytes, bytes]] = []
+
+    def render_GET(self, request: Any) -> bytes:
+        host = request.requestHeaders.getRawHeaders(b"host", [b""])[0]
+        self.seen.append((request.uri, host))
+        request.setHeader(b"server", b"msys-http")
+        if host.decode() not in self.serves:
+            request.setResponseCode(404)
+            return b"not found"
+        request.setResponseCode(302)
+        request.setHeader(b"location", LANDING.encode())
+        return b""
+
+
+def start_routing(ca: Any, *serves: str) -> tuple[StandIn, Any, _Routing]:
+    """The Host-routing upstream holding `serves`, on 127.0.0.1 (as a StandIn for the proxy)
+    and on V2_ADDRESS (v2.spgo.io for the check); its certificate is for both names."""
+    routing = _Routing(set(serves))
+    tls = ServerTLS(ca.issue_cert("127.0.0.1", "v2.spgo.io"))
+    standin = StandIn(port=reactor.listenSSL(0, Site(routing), tls, interface="127.0.0.1"))
+    as_v2 = reactor.listenSSL(0, Site(routing), tls, interface=V2_ADDRESS)
+    return standin, as_v2, routing
+
+
+def replace_upstream(args: list[str], url: str) -> list[str]:
+    """The check's arguments with `--upstream` pointing at `url` instead."""
+    at = args.index("--upstream") + 1
+    return [*args[:at], url, *args[at + 1 :]]
 
 
 class CheckTests(TestCase):
@@ -148,7 +195,7 @@ class CheckTests(TestCase):
     @inlineCallbacks
     def dns_verdict(self, name: str, expected: frozenset[str] = frozenset({"127.0.0.1"})) -> Any:
         resolution = yield Deferred.fromCoroutine(
-            resolve(self.resolver(), name, (1, 2), stop_at=("spgo.io", "eu.spgo.io"))
+            resolve(self.resolver(), name, (1, 2), stop_at=(*SPARKPOST_HOSTS, *SPARKPOST_SUFFIXES))
         )
         return judge(resolution, expected, True, frozenset({SPGO_ADDRESS}))
 
@@ -178,6 +225,23 @@ class CheckTests(TestCase):
         self.assertIn("point the domain here (127.0.0.1)", finding.line())
         finding = yield self.dns_verdict("spaddr.example.com")
         self.assertIn("still points at SparkPost (SparkPost's addresses)", finding.line())
+
+    @inlineCallbacks
+    def test_dns_still_at_a_v2_or_enterprise_endpoint(self):
+        """A CNAME to a V2 endpoint or to an Enterprise tenant's endpoint is still SparkPost."""
+        finding = yield self.dns_verdict("spv2.example.com")
+        self.assertTrue(
+            finding.line().startswith(
+                "FAIL dns  spv2.example.com -> CNAME eu.v2.spgo.io: still points at SparkPost "
+                "(eu.v2.spgo.io), not at this host"
+            ),
+            finding.line(),
+        )
+        finding = yield self.dns_verdict("spent.example.com")
+        self.assertIn(
+            "-> CNAME acme.et.e.sparkpost.com: still points at SparkPost (acme.et.e.sparkpost.com)",
+            finding.line(),
+        )
 
     @inlineCallbacks
     def test_dns_elsewhere_and_partly(self):
@@ -229,8 +293,7 @@ class CheckTests(TestCase):
 
     @inlineCallbacks
     def test_everything_ok_exits_0(self):
-        """Against the real proxy and stand-in: every line OK (DNS, both ports, certificate,
-        upstream, /f/ probes over HTTP and HTTPS), status 0; the stand-in saw only probes."""
+        """Real proxy and stand-in: all lines OK, status 0; the upstream saw only /f/a/b/c/d."""
         running = self.start()
         status, lines = yield self.run_check(self.check_args(running))
         self.assertEqual(status, 0, "\n".join(lines))
@@ -238,9 +301,15 @@ class CheckTests(TestCase):
         self.assertEqual(
             kinds,
             [["OK", "upstream"]]
-            + [["OK", "dns"], ["OK", "port"], ["OK", "probe"], ["OK", "port"], ["OK", "cert"],
-               ["OK", "probe"]] * 2,
+            + [["OK", "dns"], ["OK", "upstream"], ["OK", "port"], ["OK", "probe"], ["OK", "port"],
+               ["OK", "cert"], ["OK", "probe"]] * 2,
         )  # fmt: skip
+        upstream = f"https://127.0.0.1:{running.standin.port.getHost().port}"
+        self.assertIn(
+            f"OK   upstream {upstream} serves click.example.com: GET {PROBE} with Host "
+            f"click.example.com -> 302 to {LANDING} (Server: msys-http)",
+            lines,
+        )
         self.assertIn(
             f"OK   port click.example.com: port {running.https_port} at 127.0.0.1 answers (https)",
             lines,
@@ -248,12 +317,15 @@ class CheckTests(TestCase):
         cert = next(line for line in lines if line.startswith("OK   cert click.example.com"))
         self.assertRegex(cert, r"valid for the name, chain verifies .* expires in \d+ days")
         self.assertIn(
-            "OK   probe https://click.example.com/f/trackingproxy-check -> 302 to "
-            "https://www.example.com/landing?utm=1 (a SparkPost redirect)",
+            f"OK   probe https://click.example.com{PROBE} -> 302 to {LANDING}, as the upstream "
+            "answers it",
             lines,
         )
+        seen = running.standin.seen
+        self.assertEqual([s.uri for s in seen], [PROBE.encode()] * 6)
+        direct = [s for s in seen if b"x-forwarded-for" not in s.headers]  # not via the proxy
         self.assertEqual(
-            sorted(seen.uri for seen in running.standin.seen), [b"/f/trackingproxy-check"] * 4
+            [s.headers[b"host"] for s in direct], [[DOMAIN.encode()], [DOMAIN2.encode()]]
         )
 
     @inlineCallbacks
@@ -338,6 +410,95 @@ class CheckTests(TestCase):
             self.assertIn("-> 502, not a redirect; the proxy cannot reach the upstream", line)
 
     @inlineCallbacks
+    def test_endpoint_does_not_serve_the_domain(self):
+        """An endpoint 404ing a Host FAILs naming the other alias; the proxy is not blamed."""
+        ca = make_ca()
+        standin, as_v2, routing = start_routing(ca, DOMAIN2)
+        self.addCleanup(as_v2.stopListening)
+        running = self.start(ca=ca, standin=standin)
+        v2 = f"https://v2.spgo.io:{as_v2.getHost().port}"  # the test DNS has v2.spgo.io here
+        status, lines = yield self.run_check(replace_upstream(self.check_args(running), v2))
+        self.assertEqual(status, 1, lines)
+        self.assertTrue(lines[0].startswith(f"OK   upstream {v2} (us-v2): reachable at "), lines)
+        self.assertIn(
+            f"FAIL upstream {v2} (us-v2) does not serve click.example.com: GET {PROBE} with Host "
+            "click.example.com -> 404 (Server: msys-http); SparkPost probably has the domain on "
+            "the V1 endpoint spgo.io, or not set up: if its domain settings show spgo.io, pass "
+            "--upstream us",
+            lines,
+        )
+        for scheme in ("http", "https"):
+            self.assertIn(
+                f"FAIL probe {scheme}://click.example.com{PROBE} -> 404, not a redirect, as the "
+                "upstream answers it; the proxy passes the upstream's answer on: see the upstream "
+                "line for click.example.com",
+                lines,
+            )
+        self.assertIn(
+            f"OK   upstream {v2} (us-v2) serves click2.example.com: GET {PROBE} with Host "
+            f"click2.example.com -> 302 to {LANDING} (Server: msys-http)",
+            lines,
+        )
+        self.assertEqual(
+            [line.split()[:2] for line in lines if "click2.example.com" in line],
+            [["OK", "dns"], ["OK", "upstream"], ["OK", "port"], ["OK", "probe"], ["OK", "port"],
+             ["OK", "cert"], ["OK", "probe"]],
+        )  # fmt: skip
+        self.assertEqual({uri for uri, _ in routing.seen}, {PROBE.encode()})
+        self.assertEqual({host for _, host in routing.seen}, {DOMAIN.encode(), DOMAIN2.encode()})
+
+    @inlineCallbacks
+    def test_proxy_answer_differs_from_upstream(self):
+        """A proxy forwarding elsewhere than --upstream: each probe FAILs as misconfigured."""
+        ca = make_ca()
+        stale, as_v2, _ = start_routing(ca)  # what the running proxy forwards to: holds nothing
+        self.addCleanup(as_v2.stopListening)
+        running = self.start(ca=ca, standin=stale)
+        configured = start_standin(ca)  # the upstream the options name now: holds every domain
+        assert configured.port is not None
+        self.addCleanup(configured.port.stopListening)
+        url = f"https://127.0.0.1:{configured.port.getHost().port}"
+        args = replace_upstream(self.check_args(running, DOMAIN), url)
+        status, lines = yield self.run_check(args)
+        self.assertEqual(status, 1, lines)
+        self.assertEqual(
+            [line.split()[:2] for line in lines],
+            [["OK", "upstream"], ["OK", "dns"], ["OK", "upstream"], ["OK", "port"],
+             ["FAIL", "probe"], ["OK", "port"], ["OK", "cert"], ["FAIL", "probe"]],
+        )  # fmt: skip
+        for scheme in ("http", "https"):
+            self.assertIn(
+                f"FAIL probe {scheme}://click.example.com{PROBE} -> 404, but the upstream answers "
+                "302 for click.example.com directly; the proxy is misconfigured: check that "
+                "trackingproxy (not another web server) answers here and that it runs with "
+                f"--upstream {url}, the endpoint this check asked",
+                lines,
+            )
+        self.assertEqual([s.headers[b"host"] for s in configured.seen], [[DOMAIN.encode()]])
+
+    @inlineCallbacks
+    def test_upstream_resets_the_probe(self):
+        """An upstream resetting every request: the direct probe FAILs, the 502s point at it."""
+        running = self.start()
+        running.standin.mode = "reset"
+        status, lines = yield self.run_check(self.check_args(running, DOMAIN))
+        self.assertEqual(status, 1, lines)
+        self.assertTrue(lines[0].startswith("OK   upstream https://127.0.0.1:"), lines)
+        self.assertRegex(
+            lines[2],
+            rf"^FAIL upstream https://127\.0\.0\.1:\d+ for click\.example\.com: GET {PROBE} with "
+            r"Host click\.example\.com: no answer \(the upstream closed the connection .*\); the "
+            "endpoint closed the connection without an answer: try again",
+        )
+        probes = [line for line in lines if " probe " in line]
+        self.assertEqual(len(probes), 2, lines)
+        for line in probes:
+            self.assertIn(
+                "-> 502, not a redirect; the proxy cannot reach the upstream: see the upstream line",
+                line,
+            )
+
+    @inlineCallbacks
     def test_connect_to_checks_this_host_before_dns_moves(self):
         """DNS still at SparkPost: without --connect-to the port checks are skipped; with it
         they run against this host (the sibling-domain step of the migration)."""
@@ -350,16 +511,16 @@ class CheckTests(TestCase):
         self.assertEqual(status, 1)
         self.assertEqual(
             [line.split()[:2] for line in lines[3:]],
-            [["OK", "port"], ["FAIL", "probe"], ["OK", "port"], ["FAIL", "cert"]],
+            [["OK", "upstream"], ["OK", "port"], ["FAIL", "probe"], ["OK", "port"], ["FAIL", "cert"]],
         )  # reached this host; it does not serve sp.example.com yet
         self.assertTrue(lines[0].startswith("FAIL conf the proxy would refuse to start: --cert"))
         self.assertIn(
-            "-> 421, not a redirect; this server does not serve sp.example.com: "
-            "add --domain sp.example.com",
-            lines[4],
+            "-> 421, but the upstream answers 302 for sp.example.com directly; this server does "
+            "not serve sp.example.com: add --domain sp.example.com",
+            lines[5],
         )
-        self.assertIn("TLS handshake at 127.0.0.1 port", lines[6])
-        self.assertIn("make sure a certificate for sp.example.com is configured", lines[6])
+        self.assertIn("TLS handshake at 127.0.0.1 port", lines[7])
+        self.assertIn("make sure a certificate for sp.example.com is configured", lines[7])
 
     @inlineCallbacks
     def test_bad_input_is_one_line(self):
@@ -439,7 +600,7 @@ class CheckTests(TestCase):
         )
         lines = out.decode().splitlines()
         self.assertEqual(code, 0, (out, err))
-        self.assertEqual([line[:4] for line in lines], ["OK  "] * 7, lines)
+        self.assertEqual([line[:4] for line in lines], ["OK  "] * 8, lines)
         self.assertFalse(any(self.tmp.glob("*.pid")))
 
     @inlineCallbacks

@@ -12,10 +12,14 @@ from tests.certs import issue, make_ca, write_pair
 from trackingproxy.checks.cli import CheckOptions
 from trackingproxy.checks.dnscheck import Resolution, judge
 from trackingproxy.checks.findings import Finding, Level, exit_status
+from trackingproxy.checks.routing import Answer, judge_probe, judge_route
 from trackingproxy.checks.served import judge_certificate
 from trackingproxy.checks.settings import interface_addresses, public_port, settings_from_options
+from trackingproxy.upstream.target import parse_upstream
 
 NOW = datetime.datetime(2026, 6, 1, 12, 0, tzinfo=datetime.UTC)
+URL = "https://click.example.com/f/a/b/c/d"
+REDIRECT = Answer(302, "msys-http", "https://www.example.com/")
 
 
 def leaf_chain(ca, *names, days_left: float, lifetime: float = 90):
@@ -126,3 +130,125 @@ class VerdictTests(SynchronousTestCase):
         untrusted = judge_certificate(name, leaf_chain(make_ca(), name, days_left=60), trust, NOW, 14)
         self.assertEqual([f.level for f in untrusted], [Level.FAIL])
         self.assertIn("chain does not verify", untrusted[0].text)
+
+
+
+class RoutingTests(SynchronousTestCase):
+    """The verdicts on the upstream's direct answer and on the proxy's answer compared with it."""
+
+    def route(self, upstream: str, answer: Answer) -> Finding:
+        return judge_route("click.example.com", parse_upstream(upstream), "/f/a/b/c/d", answer)
+
+    def test_upstream_redirect_means_it_serves_the_domain(self):
+        """A redirect for the domain's Host is OK, naming the endpoint, status and Server."""
+        finding = judge_route("click.example.com", parse_upstream("us-v2"), "/f/a/b/c/d", REDIRECT)
+        self.assertEqual(
+            finding.line(),
+            "OK   upstream https://v2.spgo.io (us-v2) serves click.example.com: GET /f/a/b/c/d "
+            "with Host click.example.com -> 302 to https://www.example.com/ (Server: msys-http)",
+        )
+
+    def test_v1_endpoint_not_serving_suggests_v2(self):
+        """A 404 from a V1 endpoint fails and names the same region's V2 alias to pass."""
+        for upstream, other, alias in (
+            ("us", "v2.spgo.io", "us-v2"),
+            ("eu", "eu.v2.spgo.io", "eu-v2"),
+        ):
+            line = self.route(upstream, Answer(404, "msys-http")).line()
+            self.assertIn("does not serve click.example.com: GET /f/a/b/c/d with Host", line)
+            self.assertIn(
+                "-> 404 (Server: msys-http); SparkPost probably has the domain on the "
+                f"V2 endpoint {other} (domains created after December 2025 are)",
+                line,
+            )
+            self.assertTrue(line.endswith(f"show {other}, pass --upstream {alias}"), line)
+
+    def test_v2_endpoint_not_serving_suggests_v1(self):
+        """A 421 from a V2 endpoint fails and names the same region's V1 alias to pass."""
+        for upstream, other, alias in (("us-v2", "spgo.io", "us"), ("eu-v2", "eu.spgo.io", "eu")):
+            line = self.route(upstream, Answer(421)).line()
+            self.assertIn(
+                "-> 421 (no Server header); SparkPost probably has the domain on the "
+                f"V1 endpoint {other}, or not set up",
+                line,
+            )
+            self.assertTrue(line.endswith(f"show {other}, pass --upstream {alias}"), line)
+
+    def test_enterprise_and_other_upstreams_not_serving(self):
+        """Enterprise or a plain URL that does not redirect: pass the endpoint SparkPost shows."""
+        line = self.route("enterprise:acme", Answer(200, "nginx")).line()
+        self.assertTrue(
+            line.startswith(
+                "FAIL upstream https://acme.et.e.sparkpost.com "
+                "(enterprise:acme) does not serve click.example.com"
+            ),
+            line,
+        )
+        self.assertIn("on another endpoint or tenant (or not set up)", line)
+        line = self.route("https://tracking.example.net", Answer(302)).line()  # no Location
+        self.assertTrue(
+            line.startswith("FAIL upstream https://tracking.example.net does not"), line
+        )
+        self.assertTrue(line.endswith("(us, eu, us-v2, eu-v2 or enterprise:TENANT)"), line)
+
+    def test_server_error_is_not_a_routing_answer(self):
+        """A 5xx from the endpoint fails as a server error, without suggesting another endpoint."""
+        line = self.route("us", Answer(503, "msys-http")).line()
+        self.assertIn("https://spgo.io (us) failed for click.example.com", line)
+        self.assertIn("a server error, not an answer about the domain: try again later", line)
+        self.assertNotIn("--upstream", line)
+
+    def test_probe_same_as_upstream(self):
+        """The proxy's redirect equal to the upstream's is OK; an equal non-redirect fails once."""
+        target = parse_upstream("us")
+        ok = judge_probe(
+            URL, "click.example.com", Answer(302, None, "https://x/"), REDIRECT, target
+        )
+        self.assertEqual(
+            ok.line(), f"OK   probe {URL} -> 302 to https://x/, as the upstream answers it"
+        )
+        same = judge_probe(URL, "click.example.com", Answer(404), Answer(404), target)
+        self.assertEqual(
+            same.line(),
+            f"FAIL probe {URL} -> 404, not a redirect, as the upstream answers it; the proxy "
+            "passes the upstream's answer on: see the upstream line for click.example.com",
+        )
+
+    def test_probe_differs_from_upstream(self):
+        """A proxy answer unlike the upstream's fails with the fix for what answered."""
+        target = parse_upstream("us-v2")
+        for got, fix in (
+            (Answer(421), "this server does not serve click.example.com: add --domain"),
+            (Answer(502), "the proxy cannot reach the upstream: see the upstream line"),
+            (
+                Answer(404, "nginx"),
+                "the proxy is misconfigured: check that trackingproxy (not another web server) "
+                "answers here and that it runs with --upstream https://v2.spgo.io, the endpoint",
+            ),
+        ):
+            line = judge_probe(URL, "click.example.com", got, REDIRECT, target).line()
+            self.assertTrue(
+                line.startswith(
+                    f"FAIL probe {URL} -> {got.shown()}, but the upstream "
+                    "answers 302 for click.example.com directly; "
+                ),
+                line,
+            )
+            self.assertIn(fix, line)
+        self.assertIn("(Server: nginx)", Answer(404, "nginx").shown())
+
+    def test_probe_without_upstream_answer_and_redirect_http(self):
+        """Unasked upstream: a redirect is OK, else FAIL; HTTP sent to HTTPS is OK by itself."""
+        target = parse_upstream("us")
+        ok = judge_probe(URL, "click.example.com", REDIRECT, None, target)
+        self.assertEqual(
+            ok.line(), f"OK   probe {URL} -> {REDIRECT.shown()} (a SparkPost redirect)"
+        )
+        bad = judge_probe(URL, "click.example.com", Answer(200), None, target)
+        self.assertIn("-> 200, not a redirect; the answer is not SparkPost's", bad.line())
+        http = "http://click.example.com/f/a/b/c/d"
+        to_https = Answer(301, None, "https://click.example.com/f/a/b/c/d")
+        line = judge_probe(http, "click.example.com", to_https, REDIRECT, target).line()
+        self.assertEqual(
+            line, f"OK   probe {http} -> 301 to {to_https.location} (--redirect-http: to HTTPS)"
+        )

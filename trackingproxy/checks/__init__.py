@@ -3,8 +3,10 @@
 `settings` turns the proxy's own options (plus a few check-only ones) into a frozen
 `CheckSettings`; `dnscheck` resolves each domain (twisted.names, never the blocking libc
 resolver) and says where it points; `served` connects to ports 80/443 under the domain's name,
-inspects the certificate served there and sends a `/f/` probe; `upstream` makes one verified TLS
-connection to the upstream with the proxy's own connection pool; `runner` runs them all in
+inspects the certificate served there and sends the `/f/` probe; `upstream` makes one verified
+TLS connection to the upstream with the proxy's own connection pool and asks it the same probe
+for each domain (the domain as Host, as the proxy forwards); `routing` judges both answers (does
+the endpoint serve the domain, does the proxy pass its answer on); `runner` runs them all in
 order and hands each `Finding` to a printer. Nothing here writes a file or talks ACME.
 """
 

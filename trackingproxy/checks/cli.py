@@ -1,6 +1,7 @@
 """`trackingproxy check` (console script) and `twistd trackingproxy --check`: verify each
-tracking domain's setup (DNS, ports 80/443, the served certificate, the upstream, a `/f/` probe)
-and exit 0 when all is well, 1 otherwise. One line per finding, each with its fix; it never
+tracking domain's setup (DNS, ports 80/443, the served certificate, the upstream, SparkPost's
+`/f/a/b/c/d` probe asked of the upstream directly and through the proxy) and exit 0 when all is
+well, 1 otherwise. One line per finding, each with its fix; it never
 changes state (no ACME, no files written).
 
 Same options and `TRACKINGPROXY_*` variables as the proxy, plus check-only ones:
@@ -41,8 +42,10 @@ class CheckOptions(Options):
     synopsis = "check --domain NAME [options]"
     longdesc = (
         "Check each tracking domain: DNS points here, ports 80/443 answer, the certificate is "
-        "valid, the upstream is reachable with a valid certificate, and a /f/ probe comes back "
-        "as a SparkPost redirect. Exit 0 when all is well, 1 otherwise. Changes nothing."
+        "valid, the upstream is reachable with a valid certificate and answers SparkPost's "
+        "/f/a/b/c/d probe for the domain (asked directly, with the domain as Host) with a "
+        "redirect, and the proxy gives the same answer. Exit 0 when all is well, 1 otherwise. "
+        "Changes nothing."
     )
     optParameters = [[name, None, None, help_] for name, help_ in CHECK_PARAMETERS]
 

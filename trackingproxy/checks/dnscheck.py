@@ -2,8 +2,9 @@
 
 `resolve` follows a CNAME chain (at most 8 steps) with A and AAAA queries that time out; it never
 raises, a failed lookup is part of the `Resolution`. `judge` is pure: it compares the answer
-with this host's addresses and with SparkPost's (CNAME to spgo.io / eu.spgo.io, or their
-addresses) and returns the one finding for the domain.
+with this host's addresses and with SparkPost's (a CNAME to one of its tracking endpoints: V1
+spgo.io / eu.spgo.io, V2 v2.spgo.io / eu.v2.spgo.io, Enterprise TENANT.et.e.sparkpost.com; or
+their addresses) and returns the one finding for the domain.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from twisted.names import error as dns_error
 from twisted.python.failure import Failure
 
 from trackingproxy.checks.findings import Finding, Level
+from trackingproxy.upstream.target import ENTERPRISE_DOMAIN
 
-SPARKPOST_HOSTS: Final = ("spgo.io", "eu.spgo.io")
+SPARKPOST_HOSTS: Final = ("spgo.io", "eu.spgo.io", "v2.spgo.io", "eu.v2.spgo.io")
+SPARKPOST_SUFFIXES: Final = (ENTERPRISE_DOMAIN,)  # a CNAME under it is SparkPost's too
 MAX_CNAMES: Final = 8
 
 
@@ -137,7 +140,7 @@ def judge(
     expected: frozenset[str],
     expected_given: bool,
     sparkpost_addresses: frozenset[str] = frozenset(),
-    sparkpost_hosts: Iterable[str] = SPARKPOST_HOSTS,
+    sparkpost_hosts: Iterable[str] = (*SPARKPOST_HOSTS, *SPARKPOST_SUFFIXES),
 ) -> Finding:
     """The verdict on where `resolution.name` points (one finding)."""
     name = resolution.name
@@ -200,4 +203,11 @@ def _sort_key(address: str) -> tuple[int, str]:
     return (ipaddress.ip_address(address).version, address)
 
 
-__all__ = ["SPARKPOST_HOSTS", "Resolution", "addresses_of", "judge", "resolve"]
+__all__ = [
+    "SPARKPOST_HOSTS",
+    "SPARKPOST_SUFFIXES",
+    "Resolution",
+    "addresses_of",
+    "judge",
+    "resolve",
+]

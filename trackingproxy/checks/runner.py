@@ -1,6 +1,8 @@
 """Running every check in order and reporting each finding as soon as it is known.
 
-Order: the upstream once, then per domain DNS, the ports, the certificate and the `/f/` probes.
+Order: the upstream once, then per domain DNS, the upstream asked directly for the domain (the
+`/f/` probe with the domain as Host; skipped when the upstream is unreachable), the ports, the
+certificate and the `/f/` probes through the proxy, each compared with the upstream's answer.
 Where a domain's own checks connect: `--connect-to` if given, else the domain's resolved address
 (one of this host's, if any); when DNS does not point here those checks are skipped rather than
 run against someone else's server. Any unexpected error in a check becomes a FAIL line.
@@ -16,11 +18,19 @@ from attrs import frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IResolver
 
-from trackingproxy.checks.dnscheck import SPARKPOST_HOSTS, Resolution, addresses_of, judge, resolve
+from trackingproxy.checks.dnscheck import (
+    SPARKPOST_HOSTS,
+    SPARKPOST_SUFFIXES,
+    Resolution,
+    addresses_of,
+    judge,
+    resolve,
+)
 from trackingproxy.checks.findings import Finding, Level
+from trackingproxy.checks.routing import Answer, judge_probe
 from trackingproxy.checks.served import port_answers, probe, served_certificate
 from trackingproxy.checks.settings import CheckSettings
-from trackingproxy.checks.upstream import check_upstream
+from trackingproxy.checks.upstream import UpstreamProbe
 from trackingproxy.domains import is_ip_literal
 
 
@@ -72,27 +82,31 @@ class _Run:
 
     async def all(self) -> list[Finding]:
         s = self.s
-        await self.guarded(
-            "upstream",
-            s.upstream.url,
-            lambda: _one(
-                check_upstream(
-                    self.reactor, self.resolver, s.upstream, s.upstream_ca_bundle, s.timeout
-                )
-            ),
+        upstream = UpstreamProbe(
+            self.reactor, self.resolver, s.upstream, s.upstream_ca_bundle, s.timeout
         )
-        hosts = list(SPARKPOST_HOSTS)
-        if not is_ip_literal(s.upstream.host) and s.upstream.host not in hosts:
-            hosts.append(s.upstream.host)
         try:
-            sparkpost = frozenset(await addresses_of(self.resolver, hosts, self.dns_timeout))
-        except Exception:
-            sparkpost = frozenset()
-        for domain in s.domains:
-            await self.domain(domain, sparkpost, tuple(hosts))
+            await self.guarded("upstream", s.upstream.url, lambda: _one(upstream.reachable()))
+            hosts = list(SPARKPOST_HOSTS)
+            if not is_ip_literal(s.upstream.host) and s.upstream.host not in hosts:
+                hosts.append(s.upstream.host)
+            try:
+                sparkpost = frozenset(await addresses_of(self.resolver, hosts, self.dns_timeout))
+            except Exception:
+                sparkpost = frozenset()
+            for domain in s.domains:
+                await self.domain(domain, sparkpost, (*hosts, *SPARKPOST_SUFFIXES), upstream)
+        finally:
+            await upstream.close()
         return self.findings
 
-    async def domain(self, domain: str, sparkpost: frozenset[str], hosts: tuple[str, ...]) -> None:
+    async def domain(
+        self,
+        domain: str,
+        sparkpost: frozenset[str],
+        hosts: tuple[str, ...],
+        upstream: UpstreamProbe,
+    ) -> None:
         s = self.s
         resolution = Resolution(domain)
         verdict: list[Finding] = []
@@ -103,6 +117,16 @@ class _Run:
             return [judge(resolution, s.expected, s.expected_given, sparkpost, hosts)]
 
         verdict = await self.guarded("dns", domain, dns_step)
+        direct: Answer | None = None
+
+        async def route_step() -> list[Finding]:
+            nonlocal direct
+            routed = await upstream.route(domain, s.probe_path)
+            direct = routed.answer
+            return [routed.finding]
+
+        if upstream.ready:
+            await self.guarded("upstream", domain, route_step)
         address = self.target_address(resolution, verdict[0])
         if address is None:
             if resolution.error is not None:
@@ -153,10 +177,21 @@ class _Run:
             await self.guarded(
                 "probe",
                 domain,
-                lambda port=port, role=role: _one(  # type: ignore[misc]
-                    probe(self.reactor, domain, role, address, port, s.timeout, s.probe_path)
+                lambda port=port, role=role: self.probe(  # type: ignore[misc]
+                    domain, role, address, port, direct
                 ),
             )
+
+    async def probe(
+        self, domain: str, scheme: str, address: str, port: int, direct: Answer | None
+    ) -> list[Finding]:
+        """The `/f/` probe through the proxy, judged against the upstream's direct answer."""
+        s = self.s
+        got = await probe(self.reactor, domain, scheme, address, port, s.timeout, s.probe_path)
+        if isinstance(got, Finding):
+            return [got]
+        url = f"{scheme}://{domain}{s.probe_path}"
+        return [judge_probe(url, domain, got, direct, s.upstream)]
 
     def target_address(self, resolution: Resolution, verdict: Finding) -> str | None:
         if self.s.connect_to is not None:

@@ -1,11 +1,12 @@
 """What this host serves for a domain: do ports 80/443 answer, which certificate is served (and
-is it valid), and does a `/f/` probe come back as a SparkPost redirect.
+is it valid), and how a `/f/` probe is answered (`routing.judge_probe` compares that answer with
+the upstream's own).
 
 Connections go to one given address with the domain as TLS server name and Host header, so a
 host can be checked before DNS points at it. The TLS handshake itself never verifies (the
 certificate must be seen to be judged); `judge_certificate` then verifies name, chain and dates
-offline, against the clock's time. Each coroutine returns findings and never raises for a
-network problem.
+offline, against the clock's time. Each coroutine returns findings (the probe: the answer, when
+there was one) and never raises for a network problem.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from trackingproxy.checks.findings import Finding, Level
+from trackingproxy.checks.routing import Answer
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -304,8 +306,9 @@ class _FixedAddress:
 
 async def probe(
     reactor: Any, domain: str, scheme: str, address: str, port: int, timeout: float, path: str
-) -> Finding:
-    """GET `scheme://domain/path` at `address`:`port`; OK for a 3xx with a Location."""
+) -> Answer | Finding:
+    """GET `scheme://domain/path` at `address`:`port`: how it answered (judged by
+    `routing.judge_probe`), or a FAIL finding when nothing answered."""
     url = f"{scheme}://{domain}{path}"
     pool = HTTPConnectionPool(reactor, persistent=False)
     to = _FixedAddress(reactor, address, port, timeout)
@@ -328,12 +331,11 @@ async def probe(
         )
     finally:
         await pool.closeCachedConnections()
-    code: int = response.code
-    location = (response.headers.getRawHeaders(b"location") or [b""])[0].decode("latin-1")
-    if 300 <= code < 400 and location:
-        return Finding(Level.OK, "probe", f"{url} -> {code} to {location} (a SparkPost redirect)")
-    fix = _probe_fix(code, domain)
-    return Finding(Level.FAIL, "probe", f"{url} -> {code}, not a redirect", fix)
+    found = {
+        name: (response.headers.getRawHeaders(name.encode()) or [b""])[0].decode("latin-1")
+        for name in ("server", "location")
+    }
+    return Answer(response.code, found["server"] or None, found["location"] or None)
 
 
 class _Discard(Protocol):
@@ -351,17 +353,6 @@ def _discard(response: Any) -> Deferred[None]:
     done: Deferred[None] = Deferred(lambda _: transport.stopProducing() if transport else None)
     response.deliverBody(_Discard(done))
     return done
-
-
-def _probe_fix(code: int, domain: str) -> str:
-    if code == 421:
-        return f"this server does not serve {domain}: add --domain {domain}"
-    if code in (502, 504):
-        return "the proxy cannot reach the upstream: see the upstream line"
-    return (
-        "the answer is not SparkPost's: check that trackingproxy (not another web server) "
-        "listens here and that --upstream is spgo.io or eu.spgo.io"
-    )
 
 
 __all__ = ["Inspecting", "judge_certificate", "port_answers", "probe", "served_certificate"]

@@ -25,7 +25,7 @@ from trackingproxy.upstream.target import UpstreamTarget, parse_upstream
 
 DEFAULT_TIMEOUT = 5.0
 WARN_DAYS = 14.0
-PROBE_PATH = "/f/trackingproxy-check"
+PROBE_PATH = "/f/a/b/c/d"  # SparkPost's own test: curl -v https://DOMAIN/f/a/b/c/d
 
 
 @frozen

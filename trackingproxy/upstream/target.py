@@ -1,7 +1,13 @@
-"""The upstream origin: parsing `--upstream` once, at configuration time, into a value object.
+"""The upstream origin: parsing `--upstream` once, at configuration time, into a value object,
+and knowing SparkPost's tracking endpoints (the aliases, and which endpoint a target is).
 
 Everything per-request code needs (the IDNA-encoded host, the port, whether TLS is used) is
 computed here so that the hot path never parses a URL or encodes a name.
+
+SparkPost has five tracking endpoints (its "Managed HTTPS for Tracking Domains" page, 2026-02):
+US `spgo.io`, EU `eu.spgo.io`, Enterprise `TENANT.et.e.sparkpost.com`, and the V2 endpoints
+US `v2.spgo.io` and EU `eu.v2.spgo.io` (tracking domains created after December 2025 use V2).
+It routes by Host, so the proxy must forward to the endpoint the domain is set up for.
 """
 
 from __future__ import annotations
@@ -15,11 +21,34 @@ from attrs import frozen
 
 from trackingproxy.errors import ConfigError
 
-ALIASES: Final = {"us": "https://spgo.io", "eu": "https://eu.spgo.io"}
+
+@frozen
+class Endpoint:
+    """One of SparkPost's tracking endpoints: its `--upstream` alias, origin URL and name, and
+    the alias of the same region's other generation (V1 <-> V2), if there is one."""
+
+    alias: str
+    url: str
+    name: str
+    counterpart: str | None = None
+
+
+ENDPOINTS: Final = (
+    Endpoint("us", "https://spgo.io", "SparkPost US", "us-v2"),
+    Endpoint("eu", "https://eu.spgo.io", "SparkPost EU", "eu-v2"),
+    Endpoint("us-v2", "https://v2.spgo.io", "SparkPost US V2", "us"),
+    Endpoint("eu-v2", "https://eu.v2.spgo.io", "SparkPost EU V2", "eu"),
+)
+ALIASES: Final = {e.alias: e.url for e in ENDPOINTS}
+ENTERPRISE: Final = "enterprise"
+ENTERPRISE_DOMAIN: Final = "et.e.sparkpost.com"
 DEFAULT_UPSTREAM: Final = "https://spgo.io"
 _DEFAULT_PORTS: Final = {"https": 443, "http": 80}
 _LABEL: Final = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-_FIX: Final = "use https://spgo.io, https://eu.spgo.io, us or eu"
+_FIX: Final = (
+    "use the endpoint SparkPost's domain settings show for the tracking domain: us, eu, us-v2, "
+    "eu-v2, enterprise:TENANT, or an https:// URL"
+)
 
 
 @frozen
@@ -53,14 +82,44 @@ class UpstreamTarget:
 
 
 def parse_upstream(value: str) -> UpstreamTarget:
-    """Parse `--upstream`: `us`, `eu`, `https://host[:port]` or `http://host[:port]`.
+    """Parse `--upstream`: an alias (`us`, `eu`, `us-v2`, `eu-v2`, any case), `enterprise:TENANT`,
+    `https://host[:port]` or `http://host[:port]`.
 
     Raises ConfigError with a one-line message naming the fix for anything else.
     """
+    text = value.strip()
+    alias, _, tenant = text.partition(":")
     try:
-        return _parse(ALIASES.get(value.strip().lower(), value.strip()))
+        if alias.lower() == ENTERPRISE:
+            return _parse(f"https://{_tenant(value, tenant)}.{ENTERPRISE_DOMAIN}")
+        return _parse(ALIASES.get(text.lower(), text))
     except _Invalid as e:
         raise ConfigError(f"--upstream {value!r}: {e}; {_FIX}") from None
+
+
+def endpoint_for(target: UpstreamTarget) -> Endpoint | None:
+    """The SparkPost endpoint `target` is (known by its host name), or None for any other."""
+    for endpoint in ENDPOINTS:
+        if endpoint.url == f"https://{target.host}":
+            return endpoint
+    tenant, dot, rest = target.host.partition(".")
+    if dot and rest == ENTERPRISE_DOMAIN and _LABEL.fullmatch(tenant):
+        url = f"https://{target.host}"
+        return Endpoint(f"{ENTERPRISE}:{tenant}", url, "SparkPost Enterprise")
+    return None
+
+
+def _tenant(value: str, raw: str) -> str:
+    """The Enterprise tenant: one DNS label, lower-cased; else a ConfigError naming the fix."""
+    tenant = raw.strip().lower()
+    if _LABEL.fullmatch(tenant):
+        return tenant
+    why = f"the tenant {raw.strip()!r} is not one DNS label" if tenant else "no tenant was given"
+    raise ConfigError(
+        f"--upstream {value!r}: {why}; use enterprise:TENANT with TENANT the first label of "
+        f"your Enterprise endpoint TENANT.{ENTERPRISE_DOMAIN} (letters, digits and '-', at "
+        "most 63), e.g. enterprise:acme"
+    )
 
 
 class _Invalid(Exception):
@@ -126,4 +185,13 @@ def _ip_literal(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
         return None
 
 
-__all__ = ["ALIASES", "DEFAULT_UPSTREAM", "UpstreamTarget", "parse_upstream"]
+__all__ = [
+    "ALIASES",
+    "DEFAULT_UPSTREAM",
+    "ENDPOINTS",
+    "ENTERPRISE_DOMAIN",
+    "Endpoint",
+    "UpstreamTarget",
+    "endpoint_for",
+    "parse_upstream",
+]

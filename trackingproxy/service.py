@@ -273,7 +273,9 @@ def build_service(
             config.access_log, config.log_format, config.log_paths, reactor
         )
     forwarded = ForwardedFor(config.trusted_proxies)
-    admin = build_admin(config.admin_port, reactor, runtime.current_domains)
+    admin = build_admin(
+        config.admin_port, reactor, runtime.current_domains, config.metrics_per_domain
+    )
     acme_parts: AcmeParts | None = None
     if challenges is None:
         acme = config.acme

@@ -1,5 +1,6 @@
 """The HTML status page in a real browser: headless Chromium (Debian's ``chromium``) loads the
-admin page of a running proxy, and one with a failing renewal; both are screenshotted.
+admin page of a running proxy, one with a failing renewal, and one of 10,000 domains (problems
+first, then a page of the table); all are screenshotted.
 
 Set TRACKINGPROXY_STATUS_SCREENSHOT=docs/status-page.png to refresh the README's screenshot.
 Chromium is installed with apt-get when missing (``make debs`` lists it too); under CI=true a
@@ -9,7 +10,9 @@ missing browser fails the test instead of skipping it.
 from __future__ import annotations
 
 import datetime
+import html
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -27,6 +30,7 @@ from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 
+from tests.admin import scale
 from tests.admin.test_status import (
     FakeCertificates,
     FakeListener,
@@ -36,6 +40,7 @@ from tests.admin.test_status import (
     state,
 )
 from tests.harness import DOMAIN, DOMAIN2, client, start_proxy, stop_proxy
+from trackingproxy.admin.collector import StatusCollector
 from trackingproxy.admin.metrics import ProxyMetrics
 from trackingproxy.admin.resources import AdminSite, admin_resource
 from trackingproxy.admin.status import RateTracker, StatusSource
@@ -158,15 +163,14 @@ class ChromiumTests(TestCase):
         self.assertIn("<h1>trackingproxy</h1>", dom)
         self.assertIn('class="badge ok">ready<', dom)
         for name in (DOMAIN, DOMAIN2):
-            self.assertIn(f"<h3>{name}</h3>", dom)
+            self.assertIn(f'<td class="name">{name}</td>', dom)
         self.assertIn("trustme", dom)  # the issuer
         self.assertIn('class="mark now', dom)
         self.assertIn("opens (/q/)", dom)
 
     @inlineCallbacks
     def test_status_page_with_a_failing_renewal(self):
-        """Three domains (one renewing on schedule, one failing, one brought by the user) on
-        the real admin Site; the page shows the error and the planned retry."""
+        """Three domains on the real admin Site: the error and the planned retry are shown."""
         now = datetime.datetime(2026, 11, 27, 9, 30, tzinfo=datetime.UTC)
         clock = Clock()
         clock.advance(now.timestamp() - 3600)
@@ -244,3 +248,38 @@ class ChromiumTests(TestCase):
         target = os.environ.get("TRACKINGPROXY_STATUS_SCREENSHOT")
         if target:
             shutil.copyfile(png, target)
+
+    @inlineCallbacks
+    def test_status_page_of_10000_domains(self):
+        """10,000 domains load in Chromium, problems before the table; pages and search work."""
+        scale.certificates()
+        fleet = scale.fleet()
+        fleet.metrics.registry.register(StatusCollector(fleet.source))
+        admin = AdminSite(admin_resource(fleet.source, fleet.metrics.registry), reactor)
+        port = reactor.listenTCP(0, admin, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        base = f"http://127.0.0.1:{port.getHost().port}/"
+        dom = yield self.look(base, self.tmp / "fleet.png")
+        text = dom_text(dom)
+        problems = [
+            scale.name(i) for i in (*scale.MISSING, *scale.EXPIRING[::-1], *scale.FAILING)
+        ]
+        order = [text.index(n) for n in ("Problems", *problems, "Domains and certificates")]
+        self.assertEqual(order, sorted(order))
+        self.assertLess(order[-1], text.index(scale.name(0)))
+        self.assertIn("1\u201350 of 10,000 domains", text)
+        self.assertIn("page 1 of 200", text)
+        self.assertIn("points elsewhere", text)
+        self.assertEqual(len(re.findall(r'<tr><td class="name">', dom)), 50)
+
+        last = dom_text((yield self.look(base + "?page=200", self.tmp / "last.png")))
+        self.assertIn("9,951\u201310,000 of 10,000 domains", last)
+        self.assertIn(scale.name(9950), last)
+        found = dom_text((yield self.look(base + "?q=click0999", self.tmp / "q.png")))
+        self.assertIn("1\u201310 of 10 domains matching \u201cclick0999\u201d (10,000 in all)", found)
+
+
+def dom_text(dom: str) -> str:
+    """The text of a DOM dump in document order (tags dropped, entities decoded)."""
+    body = dom[dom.index("<body") :]
+    return html.unescape(re.sub(r"<[^>]+>", " ", body))

@@ -16,14 +16,13 @@ from tests.admin.fakes import FakeRequest
 from trackingproxy.acme.issuer import IssuingService
 from trackingproxy.acme.obtainer import ObtainFailed
 from trackingproxy.acme.testing import FakeObtainer, FixedRandom, self_signed
+from trackingproxy.admin import build_admin
 from trackingproxy.admin.metrics import ERROR_CAUSES, ProxyMetrics
 from trackingproxy.store.memory import MemoryStore
 from trackingproxy.tls.sni import SNIContextMap
 from trackingproxy.upstream.errors import UpstreamTimeout, UpstreamTLSFailed
 
 A, B = "a.example.com", "b.example.com"
-
-
 
 
 class FakeUpstream:
@@ -80,8 +79,7 @@ class RequestMetricsTests(SynchronousTestCase):
         )
 
     def test_unknown_hosts_share_one_label(self) -> None:
-        """Hosts that are not configured domains (and 421s, which carry none) are domain="other";
-        a thousand of them create one label set and one cached slot."""
+        """Unknown hosts and 421s share domain="other": one label set for 1000 hosts."""
         for i in range(1000):
             self.https.request_done(FakeRequest(b"/f/x", 421, f"h{i}.example.net"))
             self.https.request_done(FakeRequest(b"/f/x", 421, "-", b"HTTP/%d.%d" % (i, i)))
@@ -106,21 +104,29 @@ class RequestMetricsTests(SynchronousTestCase):
         # cached per distinct host, never per protocol string
         self.assertEqual(len(self.https.slots()), 1001)
 
-    def test_label_children_are_resolved_once(self) -> None:
-        """Repeated requests of one kind reuse the cached child (no label lookup per request)."""
-        self.https.request_done(FakeRequest(b"/q/1", 200, A))
-        calls: list[tuple[str, ...]] = []
-        labels = self.metrics.requests.labels
+    def test_slots_are_resolved_once(self) -> None:
+        """Repeated requests reuse the cached slot: no domain read, no label lookup."""
+        reads: list[int] = []
 
-        def spy(*a: str) -> object:
-            calls.append(a)
-            return labels(*a)
+        def domains() -> set[str]:
+            reads.append(1)
+            return {A, B}
 
-        self.metrics.requests.labels = spy  # type: ignore[assignment]
+        metrics = ProxyMetrics(domains, process_metrics=False)
+        https = metrics.site("https")
+        https.request_done(FakeRequest(b"/q/1", 200, A))
+        reads.clear()
         for _ in range(10):
-            self.https.request_done(FakeRequest(b"/q/2", 200, A))
-        self.assertEqual(calls, [])
-        self.assertEqual(self.metrics.totals_by_kind()["open"], 11)
+            https.request_done(FakeRequest(b"/q/2", 200, A))
+        self.assertEqual(reads, [])
+        self.assertEqual(metrics.totals_by_kind()["open"], 11)
+
+    def test_no_created_series_per_domain(self) -> None:
+        """Request counters export no ``_created`` sample (it would double the series)."""
+        self.https.request_done(FakeRequest(b"/q/1", 200, A))
+        names = {s.name for m in self.metrics.registry.collect() for s in m.samples}
+        self.assertIn("trackingproxy_requests_total", names)
+        self.assertNotIn("trackingproxy_requests_created", names)
 
     def test_odd_status_codes_are_bounded(self) -> None:
         """Status codes outside 1xx-5xx are counted as status="other"."""
@@ -223,8 +229,7 @@ class RenewalStateTests(SynchronousTestCase):
         return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.UTC)
 
     def test_failure_then_success(self) -> None:
-        """A failed order records the error, a rate limit counts apart, a success clears the
-        error and schedules the renewal."""
+        """A failure records the error, a rate limit counts apart, a success clears it."""
         self.issuer.startService()
         state = self.issuer.renewal_states()[A]
         self.assertTrue(state.ordering)
@@ -262,3 +267,100 @@ class RenewalStateTests(SynchronousTestCase):
         self.assertEqual(
             state.next_attempt.date(), (self.now() + datetime.timedelta(days=60)).date()
         )
+
+
+def request_labels(metrics: ProxyMetrics) -> list[dict[str, str]]:
+    return [
+        s.labels
+        for m in metrics.registry.collect()
+        if m.name == "trackingproxy_requests"
+        for s in m.samples
+    ]
+
+
+class PerDomainTests(SynchronousTestCase):
+    """--metrics-per-domain: request counters with or without the domain label."""
+
+    def setUp(self) -> None:
+        self.domains = {A, B}
+        self.metrics = ProxyMetrics(lambda: self.domains, per_domain="off", process_metrics=False)
+        self.https = self.metrics.site("https")
+
+    def test_off_counts_without_the_domain(self) -> None:
+        """Off: series without the domain label; unknown hosts still apart for the page."""
+        self.https.request_done(FakeRequest(b"/q/1", 200, A))
+        self.https.request_done(FakeRequest(b"/q/1", 200, B))
+        self.https.request_done(FakeRequest(b"/f/1", 421, "-"))
+        self.assertEqual(
+            requests_total(self.metrics, kind="open", status="2xx", protocol="h1", scheme="https"),
+            2.0,
+        )
+        self.assertEqual(
+            sorted(tuple(sorted(labels)) for labels in request_labels(self.metrics)),
+            [("kind", "protocol", "scheme", "status")] * 2,
+        )
+        self.assertEqual(self.metrics.totals_by_kind(), {"open": 2, "click": 1, "other": 0})
+        self.assertEqual(self.metrics.totals_by_domain()["other"]["click"], 1)
+        self.assertNotIn(A, self.metrics.totals_by_domain())
+
+    def test_off_keeps_a_few_slots_for_many_domains(self) -> None:
+        """Off: 10,000 domains answered both ways keep a handful of slots, not 10,000s."""
+        self.domains = {f"d{i}.example.com" for i in range(10_000)}
+        for name in self.domains:
+            self.https.request_done(FakeRequest(b"/q/x", 200, name))
+            self.https.request_done(FakeRequest(b"/f/x", 302, name, b"HTTP/2"))
+        self.assertEqual(len(self.https.slots()), 2)
+        self.assertEqual(len(request_labels(self.metrics)), 2)
+        self.assertEqual(self.metrics.totals_by_kind(), {"open": 10_000, "click": 10_000,
+                                                         "other": 0})
+
+    def test_auto_is_on_below_100_domains(self) -> None:
+        """Auto: the domain label while fewer than 100 domains are configured."""
+        for count, per_domain in ((99, True), (100, False)):
+            names = {f"d{i}.example.com" for i in range(count)}
+            metrics = ProxyMetrics(lambda n=names: n, process_metrics=False)  # type: ignore[misc]
+            metrics.site("http").request_done(FakeRequest(b"/q/x", 200, "d1.example.com"))
+            self.assertEqual(metrics.per_domain, per_domain)
+            self.assertEqual("domain" in request_labels(metrics)[0], per_domain)
+
+    def test_auto_follows_a_reload(self) -> None:
+        """Auto switches when a reload crosses 100 domains, both ways; totals never drop."""
+        metrics = ProxyMetrics(lambda: self.domains, process_metrics=False)
+        site = metrics.site("https")
+        site.request_done(FakeRequest(b"/q/1", 200, A))
+        self.assertEqual(request_labels(metrics)[0]["domain"], A)
+
+        self.domains = {A, B} | {f"d{i}.example.com" for i in range(200)}
+        site.request_done(FakeRequest(b"/q/1", 200, A))  # a known slot: counted as before
+        self.assertEqual(request_labels(metrics), [])  # the scrape switched: series start anew
+        self.assertFalse(metrics.per_domain)
+        site.request_done(FakeRequest(b"/q/1", 200, B))
+        self.assertEqual(
+            requests_total(metrics, kind="open", status="2xx", protocol="h1", scheme="https"),
+            1.0,
+        )
+        self.assertEqual(metrics.totals_by_kind()["open"], 3)
+
+        self.domains = {A, B}
+        site.request_done(FakeRequest(b"/f/1", 302, B))  # a new combination: re-evaluated
+        self.assertTrue(metrics.per_domain)
+        self.assertEqual(request_labels(metrics)[0]["domain"], B)
+        self.assertEqual(metrics.totals_by_kind(), {"open": 3, "click": 1, "other": 0})
+
+    def test_on_keeps_the_domain_for_many_domains(self) -> None:
+        """On: the domain label whatever the number of domains."""
+        names = {f"d{i}.example.com" for i in range(500)}
+        metrics = ProxyMetrics(lambda: names, per_domain="on", process_metrics=False)
+        metrics.site("http").request_done(FakeRequest(b"/q/x", 200, "d7.example.com"))
+        self.assertEqual(request_labels(metrics)[0]["domain"], "d7.example.com")
+
+    def test_unknown_mode(self) -> None:
+        """A mode other than auto, on and off is a programming error."""
+        self.assertRaises(ValueError, ProxyMetrics, lambda: self.domains, per_domain="yes")
+
+    def test_build_admin_passes_the_option(self) -> None:
+        """build_admin hands --metrics-per-domain to the metrics."""
+        admin = build_admin("tcp:0", Clock(), lambda: self.domains, "off")
+        assert admin is not None
+        self.assertEqual(admin.metrics.per_domain_mode, "off")
+        self.assertFalse(admin.metrics.per_domain)

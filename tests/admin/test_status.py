@@ -4,17 +4,20 @@ resources and the HTML page, over in-memory doubles (no sockets)."""
 from __future__ import annotations
 
 import datetime
+import gzip
 import json
 import re
 from typing import Any
 
+import treq
 from attrs import define, field
-from treq.testing import StubTreq
+from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
 
-from tests.admin.fakes import FakeRequest
+from tests.admin.fakes import FakeRequest, unbalanced_tags
 from trackingproxy.acme.issuer import RenewalState
 from trackingproxy.acme.testing import self_signed
 from trackingproxy.admin.collector import StatusCollector
@@ -60,8 +63,6 @@ class FakeListener:
     option: str
     description: str
     port: Any = None  # a FakePort, or None: not listening
-
-
 
 
 def state(
@@ -218,8 +219,7 @@ class CollectorTests(StatusTestCase):
         return self.metrics.registry.get_sample_value(name, labels)
 
     def test_certificate_and_renewal_metrics(self) -> None:
-        """Validity as epoch seconds, seconds to the next attempt, orders by outcome, the last
-        error as a label (one line, truncated), readiness."""
+        """Validity, next attempt, orders, last error (one line, cut), readiness."""
         cert = self.serve(A)
         self.renewals.states[A] = state(
             T0 + 3600 * SEC,
@@ -253,12 +253,13 @@ class CollectorTests(StatusTestCase):
         )
         self.assertEqual(self.sample("trackingproxy_acme_next_attempt_seconds", domain=A), 3600)
         self.assertEqual(self.sample("trackingproxy_acme_next_attempt_seconds", domain=B), 0)
+        self.assertIsNone(self.sample("trackingproxy_acme_consecutive_failures", domain=B))
         self.assertEqual(self.sample("trackingproxy_acme_consecutive_failures", domain=A), 1)
         self.assertEqual(
             self.sample("trackingproxy_acme_orders_total", domain=A, outcome="failed"), 1
         )
-        self.assertEqual(
-            self.sample("trackingproxy_acme_orders_total", domain=A, outcome="issued"), 0
+        self.assertIsNone(  # outcomes that never happened are not exported
+            self.sample("trackingproxy_acme_orders_total", domain=A, outcome="issued")
         )
         error = "a.example.com: DNS problem " + "x" * 173
         self.assertEqual(
@@ -282,7 +283,8 @@ class ResourceTests(StatusTestCase):
         self.serve(A)
         source = self.source()
         self.metrics.registry.register(StatusCollector(source))
-        self.client = StubTreq(admin_resource(source, self.metrics.registry))
+        self.resource = admin_resource(source, self.metrics.registry)
+        self.client = StubTreq(self.resource)
 
     def get(self, path: str, method: str = "GET") -> tuple[int, dict[str, list[bytes]], bytes]:
         response = self.successResultOf(self.client.request(method, "http://admin.invalid" + path))
@@ -324,13 +326,41 @@ class ResourceTests(StatusTestCase):
         self.assertEqual([d["name"] for d in json.loads(body)["domains"]], [A, B])
 
     def test_page_is_self_contained(self) -> None:
-        """/ is HTML that loads nothing (no src/href attributes, a CSP forbidding it)."""
+        """/ loads nothing: no src, links only to its own pages, a CSP forbidding loads."""
+        for n in range(200):  # enough problems for a "list them all" link
+            self.certs.domains += (f"d{n}.example.com",)
         code, headers, body = self.get("/")
         self.assertEqual(headers["content-type"], [b"text/html; charset=utf-8"])
         self.assertIn(b"default-src 'none'", headers["content-security-policy"][0])
         self.assertIn(A.encode(), body)
-        self.assertIsNone(re.search(rb"\b(src|href)\s*=", body))
+        self.assertIsNone(re.search(rb"\bsrc\s*=", body))
+        links = re.findall(rb'\bhref\s*=\s*"([^"]*)"', body)
+        self.assertTrue(links)
+        self.assertEqual([link for link in links if not link.startswith(b"?")], [])
+        self.assertEqual(len(re.findall(rb"\bhref\s*=", body)), len(links))
         self.assertNotIn(b"<script", body)
+        self.assertNotIn(b"<form action", body)
+
+    def test_metrics_gzip(self) -> None:
+        """/metrics is gzipped for a client that accepts it, plain for one that does not."""
+        agent = RequestTraversalAgent(self.resource)
+
+        def raw(accept: bytes) -> tuple[list[bytes] | None, bytes]:
+            d = agent.request(
+                b"GET", b"http://admin.invalid/metrics", Headers({b"accept-encoding": [accept]})
+            )
+            agent.flush()
+            response = self.successResultOf(d)
+            body = treq.content(response)
+            agent.flush()
+            return response.headers.getRawHeaders(b"content-encoding"), self.successResultOf(body)
+
+        encoding, body = raw(b"deflate, gzip")
+        self.assertEqual(encoding, [b"gzip"])
+        self.assertIn(b"trackingproxy_certificate_present", gzip.decompress(body))
+        encoding, body = raw(b"gzip;q=0")
+        self.assertIsNone(encoding)
+        self.assertIn(b"trackingproxy_certificate_present", body)
 
     def test_other_methods_and_paths(self) -> None:
         """POST is 405, an unknown path 404, HEAD has no body."""
@@ -344,8 +374,7 @@ class ResourceTests(StatusTestCase):
 
 class PageTests(StatusTestCase):
     def test_timeline_marks_now_and_renewal(self) -> None:
-        """The bar runs from not-before to not-after; now and the planned renewal are placed
-        at their share of the lifetime."""
+        """The timeline places now and the planned renewal at their share of the life."""
         self.serve(A, days_old=30, lifetime=90)  # now at 1/3
         self.renewals.states[A] = state(T0 + 30 * DAY)  # renewal at 2/3
         page = render_page(self.source().snapshot()).decode()
@@ -364,8 +393,147 @@ class PageTests(StatusTestCase):
         self.assertNotIn("<script>", page)
         self.assertIn("1 failure(s) in a row", page)
 
-    def test_not_ready_reasons_are_listed(self) -> None:
-        """A page for a not-ready process says why."""
+    def test_problems_come_first(self) -> None:
+        """A not-ready page opens with the listener that is down and the uncertified domain."""
+        self.listeners[1].port = None
+        self.serve(B)
         page = render_page(self.source().snapshot()).decode()
         self.assertIn("not ready", page)
-        self.assertIn(f"<li>{A}: no certificate yet</li>", page)
+        problems = page.index('<section id="problems">')
+        self.assertLess(problems, page.index('<section id="requests">'))
+        self.assertLess(page.index('<section id="requests">'), page.index('id="domains"'))
+        section = page[problems : page.index("</section>", problems)]
+        self.assertIn("<li>--https-port tcp:443 is not listening</li>", section)
+        self.assertIn(f'<td class="name">{A}</td>', section)
+        self.assertIn("no certificate yet", section)
+        self.assertNotIn(B, section)
+
+    def test_no_problems(self) -> None:
+        """With every certificate valid the page says there is nothing to look at."""
+        self.serve(A)
+        self.serve(B)
+        page = render_page(self.source().snapshot()).decode()
+        self.assertIn("none: every domain has a valid certificate", page)
+
+    def test_problems_most_urgent_first(self) -> None:
+        """Problems rank: no certificate, expired, expiring soonest, failing ACME."""
+        d, e = "d.example.com", "e.example.com"
+        self.certs.domains = (A, B, C, d, e)
+        self.serve(B, days_old=88)  # expires in 2 days
+        self.serve(C)  # fine, but its renewals fail
+        self.renewals.states[C] = state(T0 + DAY, 2, "boom", T0, failed=2)
+        self.serve(d)
+        self.serve(e, days_old=91)  # expired a day ago
+        snap = self.source().snapshot()
+        self.assertEqual(
+            [(p["name"], p["severity"]) for p in snap["problems"]],
+            [(A, "error"), (e, "error"), (B, "warning"), (C, "warning")],
+        )
+        self.assertEqual(snap["problem_count"], 4)
+        self.assertEqual(snap["problems"][3]["reasons"], ["ACME: 2 failed orders in a row"])
+        self.assertEqual(snap["problems"][3]["last_error"], "boom")
+        page = render_page(snap).decode()
+        order = [page.index(f'<tr class="problem"><td class="name">{n}<') for n in (A, e, B, C)]
+        self.assertEqual(order, sorted(order))
+        self.assertIn("expires in 2.0 days", page)
+        self.assertEqual(unbalanced_tags(page), [])
+
+    def test_problems_beyond_the_limit_are_counted(self) -> None:
+        """The page shows the first problems and says how many more there are."""
+        self.certs.domains = tuple(f"d{i}.example.com" for i in range(7))
+        page = render_page(self.source().snapshot(problem_limit=5)).decode()
+        self.assertEqual(page.count('<tr class="problem">'), 5)
+        self.assertIn('and 2 more domains with problems: <a href="?problems=1">', page)
+
+
+class SearchAndPageTests(StatusTestCase):
+    """The page and /status narrowed by ?q=, ?problems=1, ?page= and ?per_page=."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.https = False  # no certificate needed: 120 domains without any are fine
+        self.certs.domains = (*(f"d{i:03d}.example.com" for i in range(120)), "<b>.example.com")
+        self.client = StubTreq(admin_resource(self.source(), self.metrics.registry))
+
+    def get(self, path: str) -> tuple[int, str]:
+        response = self.successResultOf(self.client.get("http://admin.invalid" + path))
+        return response.code, self.successResultOf(response.content()).decode()
+
+    def rows(self, page: str) -> list[str]:
+        return re.findall(r'<tr><td class="name">([^<]*)</td>', page)
+
+    def test_first_page(self) -> None:
+        """50 domains a page, with the count and a link to the next page only."""
+        code, page = self.get("/")
+        self.assertEqual(code, 200)
+        self.assertEqual(self.rows(page)[:2], ["d000.example.com", "d001.example.com"])
+        self.assertEqual(len(self.rows(page)), 50)
+        self.assertIn("1&ndash;50 of 121 domains", page)
+        self.assertIn("<span>page 1 of 3</span>", page)
+        self.assertIn('<a href="?page=2" rel="next">', page)
+        self.assertNotIn('rel="prev"', page)
+
+    def test_later_page_and_past_the_end(self) -> None:
+        """?page=2 links both ways; a page past the last shows the last one."""
+        _, page = self.get("/?page=2")
+        self.assertEqual(self.rows(page)[0], "d050.example.com")
+        self.assertIn("51&ndash;100 of 121 domains", page)
+        self.assertIn('<a href="?page=1" rel="prev">', page)
+        self.assertIn('<a href="?page=3" rel="next">', page)
+        _, page = self.get("/?page=99")
+        self.assertEqual(len(self.rows(page)), 21)
+        self.assertIn("<span>page 3 of 3</span>", page)
+
+    def test_search(self) -> None:
+        """?q= keeps names holding the text (any case); links and the box keep it."""
+        _, page = self.get("/?q=D01&per_page=5")
+        self.assertEqual(self.rows(page), [f"d01{i}.example.com" for i in range(5)])
+        self.assertIn("1&ndash;5 of 10 domains matching &ldquo;d01&rdquo; (121 in all)", page)
+        self.assertIn('<a href="?q=d01&amp;page=2" rel="next">', page)
+        self.assertIn('name="q" value="d01"', page)
+        _, page = self.get("/?q=nothing-like-it")
+        self.assertIn("no domain matches", page)
+
+    def test_search_text_is_escaped(self) -> None:
+        """A search for markup is shown escaped and finds the (escaped) domain holding it."""
+        _, page = self.get("/?q=%22%3E%3Cb%3E")
+        self.assertNotIn("<b>.example.com", page)
+        self.assertNotIn('"><b>', page)
+        self.assertIn('value="&quot;&gt;&lt;b&gt;"', page)
+        _, page = self.get("/?q=%3Cb%3E")
+        self.assertEqual(self.rows(page), ["&lt;b&gt;.example.com"])
+
+    def test_problems_only(self) -> None:
+        """?problems=1 lists only the domains with problems, most urgent first."""
+        self.renewals.states["d007.example.com"] = state(T0 + DAY, 1, "x", T0, failed=1)
+        _, page = self.get("/?problems=1")
+        self.assertEqual(self.rows(page), ["d007.example.com"])
+        self.assertIn("1&ndash;1 of 1 domains with problems (121 in all)", page)
+        self.assertIn('type="checkbox" name="problems" value="1" checked', page)
+
+    def test_bad_parameters(self) -> None:
+        """A page number that is not one is a 400 saying which parameter is wrong."""
+        for path in ("/?page=x", "/status?page=0", "/status?per_page=100000"):
+            code, body = self.get(path)
+            self.assertEqual(code, 400, path)
+            self.assertIn("page", body)
+
+    def test_status_json_default_is_complete(self) -> None:
+        """/status without parameters still lists every domain, with the listing facts."""
+        status = json.loads(self.get("/status")[1])
+        self.assertEqual(len(status["domains"]), 121)
+        self.assertEqual(
+            status["listing"],
+            {"q": "", "problems_only": False, "page": 1, "pages": 1, "per_page": None,
+             "matched": 121, "total": 121},
+        )
+
+    def test_status_json_pages(self) -> None:
+        """/status?page=&per_page= and ?q= give one page; past the end it is empty."""
+        status = json.loads(self.get("/status?q=d1&page=2&per_page=7")[1])
+        self.assertEqual([d["name"] for d in status["domains"]][:2], ["d107.example.com",
+                                                                      "d108.example.com"])
+        self.assertEqual((status["listing"]["matched"], status["listing"]["pages"]), (20, 3))
+        self.assertEqual(len(json.loads(self.get("/status?page=4&per_page=50")[1])["domains"]),
+                         0)
+        self.assertEqual(len(json.loads(self.get("/status?page=2")[1])["domains"]), 50)

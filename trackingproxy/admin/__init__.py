@@ -5,11 +5,13 @@ and an HTML status page, plus the metric hooks the proxy's sites and upstream ca
 then no metric is kept at all. Otherwise ``Admin.site`` gives each listener's Site its hooks,
 ``Admin.instrument`` wraps the upstream client, and ``Admin.service`` is the admin listener
 (added last to the service tree, so it reports on the proxy's listeners).
+``--metrics-per-domain`` decides whether request counters carry the domain
+(``trackingproxy.admin.metrics``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container
+from collections.abc import Callable, Collection
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -118,9 +120,14 @@ class Admin:
 
 
 def build_admin(
-    endpoint: str | None, clock: IReactorTime, domains: Callable[[], Container[str]]
+    endpoint: str | None,
+    clock: IReactorTime,
+    domains: Callable[[], Collection[str]],
+    metrics_per_domain: str = "auto",
 ) -> Admin | None:
-    """The admin parts for ``--admin-port endpoint`` (None when it is ``none``)."""
+    """The admin parts for ``--admin-port endpoint`` (None when it is ``none``);
+    ``metrics_per_domain`` is ``--metrics-per-domain`` (``auto``, ``on`` or ``off``), judged
+    against the current ``domains`` (they change on SIGHUP)."""
     if endpoint is None:
         return None
-    return Admin(endpoint, clock, ProxyMetrics(domains))
+    return Admin(endpoint, clock, ProxyMetrics(domains, per_domain=metrics_per_domain))

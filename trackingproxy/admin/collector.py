@@ -1,8 +1,11 @@
 """Certificate, renewal and readiness metrics, computed at scrape time from ``StatusSource``.
 
 Neither Caddy nor nginx exports certificate expiry; here every configured domain has its
-certificate's validity as epoch seconds, the seconds to the next renewal attempt, ACME orders
-by outcome and the last renewal error as a labelled gauge (present only while failing).
+certificate's validity as epoch seconds, and every ACME-managed domain the seconds to its next
+order (whole seconds; not while an order runs). What is only worth a series while it says
+something is exported only then, so 10,000 domains stay a scrape of a few MB: ACME orders per
+outcome that happened (no zero counters), consecutive failures while there are any, the last
+renewal error while failing. Certificate facts come cached from ``StatusSource.domains``.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from prometheus_client.registry import Collector
 
 from trackingproxy.admin.status import StatusSource
 
-__all__ = ["ERROR_LABEL_LIMIT", "StatusCollector"]
+__all__ = ["ERROR_LABEL_LIMIT", "OUTCOMES", "StatusCollector"]
 
 ERROR_LABEL_LIMIT = 200  # characters of the error message kept in the ``error`` label
+OUTCOMES = ("issued", "failed", "rate_limited", "busy")
 
 
 class StatusCollector(Collector):
@@ -60,18 +64,19 @@ class StatusCollector(Collector):
         )
         next_attempt = GaugeMetricFamily(
             "trackingproxy_acme_next_attempt_seconds",
-            "Seconds until the next ACME order (renewal or retry) for the domain; 0: due now.",
+            "Seconds until the next ACME order (renewal or retry) for the domain; 0: due now; "
+            "absent while an order runs.",
             labels=("domain",),
         )
         failures = GaugeMetricFamily(
             "trackingproxy_acme_consecutive_failures",
-            "Failed ACME orders for the domain since its last success.",
+            "Failed ACME orders for the domain since its last success (absent while 0).",
             labels=("domain",),
         )
         orders = CounterMetricFamily(
             "trackingproxy_acme_orders",
             "ACME orders by outcome (issued, failed, rate_limited, busy: another process held "
-            "the order lock).",
+            "the order lock); an outcome appears with its first order.",
             labels=("domain", "outcome"),
         )
         last_error = GaugeMetricFamily(
@@ -90,11 +95,16 @@ class StatusCollector(Collector):
             r = d.renewal
             if r is None:
                 continue
-            due = 0.0 if r.next_attempt is None else max(0.0, r.next_attempt.timestamp() - now)
-            next_attempt.add_metric((d.name,), due)
-            failures.add_metric((d.name,), float(r.failures))
-            for outcome in ("issued", "failed", "rate_limited", "busy"):
-                orders.add_metric((d.name, outcome), float(r.orders.get(outcome, 0)))
+            if not r.ordering:  # while an order runs there is no next one to count down to
+                at = r.next_attempt
+                due = 0.0 if at is None else max(0.0, float(round(at.timestamp() - now)))
+                next_attempt.add_metric((d.name,), due)
+            if r.failures:
+                failures.add_metric((d.name,), float(r.failures))
+            for outcome in OUTCOMES:
+                count = r.orders.get(outcome, 0)
+                if count:
+                    orders.add_metric((d.name, outcome), float(count))
             if r.last_error is not None and r.last_error_at is not None:
                 message = " ".join(r.last_error.split())[:ERROR_LABEL_LIMIT]
                 last_error.add_metric((d.name, message), r.last_error_at.timestamp())

@@ -3,8 +3,13 @@
 ``StatusSource`` reads the served certificates (the SNI map), the issuing service's renewal
 state, the listeners and the request counters, and turns them into readiness (``ready``), typed
 per-domain facts (``domains``, used by the Prometheus collector) and one JSON-able snapshot
-(``snapshot``, served as /status and rendered as the HTML page). ``RateTracker`` samples the
-request totals on the clock so the page can show recent rates. Nothing here runs per request.
+(``snapshot``, served as /status and rendered as the HTML page). A snapshot can be narrowed
+to one page of a search (``trackingproxy.admin.listing``): readiness and the problems always
+cover every domain, the JSON of each domain is built only for the page. Certificate facts are
+read from the certificate once and kept while it is served (x509 parsing was most of the cost
+of a scrape or page view), so gathering 10,000 domains again takes milliseconds.
+``RateTracker`` samples the request totals on the clock so the page can show recent rates.
+Nothing here runs per request.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.task import LoopingCall
 
 from trackingproxy.acme.issuer import RenewalState
+from trackingproxy.admin.listing import DomainQuery, find_problems, select
 from trackingproxy.admin.metrics import KINDS, ProxyMetrics
 from trackingproxy.tls.certificates import LoadedCertificate
 
@@ -201,6 +207,8 @@ class StatusSource:
         self._in_flight = in_flight
         self._started = clock.seconds() if started is None else started
         self.cluster = cluster
+        # id(certificate) -> (the certificate, its facts), for the certificates served now
+        self._facts: dict[int, tuple[LoadedCertificate, CertificateFacts]] = {}
 
     def requests_in_flight(self) -> int | None:
         return self._in_flight() if self._in_flight is not None else None
@@ -211,12 +219,19 @@ class StatusSource:
     def domains(self) -> list[DomainFacts]:
         renewals = self._renewals()
         states = renewals.renewal_states() if renewals is not None else {}
+        known, facts = self._facts, {}
         out = []
         for name in self._certificates.domains:
             cert = self._certificates.certificate_for(name)
-            out.append(
-                DomainFacts(name, CertificateFacts.of(cert) if cert else None, states.get(name))
-            )
+            if cert is None:
+                out.append(DomainFacts(name, None, states.get(name)))
+                continue
+            entry = known.get(id(cert))
+            if entry is None or entry[0] is not cert:
+                entry = (cert, CertificateFacts.of(cert))
+            facts[id(cert)] = entry
+            out.append(DomainFacts(name, entry[1], states.get(name)))
+        self._facts = facts
         return out
 
     def ready(self, domains: list[DomainFacts] | None = None) -> tuple[bool, list[str]]:
@@ -243,13 +258,28 @@ class StatusSource:
                     )
         return not reasons, reasons
 
-    def snapshot(self) -> dict[str, Any]:
-        """Everything as JSON-able values (times as ISO 8601 UTC and as epoch seconds)."""
+    def snapshot(
+        self,
+        query: DomainQuery | None = None,
+        *,
+        problem_limit: int | None = None,
+        clamp: bool = False,
+    ) -> dict[str, Any]:
+        """Everything as JSON-able values (times as ISO 8601 UTC and as epoch seconds).
+
+        ``domains`` holds the page of domains ``query`` selects (default: all of them);
+        ``listing`` says which page of how many that is. ``problems`` ranks the domains that
+        need attention (all of them, or the first ``problem_limit``; ``problem_count`` is how
+        many there are); ``clamp`` turns a page past the last into the last one."""
         now = self._clock.seconds()
         domains = self.domains()
         ready, reasons = self.ready(domains)
-        by_domain = self.metrics.totals_by_domain()
+        problems = find_problems(domains, self.now(), self._https)
+        listing = select(domains, problems, query or DomainQuery(), clamp=clamp)
         m = self.metrics
+        per_domain = m.refresh_per_domain()
+        by_domain = m.totals_by_domain()
+        shown = problems if problem_limit is None else problems[:problem_limit]
         return {
             "time": now,
             "uptime_seconds": round(now - self._started, 3),
@@ -266,13 +296,20 @@ class StatusSource:
                 }
                 for listener in self._listeners()
             ],
-            "domains": [self._domain_json(d, now, by_domain) for d in domains],
+            "problems": [p.json(now) for p in shown],
+            "problem_count": len(problems),
+            "listing": listing.json(),
+            "domains": [
+                self._domain_json(d, now, by_domain if per_domain else None)
+                for d in listing.domains
+            ],
             "requests": {
                 "total": m.totals_by_kind(),
                 "per_second_1m": self._rates.rates(60) if self._rates else None,
                 "per_second_5m": self._rates.rates(300) if self._rates else None,
                 "unknown_hosts": by_domain.get("other", dict.fromkeys(KINDS, 0)),
                 "in_flight": self.requests_in_flight(),
+                "per_domain": per_domain,
             },
             "connections": m.open_connections(),
             "upstream": {
@@ -283,8 +320,10 @@ class StatusSource:
 
     @staticmethod
     def _domain_json(
-        d: DomainFacts, now: float, by_domain: Mapping[str, Mapping[str, int]]
+        d: DomainFacts, now: float, by_domain: Mapping[str, Mapping[str, int]] | None
     ) -> dict[str, Any]:
+        """One domain's facts; ``requests`` is None while counters are not per domain
+        (``by_domain`` None)."""
         cert = d.certificate
         renewal = d.renewal
         return {
@@ -316,5 +355,7 @@ class StatusSource:
                 "last_error_at": _iso(renewal.last_error_at),
                 "orders": dict(renewal.orders),
             },
-            "requests": dict(by_domain.get(d.name, dict.fromkeys(KINDS, 0))),
+            "requests": None
+            if by_domain is None
+            else dict(by_domain.get(d.name, dict.fromkeys(KINDS, 0))),
         }

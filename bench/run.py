@@ -4,12 +4,14 @@
     python -m bench.run --quick          # ~3 minutes: 1 round, short runs
     python -m bench.run --profile 20     # py-spy profile of trackingproxy under HTTPS keep-alive
     python -m bench.run --idle-only      # only the idle-connection memory (no files written)
+    python -m bench.run --store-compare  # only file store vs Redis store (HTTPS keep-alive)
 
 Each round starts every proxy afresh (pinned to CPU 0; upstream and clients on CPU 1), checks
 that each one proxies correctly, measures idle-connection memory, then runs every scenario
-against every proxy, the proxy order rotating per round, and the paced latency scenario. The
-table goes to bench/RESULTS.md, the raw figures to bench/results/latest.json, and the last line
-printed is the HTTPS keep-alive per-CPU ratio.
+against every proxy, the proxy order rotating per round, and the paced latency scenario. Then
+trackingproxy's HTTPS keep-alive with the file store and with a Redis store, interleaved
+(bench/storecompare.py). The table goes to bench/RESULTS.md, the raw figures to
+bench/results/latest.json, and the last line printed is the HTTPS keep-alive per-CPU ratio.
 """
 
 # ruff: noqa: S603  (a benchmark harness: it runs the tools it measures, from PATH)
@@ -29,7 +31,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import loadgen, procstat, report, servers
+from bench import loadgen, procstat, report, servers, storecompare
 from bench.loadgen import Clients, Load
 from bench.servers import CLIENT_CPU, PROXIES, Server
 
@@ -169,6 +171,30 @@ def idle_only(
     return 0
 
 
+def compare_stores(
+    args: argparse.Namespace, command: str, workdir: Path, certs: servers.Certs, up: Server,
+    clients: Clients, extra: list[str],
+) -> storecompare.Json:
+    """trackingproxy with the file store and with a Redis store, HTTPS keep-alive, interleaved."""
+    settings = {"rounds": args.rounds, "pairs": args.store_pairs, "duration": args.duration,
+                "warmup": args.warmup, "connections": args.connections}
+    commit = _version(["git", "-C", str(REPO), "describe", "--always", "--dirty"])
+    return storecompare.measure_stores(settings, command, commit, workdir, certs, up, clients,
+                                       extra, REPO, measured)
+
+
+def write_store_compare(stores: storecompare.Json) -> None:
+    """--store-compare alone: replace that part of latest.json and RESULTS.md, keep the rest."""
+    latest = BENCH / "results" / "latest.json"
+    data = json.loads(latest.read_text()) if latest.exists() else {}
+    data["store_compare"] = stores
+    latest.write_text(json.dumps(data, indent=1) + "\n")
+    md = BENCH / "RESULTS.md"
+    text = md.read_text() if md.exists() else "# Benchmark results\n"
+    md.write_text(storecompare.insert_section(text, storecompare.markdown(stores)))
+    log("updated the store comparison in bench/RESULTS.md and bench/results/latest.json")
+
+
 def _spread(root: int) -> None:
     """--workers above 1: trackingproxy's processes (and threads) may use every CPU, so its
     worker shares CPU 1 with the load generator and the upstream; the other proxies stay on 0."""
@@ -250,9 +276,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="instead: only measure idle-connection memory (--rounds times; no files)")
     p.add_argument("--proxies", nargs="+", choices=PROXIES, default=list(PROXIES),
                    help="with --idle-only: which proxies (default: all)")
+    p.add_argument("--store-compare", action="store_true",
+                   help="instead: only trackingproxy's file store vs a Redis store, HTTPS "
+                        "keep-alive (updates\nthat section of RESULTS.md and latest.json)")
+    p.add_argument("--no-store-compare", action="store_true",
+                   help="leave the file-vs-Redis store comparison out of a full or quick run")
+    p.add_argument("--store-pairs", type=int, default=None,
+                   help="file/redis run pairs per round of the store comparison "
+                        "(default: 5 with --quick, else 3)")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.warmup, args.latency_duration = 1, 3.0, 1.0, 4.0
+    if args.store_pairs is None:
+        args.store_pairs = 5 if args.quick else 3
+    if args.store_pairs < 1:
+        p.error("--store-pairs must be >= 1")
+    if args.store_compare and args.no_store_compare:
+        p.error("--store-compare and --no-store-compare exclude each other")
     if args.rounds < 1 or args.duration <= 0:
         p.error("--rounds must be >= 1 and --duration > 0")
     return args
@@ -263,6 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     for tool in ("nginx", "caddy", "wrk", "h2load", "taskset"):
         if shutil.which(tool) is None:
             sys.exit(f"bench: {tool} not found; `make bench` installs it (apt-get)")
+    compare = not (args.no_store_compare or args.profile or args.idle_only)
+    if compare and not servers.trackingproxy_supports("--store", REPO):
+        if args.store_compare:
+            sys.exit("bench: this checkout's trackingproxy has no --store option")
+        log("this checkout's trackingproxy has no --store: no store comparison")
+        compare = False
+    if compare and storecompare.redis_server() is None:
+        sys.exit("bench: redis-server not found; `make bench` installs it (apt-get), or pass "
+                 "--no-store-compare")
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 20000), hard))
     os.sched_setaffinity(0, {int(CLIENT_CPU)})
@@ -277,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         extra += ["--admin-port", "none"]  # no metrics work: the others keep none either
     if args.workers > 1:
         extra += ["--workers", str(args.workers)]
+    stores: storecompare.Json | None = None
     up = servers.start_upstream(workdir, certs)
     try:
         servers.wait_ready(up)
@@ -292,10 +342,20 @@ def main(argv: list[str] | None = None) -> int:
             status = idle_only(args, workdir, certs, up, clients, extra)
             shutil.rmtree(workdir, ignore_errors=True)
             return status
+        if args.store_compare:
+            command = "python -m bench.run --store-compare" + (" --quick" if args.quick else "")
+            stores = compare_stores(args, command, workdir, certs, up, clients, extra)
+            if not args.no_write:
+                write_store_compare(stores)
+            shutil.rmtree(workdir, ignore_errors=True)
+            print(storecompare.line(stores["summary"]), flush=True)
+            return 0
         command = "make bench-quick" if args.quick else "make bench"
         meta = metadata(args, command)
         rounds = [one_round(i, args, workdir, certs, up, clients, extra)
                   for i in range(args.rounds)]
+        stores = (compare_stores(args, command, workdir, certs, up, clients, extra)
+                  if compare else None)
     except BaseException:
         log(f"failed; logs and configuration kept in {workdir}")
         raise
@@ -303,15 +363,21 @@ def main(argv: list[str] | None = None) -> int:
         up.stop()
     summary = report.summarise(rounds)
     if not args.no_write:
-        (BENCH / "results" / "latest.json").write_text(
-            json.dumps({"meta": meta, "rounds": rounds, "summary": summary}, indent=1) + "\n"
-        )
+        results: dict[str, object] = {"meta": meta, "rounds": rounds, "summary": summary}
+        if stores is not None:
+            results["store_compare"] = stores
+        (BENCH / "results" / "latest.json").write_text(json.dumps(results, indent=1) + "\n")
         label = ("Quick run (`make bench-quick`): one round of short runs on a shared, noisy "
                  "machine; orientation only." if args.quick else
                  f"Full run (`make bench`): {args.rounds} rounds.")
-        (BENCH / "RESULTS.md").write_text(report.markdown(meta, summary, label))
+        text = report.markdown(meta, summary, label)
+        if stores is not None:
+            text = storecompare.insert_section(text, storecompare.markdown(stores))
+        (BENCH / "RESULTS.md").write_text(text)
         log("wrote bench/RESULTS.md and bench/results/latest.json")
     shutil.rmtree(workdir, ignore_errors=True)
+    if stores is not None:
+        print(storecompare.line(stores["summary"]), flush=True)
     print(report.last_line(summary), flush=True)
     return 0
 

@@ -310,28 +310,39 @@ def start_upstream(directory: Path, certs: Certs) -> Server:
     return start("upstream", [*argv, "-c", str(conf)], log, port, None, CLIENT_CPU)
 
 
+def start_trackingproxy(
+    directory: Path, certs: Certs, upstream: int, repo: Path, extra: Sequence[str],
+    *, label: str = "trackingproxy", own_cert: bool = True,
+) -> Server:
+    """trackingproxy on CPU 0; ``own_cert=False`` leaves out --cert/--key (``extra`` then says
+    where its certificate comes from). ``label`` names the server and its log file."""
+    https, http = free_port(), free_port()
+    log = directory / f"{label}.log"
+    cert = [f"--cert={certs.proxy_cert}", f"--key={certs.proxy_key}"] if own_cert else []
+    argv = [
+        *_twistd(repo),
+        "--nodaemon",
+        "--pidfile=",
+        f"--logfile={log}",
+        "trackingproxy",
+        f"--domain={DOMAIN}",
+        f"--https-port=tcp:{https}:interface=127.0.0.1",
+        f"--http-port=tcp:{http}:interface=127.0.0.1",
+        *cert,
+        f"--upstream=https://127.0.0.1:{upstream}",
+        f"--upstream-ca-bundle={certs.ca}",
+        *extra,
+    ]
+    return start(label, argv, log, https, http, PROXY_CPU, _tp_env(repo))
+
+
 def start_proxy(
     name: str, directory: Path, certs: Certs, upstream: int, repo: Path, extra: Sequence[str]
 ) -> Server:
+    if name == "trackingproxy":
+        return start_trackingproxy(directory, certs, upstream, repo, extra)
     https, http = free_port(), free_port()
     log = directory / f"{name}.log"
-    if name == "trackingproxy":
-        argv = [
-            *_twistd(repo),
-            "--nodaemon",
-            "--pidfile=",
-            f"--logfile={log}",
-            "trackingproxy",
-            f"--domain={DOMAIN}",
-            f"--https-port=tcp:{https}:interface=127.0.0.1",
-            f"--http-port=tcp:{http}:interface=127.0.0.1",
-            f"--cert={certs.proxy_cert}",
-            f"--key={certs.proxy_key}",
-            f"--upstream=https://127.0.0.1:{upstream}",
-            f"--upstream-ca-bundle={certs.ca}",
-            *extra,
-        ]
-        return start(name, argv, log, https, http, PROXY_CPU, _tp_env(repo))
     if name == "caddy":
         conf = directory / "Caddyfile"
         conf.write_text(caddyfile(certs, https, http, upstream))

@@ -9,8 +9,11 @@ import ast
 from pathlib import Path
 
 import OpenSSL
+from OpenSSL import SSL, crypto
+from OpenSSL._util import lib
 
 import twisted
+from tests.tls.manycerts import make_hierarchy
 from trackingproxy.internals import pyopenssl_private, twisted_private
 
 PACKAGE = Path(__file__).resolve().parent.parent / "trackingproxy"
@@ -57,3 +60,17 @@ def test_no_other_module_imports_their_private_modules() -> None:
                 if parts[0] in ("twisted", "OpenSSL") and any(p.startswith("_") for p in parts):
                     found.append(f"{path.relative_to(PACKAGE.parent)}: {module}")
     assert found == []
+
+
+def test_use_leaf_refuses_a_key_of_another_certificate_without_raising() -> None:
+    """pyopenssl_private.use_leaf (run in the servername callback) answers False for a key
+    that is not the leaf's, leaves no OpenSSL error behind, and True for the right key."""
+    issuer = make_hierarchy(1).intermediates[0]
+    a, b = issuer.loaded("a.example.com"), issuer.loaded("b.example.com")
+    leaf = crypto.X509.from_cryptography(a.leaf)
+    connection = SSL.Connection(SSL.Context(SSL.TLS_SERVER_METHOD), None)
+    wrong = crypto.PKey.from_cryptography_key(b.key)
+    assert pyopenssl_private.use_leaf(connection, leaf, wrong) is False
+    assert lib.ERR_peek_error() == 0
+    right = crypto.PKey.from_cryptography_key(a.key)
+    assert pyopenssl_private.use_leaf(connection, leaf, right) is True

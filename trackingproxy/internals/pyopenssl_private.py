@@ -5,15 +5,18 @@ it below 27). `missing` lists what a release lacks of it; tests/test_internals.p
   idle connection new, empty BIOs once the handshake is over (`renew_memory_bios`).
 - A context's SSL_CTX pointer: the key-exchange groups list, which pyOpenSSL does not wrap
   (`set_groups`).
+- A connection's SSL pointer and the OpenSSL objects inside pyOpenSSL's ``X509`` and ``PKey``:
+  giving a connection its leaf certificate and key in the servername callback without a
+  conversion or a warning per handshake (`use_leaf`).
 """
 
 from __future__ import annotations
 
-from OpenSSL import SSL, _util
+from OpenSSL import SSL, _util, crypto
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
-__all__ = ["missing", "renew_memory_bios", "set_groups"]
+__all__ = ["missing", "renew_memory_bios", "set_groups", "use_leaf"]
 
 
 def missing() -> list[str]:
@@ -24,11 +27,14 @@ def missing() -> list[str]:
         f"Connection.{n}" for n in ("_into_ssl", "_from_ssl", "_ssl") if not hasattr(connection, n)
     ]
     lacking += [f"Context.{n}" for n in ("_context",) if not hasattr(context, n)]
+    lacking += [f"X509.{n}" for n in ("_x509",) if not hasattr(crypto.X509(), n)]
+    lacking += [f"PKey.{n}" for n in ("_pkey",) if not hasattr(crypto.PKey(), n)]
     lacking += [f"OpenSSL._util.{n}" for n in ("ffi", "lib") if not hasattr(_util, n)]
     lacking += [
         f"OpenSSL._util.lib.{n}"
         for n in ("SSL_set_bio", "BIO_new", "BIO_s_mem", "BIO_get_mem_data", "BIO_free",
-                  "SSL_CTX_set1_curves_list")
+                  "SSL_CTX_set1_curves_list", "SSL_use_certificate", "SSL_use_PrivateKey",
+                  "ERR_clear_error")
         if not hasattr(_lib, n)
     ]  # fmt: skip
     return lacking
@@ -62,3 +68,23 @@ def renew_memory_bios(connection: SSL.Connection) -> bool:
     _lib.SSL_set_bio(connection._ssl, new_in, new_out)
     connection._into_ssl, connection._from_ssl = new_in, new_out
     return True
+
+
+def use_leaf(connection: SSL.Connection, certificate: crypto.X509, key: crypto.PKey) -> bool:
+    """Give ``connection`` its own leaf certificate and private key, made once beforehand.
+
+    What ``Connection.use_certificate`` and ``use_privatekey`` do (``SSL_use_certificate``,
+    ``SSL_use_PrivateKey``: a reference, no copy), without their cost per handshake: given a
+    ``cryptography`` object they convert it (a DER round trip each time), given pyOpenSSL's own
+    objects they warn (DeprecationWarning). Called in the servername callback after
+    ``set_context``: it never raises; returns whether OpenSSL took both (if not, the handshake
+    fails for want of a certificate, as for a name without one).
+    """
+    ssl = connection._ssl
+    if (
+        _lib.SSL_use_certificate(ssl, certificate._x509) == 1
+        and _lib.SSL_use_PrivateKey(ssl, key._pkey) == 1
+    ):
+        return True
+    _lib.ERR_clear_error()
+    return False

@@ -23,6 +23,7 @@ from trackingproxy.proxy.wellknown import WellKnownFile, load_well_known
 from trackingproxy.tls.certificates import (
     LoadedCertificate,
     check_usable,
+    covered_domains,
     load_certs_dir,
     load_pair,
 )
@@ -106,7 +107,7 @@ class Reloader:
             log.error("Reload refused, keeping the running configuration: {error}", error=str(e))
             return False
         before = set(self._sni.domains)
-        user_covered = {d for d in snap.domains if any(c.covers(d) for c in snap.certificates)}
+        user_covered = set(covered_domains(snap.certificates, snap.domains))
         self._sni.set_domains(snap.domains)
         for name in snap.domains:
             # A name whose user certificate was removed goes back to ACME's certificate, or none.

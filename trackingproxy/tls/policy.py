@@ -1,7 +1,10 @@
-"""The server TLS policy (Mozilla "intermediate") and building one SSL.Context per certificate.
+"""The server TLS policy (Mozilla "intermediate") and building the SSL.Contexts that carry it.
 
 A context is built once, fully configured, and never mutated after it has served a connection
-(pyOpenSSL 26.2+ refuses that). A renewed certificate gets a brand-new context.
+(pyOpenSSL 26.2+ refuses that). A context holds no leaf certificate and no key: it carries the
+policy and one intermediate chain, and is shared by every certificate issued under that chain
+(Let's Encrypt: a handful for any number of domains). The SNI map gives each connection its
+leaf and key (``trackingproxy.tls.sni``).
 """
 
 from __future__ import annotations
@@ -9,10 +12,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
+from cryptography import x509
 from OpenSSL import SSL
 
 from trackingproxy.internals.pyopenssl_private import set_groups
-from trackingproxy.tls.certificates import LoadedCertificate
 
 # Mozilla intermediate, restricted to forward-secret AEAD suites (no DHE, no CBC).
 TLS12_CIPHERS = (
@@ -45,15 +48,18 @@ def _select_alpn(
 
 
 def make_context(
-    cert: LoadedCertificate | None,
+    chain: Sequence[x509.Certificate] = (),
     alpn: Sequence[bytes] = ALPN_PROTOCOLS,
     servername_callback: Callable[[SSL.Connection], None] | None = None,
     session_id: bytes | None = None,
 ) -> SSL.Context:
-    """A server context with the policy applied and, if given, the certificate installed.
+    """A server context with the policy applied and ``chain`` (the certificates a server sends
+    after its leaf) as its extra chain; it holds no leaf and no key.
 
-    A context without a certificate is used to dispatch on SNI and to fail handshakes for names
-    that have no certificate (the client gets a handshake_failure alert).
+    The context a connection starts with (the one with ``servername_callback``) is the one
+    that dispatches on SNI; it fails handshakes for names that have no certificate (the client
+    gets a handshake_failure alert). Its session cache, session tickets and session id context
+    serve every name, since OpenSSL keeps them with the connection's first context.
     """
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
@@ -69,12 +75,8 @@ def make_context(
     ctx.set_timeout(SESSION_TIMEOUT)
     supported = tuple(alpn)
     ctx.set_alpn_select_callback(lambda conn, offered: _select_alpn(offered, supported))
-    if cert is not None:
-        ctx.use_certificate(cert.leaf)
-        ctx.use_privatekey(cert.key)
-        for extra in cert.chain[1:]:
-            ctx.add_extra_chain_cert(extra)
-        ctx.check_privatekey()
+    for extra in chain:
+        ctx.add_extra_chain_cert(extra)
     if servername_callback is not None:
         ctx.set_tlsext_servername_callback(servername_callback)
     return ctx

@@ -1,8 +1,10 @@
-"""The renewal schedule and the retry back-off, with fixed randomness."""
+"""The renewal schedule (spread over a window per certificate) and the retry back-off."""
 
 from __future__ import annotations
 
+import collections
 import datetime
+import random
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -10,7 +12,9 @@ from trackingproxy.acme.schedule import (
     BACKOFF_MAX,
     BACKOFF_MIN,
     backoff_delay,
+    draw_point,
     lifetime_renewal_time,
+    lifetime_window,
     next_attempt,
     parse_retry_after,
     renewal_time,
@@ -24,11 +28,11 @@ DAY = datetime.timedelta(days=1)
 
 class LifetimeTests(SynchronousTestCase):
     def test_third_remaining_for_90_days(self) -> None:
-        """A 90-day certificate is renewed 30 days before expiry."""
+        """A 90-day certificate is renewed 30 days before expiry at the window's centre."""
         self.assertEqual(lifetime_renewal_time(T0, T0 + 90 * DAY), T0 + 60 * DAY)
 
     def test_third_remaining_for_45_days(self) -> None:
-        """A 45-day certificate is renewed 15 days before expiry."""
+        """A 45-day certificate is renewed 15 days before expiry at the window's centre."""
         self.assertEqual(lifetime_renewal_time(T0, T0 + 45 * DAY), T0 + 30 * DAY)
 
     def test_half_remaining_for_short_lived(self) -> None:
@@ -41,28 +45,65 @@ class LifetimeTests(SynchronousTestCase):
         """Exactly 10 days uses the one-third rule."""
         self.assertEqual(lifetime_renewal_time(T0, T0 + 10 * DAY), T0 + 10 * DAY * 2 / 3)
 
+    def test_window_of_90_days(self) -> None:
+        """A 90-day certificate's window runs from 33.75 to 26.25 days before expiry."""
+        start, end = lifetime_window(T0, T0 + 90 * DAY)
+        self.assertEqual((T0 + 90 * DAY - start, T0 + 90 * DAY - end),
+                         (33.75 * DAY, 26.25 * DAY))
+        self.assertEqual(lifetime_renewal_time(T0, T0 + 90 * DAY, 0.0), start)
+        self.assertEqual(lifetime_renewal_time(T0, T0 + 90 * DAY, 1.0), end)
+
+    def test_window_of_short_lived(self) -> None:
+        """A 6-day certificate's window runs from 3.375 to 2.625 days before expiry."""
+        start, end = lifetime_window(T0, T0 + 6 * DAY)
+        self.assertEqual((T0 + 6 * DAY - start, T0 + 6 * DAY - end),
+                         (3.375 * DAY, 2.625 * DAY))
+
+    def test_point_is_clamped(self) -> None:
+        """A point outside 0..1 never leaves the window."""
+        start, end = lifetime_window(T0, T0 + 90 * DAY)
+        self.assertEqual(lifetime_renewal_time(T0, T0 + 90 * DAY, -3.0), start)
+        self.assertEqual(lifetime_renewal_time(T0, T0 + 90 * DAY, 7.0), end)
+
+    def test_certificates_issued_together_spread_out(self) -> None:
+        """10,000 90-day certificates issued in the same second renew over the whole 7.5-day window, at most 2 % an hour."""
+        rng = random.Random(7)
+        times = [renewal_time(T0, T0 + 90 * DAY, None, draw_point(rng)) for _ in range(10_000)]
+        start, end = lifetime_window(T0, T0 + 90 * DAY)
+        self.assertTrue(all(start <= t <= end for t in times))
+        self.assertLess(min(times) - start, datetime.timedelta(hours=1))
+        self.assertLess(end - max(times), datetime.timedelta(hours=1))
+        per_hour = collections.Counter(int((t - start).total_seconds() // 3600) for t in times)
+        self.assertLessEqual(max(per_hour.values()), 200)
+
+    def test_draw_point_uses_the_rng(self) -> None:
+        """The point comes from the injected rng (a fixed one gives a fixed point)."""
+        self.assertEqual(draw_point(FixedRandom(0.25)), 0.25)
+        self.assertEqual(draw_point(random.Random(1)), draw_point(random.Random(1)))
+
 
 class AriTests(SynchronousTestCase):
     def test_random_point_inside_window(self) -> None:
-        """With ARI the renewal time is a random point inside the suggested window."""
+        """With ARI the renewal time is the certificate's point inside the suggested window."""
         ari = AriWindow(T0 + 50 * DAY, T0 + 52 * DAY)
-        self.assertEqual(renewal_time(T0, T0 + 90 * DAY, ari, FixedRandom(0.0)), T0 + 50 * DAY)
-        self.assertEqual(renewal_time(T0, T0 + 90 * DAY, ari, FixedRandom(0.5)), T0 + 51 * DAY)
-        self.assertEqual(renewal_time(T0, T0 + 90 * DAY, ari, FixedRandom(1.0)), T0 + 52 * DAY)
+        self.assertEqual(renewal_time(T0, T0 + 90 * DAY, ari, 0.0), T0 + 50 * DAY)
+        self.assertEqual(renewal_time(T0, T0 + 90 * DAY, ari, 0.5), T0 + 51 * DAY)
+        self.assertEqual(renewal_time(T0, T0 + 90 * DAY, ari, 1.0), T0 + 52 * DAY)
 
     def test_ari_overrides_lifetime(self) -> None:
         """An ARI window earlier than the lifetime rule (e.g. revocation) wins."""
         ari = AriWindow(T0 + 1 * DAY, T0 + 1 * DAY)
-        self.assertEqual(renewal_time(T0, T0 + 90 * DAY, ari, FixedRandom(0.3)), T0 + DAY)
+        self.assertEqual(renewal_time(T0, T0 + 90 * DAY, ari, 0.3), T0 + DAY)
 
     def test_inverted_window_ignored(self) -> None:
         """A window whose end precedes its start counts as no ARI."""
         ari = AriWindow(T0 + 52 * DAY, T0 + 50 * DAY)
-        self.assertEqual(renewal_time(T0, T0 + 90 * DAY, ari, FixedRandom(0.5)), T0 + 60 * DAY)
+        self.assertEqual(renewal_time(T0, T0 + 90 * DAY, ari, 0.5), T0 + 60 * DAY)
 
     def test_no_ari(self) -> None:
-        """Without ARI the lifetime rule applies."""
-        self.assertEqual(renewal_time(T0, T0 + 90 * DAY, None, FixedRandom(0.5)), T0 + 60 * DAY)
+        """Without ARI the certificate's point inside the lifetime window applies."""
+        self.assertEqual(renewal_time(T0, T0 + 90 * DAY, None, 0.5), T0 + 60 * DAY)
+        self.assertEqual(renewal_time(T0, T0 + 90 * DAY, None, 0.0), T0 + 56.25 * DAY)
 
 
 class BackoffTests(SynchronousTestCase):

@@ -1,13 +1,19 @@
+# -*- test-case-name: tests.acme.test_acme_issuer,tests.acme.test_acme_queue -*-
 """The issuing service: keeps one certificate per configured domain obtained, renewed and served.
 
-At start it serves what the store holds, then orders what is missing or due. A check runs on
-a jittered timer and exactly at the earliest renewal / retry time. Orders hold the store's
-per-name lock (so processes sharing the state directory never order the same name at once;
-it is refreshed while the order runs), are de-duplicated per name, and failures keep the
-served certificate, back off and are logged once each; near expiry they are logged at
-CRITICAL and passed to ``panic``. Stopping waits at most ``stop_timeout`` for running
-orders: after that they are abandoned (their lock released, their late result ignored) and
-resume from the stored order at the next start.
+At start it serves what the store holds, then queues what is missing or due. A full check
+(reload everything from the store) runs on a jittered timer; between checks each domain is
+looked at again exactly at its own renewal, retry or ARI time (``Wakeups``), so nothing done
+per order walks all the domains. Due domains wait in an ``OrderQueue``: renewals within 7 days
+of expiry first, then domains without a certificate (longest waiting first), then renewals by
+renewal time. Orders start at most ``max_orders_per_hour`` per hour and
+``max_concurrent_orders`` at once; a CA ``rateLimited`` answer pauses every start until its
+Retry-After. Orders hold the store's per-name lock (so processes sharing the state directory
+never order the same name at once; it is refreshed while the order runs), are de-duplicated
+per name, and failures keep the served certificate, back off and are logged once each; near
+expiry they are logged at CRITICAL and passed to ``panic``. Stopping waits at most
+``stop_timeout`` for running orders: after that they are abandoned (their lock released,
+their late result ignored) and resume from the stored order at the next start.
 The store is the single source of truth: every check reloads it and serves what changed.
 """
 
@@ -28,7 +34,8 @@ from twisted.python.failure import Failure
 
 from trackingproxy.acme.locks import LockKeeper
 from trackingproxy.acme.obtainer import Obtainer, ObtainFailed, ObtainRequest
-from trackingproxy.acme.schedule import jittered, next_attempt, renewal_time
+from trackingproxy.acme.queue import Key, OrderQueue, QueueSummary, Wakeups
+from trackingproxy.acme.schedule import draw_point, jittered, next_attempt, renewal_time
 from trackingproxy.errors import ConfigError
 from trackingproxy.store.contract import (
     AriWindow,
@@ -42,7 +49,7 @@ from trackingproxy.store.contract import (
 from trackingproxy.tls.certificates import LoadedCertificate, PrivateKey, parse_pem
 from trackingproxy.tls.sni import SNIContextMap
 
-__all__ = ["IssuingService", "PanicCallback", "RenewalState"]
+__all__ = ["IssuingService", "PanicCallback", "QueueSummary", "RenewalState"]
 
 log = Logger()
 PanicCallback = Callable[[str, str], object]
@@ -51,6 +58,7 @@ PanicCallback = Callable[[str, str], object]
 PANIC_WINDOW = datetime.timedelta(days=7)
 PANIC_REPEAT = datetime.timedelta(hours=24)
 ARI_DEFAULT_RECHECK = datetime.timedelta(hours=6)
+ARI_MIN_RECHECK = datetime.timedelta(minutes=1)  # a Retry-After of 0 must not loop
 
 
 @define
@@ -58,6 +66,8 @@ class _Domain:
     current: LoadedCertificate | None = None
     ari: AriWindow | None = None
     renew_at: datetime.datetime | None = None
+    point: tuple[str, float] | None = None  # (serial, where in its renewal window), per cert
+    wanted_since: datetime.datetime | None = None  # first queued without a certificate
     ari_check_at: datetime.datetime | None = None
     failures: int = 0
     retry_at: datetime.datetime | None = None
@@ -77,6 +87,8 @@ class RenewalState:
     last_error: str | None
     last_error_at: datetime.datetime | None
     orders: dict[str, int]  # outcome (issued, failed, rate_limited, busy) -> count
+    queue_position: int | None = None  # 1: the next order to start; None: not waiting
+    queue_eta: datetime.datetime | None = None  # estimated start (pace, pause), if waiting
 
 
 class IssuingService(Service):
@@ -101,6 +113,9 @@ class IssuingService(Service):
         busy_retry: float = 60.0,
         backoff_base: float = 60.0,
         stop_timeout: float = 5.0,
+        max_orders_per_hour: int = 90,
+        max_concurrent_orders: int = 4,
+        order_burst: int = 10,
     ) -> None:
         skip = set(skip_domains)
         self._clock = clock
@@ -118,13 +133,23 @@ class IssuingService(Service):
         self._held: dict[str, LockKeeper] = {}
         self.domains: tuple[str, ...] = tuple(d for d in domains if d not in skip)
         self._state = {d: _Domain() for d in self.domains}
-        self._inflight: dict[str, Deferred[None]] = {}
+        self._inflight: dict[str, Deferred[bool]] = {}  # -> whether a CA order was placed
         self._timer: IDelayedCall | None = None
         self._checking: Deferred[None] | None = None
+        self._busy: set[Deferred[None]] = set()  # wake-ups and ARI refreshes under way
+        self._queue = OrderQueue(
+            clock, self._start_queued, per_hour=max_orders_per_hour,
+            concurrency=max_concurrent_orders, burst=order_burst,
+        )
+        self._wakeups = Wakeups(clock, self._woken)
 
     def set_domains(self, domains: Iterable[str]) -> None:
         """Manage exactly ``domains`` from now on (SIGHUP reload); new ones are ordered soon."""
         self.domains = tuple(domains)
+        kept = set(self.domains)
+        for gone in [n for n in self._state if n not in kept]:
+            self._queue.discard(gone)
+            self._wakeups.plan(gone, None)
         self._state = {d: self._state.get(d) or _Domain() for d in self.domains}
         if self.running:
             self._clock.callLater(0, self._run_check)
@@ -138,38 +163,53 @@ class IssuingService(Service):
         """Serve what the store now holds for ``name`` (another replica wrote it)."""
         if name not in self._state:
             return succeed(None)
-        return self._reload(name)
+        return self._reload(name).addCallback(lambda _: self._settle_now(name))
 
     def renewal_states(self) -> dict[str, RenewalState]:
-        """Per managed domain: next attempt, failures, last error, orders by outcome."""
-        return {
-            name: RenewalState(
+        """Per managed domain: next attempt, failures, last error, orders by outcome, and
+        its place and estimated start in the order queue while it waits there."""
+        places = self._queue.places()
+        states = {}
+        for name, st in self._state.items():
+            place = places.get(name)
+            states[name] = RenewalState(
                 next_attempt=self._due_at(st),
                 ordering=name in self._inflight,
                 failures=st.failures,
                 last_error=st.last_error,
                 last_error_at=st.last_error_at,
                 orders=dict(st.orders),
+                queue_position=place.position if place is not None else None,
+                queue_eta=place.eta if place is not None else None,
             )
-            for name, st in self._state.items()
-        }
+        return states
+
+    def queue_summary(self) -> QueueSummary:
+        """The order queue: length, running orders, pause, orders in the last hour, pace."""
+        return self._queue.summary()
 
     # -- lifecycle ------------------------------------------------------------------------
     def startService(self) -> None:
         super().startService()
         self._obtainer.start()
-        log.info(
-            "Certificates for {domains} come from {ca}",
-            domains=", ".join(self.domains) or "no domain",
-            ca=self._obtainer.description,
-        )
+        shown = ", ".join(self.domains[:20]) or "no domain"
+        if len(self.domains) > 20:
+            shown += f" and {len(self.domains) - 20} more"
+        log.info("Certificates for {domains} come from {ca}", domains=shown,
+                 ca=self._obtainer.description)
+        self._queue.begin()
+        self._wakeups.start()
         self._run_check()
 
     def stopService(self) -> Deferred[None]:
         """Wait for running orders and the obtainer, but never longer than ``stop_timeout``."""
         super().stopService()
         self._cancel_timer()
-        pending = [d for d in (self._checking, *self._inflight.values()) if d is not None]
+        self._queue.halt()
+        self._wakeups.stop()
+        pending: list[Deferred[Any]] = [
+            d for d in (self._checking, *self._inflight.values(), *self._busy) if d is not None
+        ]
         stopped: Deferred[None] = Deferred()
         asked: list[bool] = []
 
@@ -224,19 +264,12 @@ class IssuingService(Service):
         self._timer = None
 
     def _schedule_next(self) -> None:
-        """Next check: the jittered interval, or earlier at the earliest renewal/retry time."""
+        """The next full check, after the jittered interval (each domain's own renewal, retry
+        and ARI times are ``Wakeups``)."""
         self._cancel_timer()
-        if not self.running:
-            return
-        now = self._now()
-        delay = jittered(self._interval, self._rng)
-        for name, st in self._state.items():
-            if name in self._inflight:
-                continue
-            for when in (self._due_at(st), st.ari_check_at if st.current else None):
-                if when is not None:
-                    delay = min(delay, max(0.0, (when - now).total_seconds()))
-        self._timer = self._clock.callLater(delay, self._run_check)
+        if self.running:
+            self._timer = self._clock.callLater(jittered(self._interval, self._rng),
+                                                self._run_check)
 
     def _run_check(self) -> None:
         self._timer = None
@@ -267,18 +300,108 @@ class IssuingService(Service):
         due = self._due_at(st)
         return (st.current is None and st.retry_at is None) or (due is not None and due <= now)
 
+    def _wake_time(self, st: _Domain) -> float | None:
+        """When to look at a domain that is not due: its due or ARI check time."""
+        times = [t for t in (self._due_at(st), st.ari_check_at if st.current else None) if t]
+        return min(times).timestamp() if times else None
+
+    def _priority(self, st: _Domain, now: datetime.datetime) -> Key:
+        """Queue order: renewals within PANIC_WINDOW of expiry (soonest expiry first), then
+        domains without a certificate (longest waiting first), then renewals by renew time."""
+        if st.current is None:
+            if st.wanted_since is None:
+                st.wanted_since = now
+            return (1.0, st.wanted_since.timestamp())
+        if st.current.not_after - now <= PANIC_WINDOW:
+            return (0.0, st.current.not_after.timestamp())
+        return (2.0, (st.renew_at or now).timestamp())
+
+    def _settle(self, name: str) -> Deferred[None] | None:
+        """Queue ``name`` if it is due, refresh its renewal information if that is due, else
+        plan a wake-up for when either will be. Returns the ARI refresh, if one started."""
+        st = self._state.get(name)
+        if st is None or not self.running or name in self._inflight:
+            return None
+        now = self._now()
+        if self._is_due(st, now):
+            self._wakeups.plan(name, None)
+            self._queue.add(name, self._priority(st, now))
+            return None
+        self._queue.discard(name)
+        if st.current is not None and st.ari_check_at is not None and st.ari_check_at <= now:
+            self._wakeups.plan(name, None)
+
+            def again(result: object) -> object:  # the CA's window may say "now"
+                self._settle_now(name)
+                return result
+
+            return self._refresh_ari(name).addBoth(again)
+        self._wakeups.plan(name, self._wake_time(st))
+        return None
+
+    def _settle_now(self, name: str) -> None:
+        """``_settle`` outside a check: start what may start, keep track of an ARI refresh."""
+        refresh = self._settle(name)
+        if refresh is not None:
+            self._track(refresh, f"{name}: checking renewal information failed")
+        self._queue.pump()
+
+    def _track(self, d: Deferred[None], message: str) -> None:
+        """Keep ``d`` for stopService until it fires; log its failure."""
+        self._busy.add(d)
+
+        def done(result: object) -> None:
+            self._busy.discard(d)
+            if isinstance(result, Failure):
+                log.failure(message, result)
+
+        d.addBoth(done)
+
     @inlineCallbacks
     def check(self) -> Generator[Deferred[Any], Any, None]:
-        """Reload the store, serve what changed, then order what is missing or due."""
+        """Reload the store, serve what changed, queue what is missing or due (orders start at
+        the queue's pace; this does not wait for them) and refresh due ARI windows."""
         work: list[Deferred[None]] = []
+        waiting = len(self._queue)
         for name in self.domains:
             yield self._reload(name)
-            st = self._state[name]
-            now = self._now()
-            if self._is_due(st, now):
-                work.append(self.ensure(name))
-            elif st.current is not None and st.ari_check_at is not None and st.ari_check_at <= now:
-                work.append(self._refresh_ari(name))
+            refresh = self._settle(name)
+            if refresh is not None:
+                work.append(refresh)
+        self._queue.pump()
+        if len(self._queue) > waiting:
+            self._say_queue()
+        yield DeferredList(work)
+
+    def _say_queue(self) -> None:
+        summary = self._queue.summary()
+        if summary.drained_at is None:
+            return
+        log.info(
+            "{n} domain(s) wait for a certificate order; at most {rate} orders start per hour, "
+            "so the last should start around {when}",
+            n=summary.length, rate=summary.max_orders_per_hour,
+            when=summary.drained_at.isoformat(timespec="minutes"),
+        )
+
+    def _woken(self, names: list[str]) -> None:
+        self._track(self._revisit(names), "Looking at due certificates failed")
+
+    @inlineCallbacks
+    def _revisit(self, names: list[str]) -> Generator[Deferred[Any], Any, None]:
+        """Reload and settle the domains whose renewal, retry or ARI time has come."""
+        work: list[Deferred[None]] = []
+        for name in names:
+            if name not in self._state:
+                continue
+            try:
+                yield self._reload(name)
+            except Exception as e:  # settle on what is known; the next check reloads again
+                log.warn("{name}: cannot reload it from the store: {error}", name=name, error=e)
+            refresh = self._settle(name)
+            if refresh is not None:
+                work.append(refresh)
+        self._queue.pump()
         yield DeferredList(work)
 
     @inlineCallbacks
@@ -312,9 +435,12 @@ class IssuingService(Service):
             st.ari_check_at = self._now()
         st.current = cert
         st.ari = ari
-        st.renew_at = renewal_time(cert.not_before, cert.not_after, ari, self._rng)
+        st.wanted_since = None
+        if st.point is None or st.point[0] != cert.serial_hex:
+            st.point = (cert.serial_hex, draw_point(self._rng))
+        st.renew_at = renewal_time(cert.not_before, cert.not_after, ari, st.point[1])
         if ari is not None and ari.next_check is not None:
-            st.ari_check_at = ari.next_check
+            st.ari_check_at = max(ari.next_check, self._now() + ARI_MIN_RECHECK)
 
     @inlineCallbacks
     def _refresh_ari(self, name: str) -> Generator[Deferred[Any], Any, None]:
@@ -338,23 +464,42 @@ class IssuingService(Service):
 
     # -- ordering -------------------------------------------------------------------------
     def ensure(self, name: str) -> Deferred[None]:
-        """Order a certificate for ``name`` unless an order for it is already running."""
+        """Order a certificate for ``name`` now, outside the queue and its pace, unless an
+        order for it is already running."""
+        self._queue.discard(name)
+        return _quiet(self._begin(name))
+
+    def _start_queued(self, name: str) -> Deferred[bool]:
+        """The queue's start: fires with whether a CA order was placed."""
+        if name not in self._state or name in self._inflight or not self.running:
+            return succeed(False)
+        return _placed(self._begin(name))
+
+    def _begin(self, name: str) -> Deferred[bool]:
         running = self._inflight.get(name)
         if running is None:
             running = self._order(name)
             self._inflight[name] = running
 
-            def finished(result: object) -> None:
+            def finished(result: bool | Failure) -> bool:
                 del self._inflight[name]
                 if isinstance(result, Failure):
                     log.failure("{name}: unexpected error while ordering", result, name=name)
+                    if name in self._state and isinstance(result.value, Exception):
+                        self._failed(name, result.value)  # back off, never loop
+                    result = True
+                self._settle_now(name)  # the next retry, renewal or ARI time
+                return result
 
             running.addBoth(finished)
-        return _quiet(running)
+        return running
 
     @inlineCallbacks
-    def _order(self, name: str) -> Generator[Deferred[Any], Any, None]:
+    def _order(self, name: str) -> Generator[Deferred[Any], Any, bool]:
+        """Order under the lock; returns whether the CA was asked (else the queue's slot is
+        given back)."""
         st = self._state[name]
+        placed = False
         try:
             lock: Lock | None = yield self._store.acquire(name, self._lock_ttl)
         except StoreUnavailable:
@@ -362,20 +507,21 @@ class IssuingService(Service):
             # try again when it may be back.
             st.orders["store_down"] = st.orders.get("store_down", 0) + 1
             st.retry_at = self._now() + self._busy_retry
-            return
+            return placed
         except Exception as e:  # a read-only or full state directory: back off like any failure
             self._failed(name, e)
-            return
+            return placed
         if lock is None:
             log.info("{name}: another process is ordering it; checking again later", name=name)
             st.orders["busy"] = st.orders.get("busy", 0) + 1
             st.retry_at = self._now() + self._busy_retry
-            return
+            return placed
         keeper = LockKeeper(self._clock, self._store, lock, self._lock_ttl)
         self._held[name] = keeper
         try:
             yield self._reload(name)  # someone may have renewed it meanwhile
             if st.current is None or st.renew_at is None or st.renew_at <= self._now():
+                placed = True
                 yield self._obtain_locked(name, keeper)
             else:
                 st.retry_at = None
@@ -393,7 +539,7 @@ class IssuingService(Service):
                 self._failed(name, e)
         keeper.stop()
         if keeper.abandoned:  # stopService released the lock already
-            return
+            return placed
         del self._held[name]
         # Not in a ``finally``: a generator abandoned at shutdown must not yield again.
         try:
@@ -401,6 +547,7 @@ class IssuingService(Service):
         except Exception as e:  # it expires by itself
             log.warn("{name}: cannot release the order lock ({error}); it expires by itself",
                      name=name, error=e)
+        return placed
 
     @inlineCallbacks
     def _obtain_locked(
@@ -471,7 +618,11 @@ class IssuingService(Service):
         )
         outcome = "rate_limited" if limited else "failed"
         st.orders[outcome] = st.orders.get(outcome, 0) + 1
-        st.retry_at = next_attempt(st.failures, now, self._rng, retry_after, self._backoff_base)
+        st.retry_at = retry_at = next_attempt(
+            st.failures, now, self._rng, retry_after, self._backoff_base
+        )
+        if limited:  # the account (or the CA) is limited, not only this name: every order waits
+            self._queue.pause((retry_after or retry_at).timestamp(), message)
         log.error(
             "{problem} (failure {n}; next attempt at {when}{serving})",
             problem=message, n=st.failures, when=st.retry_at.isoformat(timespec="seconds"),
@@ -523,7 +674,19 @@ def _log_failure(failure: Failure, message: str, name: str) -> None:
     log.failure(message, failure, name=name)
 
 
-def _quiet(d: Deferred[None]) -> Deferred[None]:
+def _placed(d: Deferred[bool]) -> Deferred[bool]:
+    """A new Deferred that fires with ``d``'s result (leaving ``d``'s chain alone)."""
+    waiter: Deferred[bool] = Deferred()
+
+    def fire(result: object) -> object:
+        waiter.callback(result if isinstance(result, bool) else True)
+        return result
+
+    d.addBoth(fire)
+    return waiter
+
+
+def _quiet(d: Deferred[Any]) -> Deferred[None]:
     """A new Deferred that fires with None when ``d`` fires (leaving ``d``'s chain alone)."""
     waiter: Deferred[None] = Deferred()
 

@@ -313,6 +313,7 @@ def build_acme(
         check_interval=settings.check_interval,
         lock_ttl=settings.order_lock_ttl,
         busy_retry=min(60.0, settings.order_lock_ttl / 2),
+        max_orders_per_hour=settings.max_orders_per_hour,
     )
     if opened is not None:
         opened.pool_service.setServiceParent(top)  # first: started before, stopped after

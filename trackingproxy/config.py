@@ -26,6 +26,7 @@ from trackingproxy.store.settings import store_settings_from_options
 from trackingproxy.tls.certificates import (
     LoadedCertificate,
     check_usable,
+    covered_domains,
     load_certs_dir,
     load_pair,
 )
@@ -73,7 +74,7 @@ class ProxyConfig:
     @property
     def user_covered(self) -> tuple[str, ...]:
         """Configured domains covered by a certificate the user brought (never ordered)."""
-        return tuple(d for d in self.domains if any(c.covers(d) for c in self.certificates))
+        return covered_domains(self.certificates, self.domains)
 
 
 def _positive_seconds(option: str, raw: str) -> float:

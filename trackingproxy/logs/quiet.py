@@ -38,7 +38,7 @@ _NOISE: Final = re.compile(
     r"^(?:Starting|Stopping) (?:factory|protocol) <"
     r"|^\S+(?: \(\w+\))? starting on \d+$"
     r"|^\((?:TCP|UDP|Unix) Port \S+ Closed\)$"
-    r"|^b?'[^']*resolv\.conf' changed, reparsing$"
+    r"|^b?'?\S+?'? changed, reparsing$"
     r"|^Resolver (?:added|removed) \("
 )
 

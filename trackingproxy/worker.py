@@ -1,11 +1,13 @@
 """A ``--workers`` child process: ``python -m trackingproxy.worker``, spawned by the parent only.
 
-It reads one JSON line from fd 3 (its index, the parent's parsed options and which inherited
-file descriptors are its listening sockets), builds the same service tree as the parent with
-three differences (listeners adopted from the inherited sockets, a certificate watcher instead
-of the ACME issuer, no admin listener), and runs it until SIGTERM or until fd 3 reaches end of
+It reads one JSON line from fd 3 (its index, the parent's parsed options, which inherited
+file descriptors are its listening sockets and which one takes its metrics reports), builds
+the same service tree as the parent with three differences (listeners adopted from the
+inherited sockets, a certificate watcher instead of the ACME issuer, a metrics reporter writing
+to fd 4 instead of the admin listener), and runs it until SIGTERM or until fd 3 reaches end of
 file (the parent is gone). SIGTERM drains the requests in flight like the parent does; SIGHUP
-reloads the files. See ``trackingproxy.ops.supervisor`` for the whole design.
+reloads the files. See ``trackingproxy.ops.supervisor`` for the whole design and
+``trackingproxy.admin.workers`` for the metrics.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from twisted.logger import (
 )
 
 from trackingproxy.acme.certwatch import build_worker_acme
+from trackingproxy.admin.workers import worker_admin
 from trackingproxy.config import config_from_options
 from trackingproxy.errors import ConfigError, exit_with
 from trackingproxy.logs.jsonlines import JSONLinesObserver
@@ -92,6 +95,66 @@ class _ParentWatch:
         pass
 
 
+class _ReportPipe:
+    """The worker's end of the metrics pipe: whole report lines, written without blocking.
+
+    While a line is still being written, a newer one replaces the one waiting (each report
+    holds the full totals, so only the latest matters); a closed pipe (the parent is gone)
+    ends the reports quietly.
+    """
+
+    def __init__(self, reactor: Any, fd: int) -> None:
+        self._reactor = reactor
+        self._fd = fd
+        self._pending = memoryview(b"")
+        self._next: bytes | None = None
+        self._waiting = False  # registered as a writer
+        self._closed = False
+        os.set_blocking(fd, False)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "metrics-pipe"
+
+    def send(self, line: bytes) -> None:
+        if self._closed:
+            return
+        if self._pending:
+            self._next = line
+            return
+        self._pending = memoryview(line)
+        self.doWrite()
+
+    def doWrite(self) -> None:
+        while self._pending:
+            try:
+                written = os.write(self._fd, self._pending)
+            except BlockingIOError:
+                if not self._waiting:
+                    self._waiting = True
+                    self._reactor.addWriter(self)
+                return
+            except OSError:  # EPIPE: the parent is gone (the control pipe says so too)
+                self._closed = True
+                self._pending, self._next = memoryview(b""), None
+                break
+            self._pending = self._pending[written:]
+            if not self._pending and self._next is not None:
+                self._pending, self._next = memoryview(self._next), None
+        if self._waiting:
+            self._waiting = False
+            self._reactor.removeWriter(self)
+
+    def connectionLost(self, reason: object) -> None:
+        pass
+
+
+def _no_admin(*args: object) -> None:
+    return None
+
+
 def _stop(reactor: Any) -> None:
     if reactor.running and not getattr(reactor, "_trackingproxy_stopping", False):
         reactor._trackingproxy_stopping = True
@@ -135,7 +198,11 @@ def main() -> None:
     _start_logging(index, options.get("log-format") == "json")
     try:
         now = datetime.datetime.fromtimestamp(reactor.seconds(), datetime.UTC)
-        config = evolve(config_from_options(options, now), admin_port=None, workers=1)
+        config = evolve(config_from_options(options, now), workers=1)
+        report_fd = spec.get("report_fd")  # None: the parent has no admin listener
+        admin_builder: Any = _no_admin
+        if report_fd is not None:
+            admin_builder = worker_admin(_ReportPipe(reactor, int(report_fd)).send)
         tcpwrite.install()
         fds = {item["option"]: (int(item["fd"]), item["description"])
                for item in spec["listeners"]}
@@ -146,7 +213,7 @@ def main() -> None:
 
         service: TrackingProxyService = build_service(
             config, reactor, listen=listen, acme_builder=build_worker_acme,
-            access_log=line_safe_access_log(config, reactor),
+            access_log=line_safe_access_log(config, reactor), admin_builder=admin_builder,
         )
     except ConfigError as e:
         exit_with(e.message)

@@ -1,8 +1,11 @@
 """The HTML status page in a real browser: headless Chromium (Debian's ``chromium``) loads the
-admin page of a running proxy, one with a failing renewal, and one of 10,000 domains (problems
-first, then a page of the table); all are screenshotted.
+admin page of a running proxy, one with a failing renewal after an hour of traffic (on a fake
+clock: the charts of the last hour are full), and one of 10,000 domains (problems first, then
+a page of the table); all are screenshotted. The charts' size as laid out is measured in a copy
+of the DOM with a script added (the page itself has none and may run none).
 
-Set TRACKINGPROXY_STATUS_SCREENSHOT=docs/status-page.png to refresh the README's screenshot.
+Set TRACKINGPROXY_STATUS_SCREENSHOT=docs/status-page.png to refresh the README's screenshot
+(the page after the hour of traffic).
 Chromium is installed with apt-get when missing (``make debs`` lists it too); under CI=true a
 missing browser fails the test instead of skipping it.
 """
@@ -11,7 +14,9 @@ from __future__ import annotations
 
 import datetime
 import html
+import math
 import os
+import random
 import re
 import shutil
 import struct
@@ -41,6 +46,7 @@ from tests.admin.test_status import (
 )
 from tests.harness import DOMAIN, DOMAIN2, client, start_proxy, stop_proxy
 from trackingproxy.admin.collector import StatusCollector
+from trackingproxy.admin.history import History, counters_of
 from trackingproxy.admin.metrics import ProxyMetrics
 from trackingproxy.admin.resources import AdminSite, admin_resource
 from trackingproxy.admin.status import RateTracker, StatusSource
@@ -57,6 +63,17 @@ FLAGS = (
     "--hide-scrollbars",
 )
 DAY = datetime.timedelta(days=1)
+CHARTS = ("chart-requests", "chart-errors", "chart-latency")
+MEASURE = """<script>
+const sizes = Array.from(document.querySelectorAll("svg"), (svg) => {
+  const box = svg.getBoundingClientRect();
+  return `${svg.id} ${Math.round(box.width)} ${Math.round(box.height)}`;
+});
+const pre = document.createElement("pre");
+pre.id = "svg-sizes";
+pre.textContent = sizes.join("\\n");
+document.body.appendChild(pre);
+</script>"""
 
 
 def chromium() -> str:
@@ -151,8 +168,37 @@ class ChromiumTests(TestCase):
         return out.decode()
 
     @inlineCallbacks
+    def svg_sizes(self, dom: str):
+        """{id: (width, height)} of every ``<svg>`` of ``dom`` as Chromium lays it out in a
+        1100x1000 window (a copy of the DOM with a measuring script, opened from a file)."""
+        page = self.tmp / f"measure-{len(list(self.tmp.iterdir()))}.html"
+        page.write_text(dom.replace("</body>", MEASURE + "</body>"), encoding="utf-8")
+        out, err, code = yield self.run_browser(
+            "--window-size=1100,1000", "--dump-dom", page.resolve().as_uri()
+        )
+        self.assertEqual(code, 0, err[-2000:])
+        found = re.search(r'<pre id="svg-sizes">(.*?)</pre>', out.decode(), re.S)
+        assert found is not None, out[-2000:]
+        sizes = {}
+        for line in found.group(1).splitlines():
+            name, width, height = line.split()
+            sizes[name] = (int(width), int(height))
+        return sizes
+
+    @inlineCallbacks
+    def assert_charts_drawn(self, dom: str):
+        """The three charts are in ``dom`` and laid out side by side at a readable size."""
+        for name in CHARTS:
+            self.assertIn(f'id="{name}"', dom)
+        sizes = yield self.svg_sizes(dom)
+        self.assertEqual(sorted(sizes), sorted(CHARTS))
+        for name, (width, height) in sizes.items():
+            self.assertGreater(width, 250, name)
+            self.assertGreater(height, 140, name)
+
+    @inlineCallbacks
     def test_status_page_of_a_running_proxy(self):
-        """The real proxy's admin page renders both domains with their issuer and timeline."""
+        """The real proxy's page: both domains, issuer, timeline, and charts of this minute."""
         running = start_proxy(self.tmp)
         self.addCleanup(stop_proxy, running)
         http = client(running)
@@ -167,10 +213,17 @@ class ChromiumTests(TestCase):
         self.assertIn("trustme", dom)  # the issuer
         self.assertIn('class="mark now', dom)
         self.assertIn("opens (/q/)", dom)
+        yield self.assert_charts_drawn(dom)
+        charts = dom[dom.index('<section id="charts">') :]
+        requests = charts[: charts.index('id="figure-errors"')]
+        self.assertIn("(so far): opens (/q/) 2, clicks (/f/) 1", requests)  # this minute
+        self.assertIn('<rect x="', requests)
+        latency = charts[charts.index('id="chart-latency"') :]
+        self.assertRegex(latency, r"p50 [\d.]+ ms, p99 [\d.]+ ms \(\d responses\)")
 
     @inlineCallbacks
     def test_status_page_with_a_failing_renewal(self):
-        """Three domains on the real admin Site: the error and the planned retry are shown."""
+        """Three domains after an hour of traffic: the error, the retry and the charts show."""
         now = datetime.datetime(2026, 11, 27, 9, 30, tzinfo=datetime.UTC)
         clock = Clock()
         clock.advance(now.timestamp() - 3600)
@@ -206,21 +259,10 @@ class ChromiumTests(TestCase):
         )
         metrics = ProxyMetrics(lambda: {a, b, c}, process_metrics=False)
         rates = RateTracker(clock, metrics.totals_by_kind)
-        rates.sample()
-        sites = (metrics.site("https"), metrics.site("http"))
-        for i in range(3600):
-            site = sites[i % 5 == 0]
-            domain = (a, a, b, c)[i % 4]
-            if i % 3 == 0:
-                site.request_done(FakeRequest(b"/f/x", 302, domain))
-            else:
-                site.request_done(FakeRequest(b"/q/x", 200, domain, b"HTTP/2"))
-            if i % 10 == 0:
-                clock.advance(10)
-                rates.sample()
-        sites[0].request_done(FakeRequest(b"/f/x", 421, "-"))
+        history = History(clock, counters_of(metrics))
+        an_hour_of_traffic(clock, metrics, rates, history, (a, a, b, c), now.timestamp())
         for _ in range(12):
-            sites[0].connection_opened()
+            metrics.site("https").connection_opened()
         source = StatusSource(
             clock=clock,
             certificates=certs,
@@ -235,7 +277,7 @@ class ChromiumTests(TestCase):
             in_flight=lambda: 3,
             started=now.timestamp() - 5 * 86400,
         )
-        admin = AdminSite(admin_resource(source, metrics.registry), reactor)
+        admin = AdminSite(admin_resource(source, metrics.registry, history), reactor)
         port = reactor.listenTCP(0, admin, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         png = self.tmp / "status-page.png"
@@ -245,6 +287,17 @@ class ChromiumTests(TestCase):
         self.assertIn("R11 (Let's Encrypt)", dom)
         self.assertIn("retry 2026-11-27 10:17 UTC", dom)
         self.assertIn("certificate you provide", dom)
+        yield self.assert_charts_drawn(dom)
+        charts = dom_text(dom)
+        charts = charts[charts.index("Last hour") : charts.index("Domains and certificates")]
+        for label in ("4xx answers", "502 upstream connect", "504 upstream timeout", "other 5xx"):
+            self.assertIn(label, charts)
+        self.assertIn("08:29 to 09:30 UTC", charts)
+        for tick in ("08:40", "09:00", "09:20"):
+            self.assertIn(tick, charts)
+        requests = dom[dom.index('id="chart-requests"') : dom.index('id="figure-errors"')]
+        self.assertEqual(requests.count("UTC: opens"), 60)  # one bar a minute
+        self.assertEqual(requests.count("UTC (so far): opens"), 1)  # and this one
         target = os.environ.get("TRACKINGPROXY_STATUS_SCREENSHOT")
         if target:
             shutil.copyfile(png, target)
@@ -277,6 +330,66 @@ class ChromiumTests(TestCase):
         self.assertIn(scale.name(9950), last)
         found = dom_text((yield self.look(base + "?q=click0999", self.tmp / "q.png")))
         self.assertIn("1\u201310 of 10 domains matching \u201cclick0999\u201d (10,000 in all)", found)
+
+
+def an_hour_of_traffic(
+    clock: Clock,
+    metrics: ProxyMetrics,
+    rates: RateTracker,
+    history: History,
+    domains: tuple[str, ...],
+    end: float,
+) -> None:
+    """Sixty minutes of opens and clicks (in waves), a few 404s and 421s, connection failures
+    at minute 22, a burst of timeouts and slow answers at 41-45 and SparkPost's own 503s at
+    52, sampled as the admin listener would (``rates`` every 10 s, ``history`` every
+    minute), then 25 s of the minute in progress; ``clock`` ends at ``end``."""
+    rnd = random.Random(16)
+    https, http = metrics.site("https"), metrics.site("http")
+
+    def answer(path: bytes, code: int, seconds: float | None, cause: str | None) -> None:
+        host = "-" if code == 421 else rnd.choice(domains)
+        if seconds is not None:
+            metrics.upstream_count += 1
+            metrics.upstream_latency.observe(seconds)
+        if cause is not None:
+            metrics.upstream_count += 1
+            metrics.upstream_error(cause)
+        site = http if rnd.random() < 0.15 else https
+        protocol = b"HTTP/2" if rnd.random() < 0.6 else b"HTTP/1.1"
+        site.request_done(FakeRequest(path, code, host, protocol))
+
+    def minute(m: int, seconds: float) -> None:
+        share = seconds / 60
+        wave = 1 + 0.45 * math.sin(m / 60 * 2 * math.pi * 1.2 + 0.6)
+        slow = 41 <= m <= 45
+        events: list[tuple[bytes, int, float | None, str | None]] = []
+        for path, code, mean in ((b"/q/x", 200, 46), (b"/f/x", 302, 21)):
+            for _ in range(int(share * (mean * wave + rnd.randint(0, 8)))):
+                latency = rnd.lognormvariate(math.log(0.28 if slow else 0.07), 0.45)
+                if rnd.random() < (0.08 if slow else 0.015):
+                    latency += rnd.uniform(0.3, 6.0 if slow else 1.2)
+                events.append((path, code, latency, None))
+        events += [(b"/favicon.ico", 404, None, None)] * rnd.randint(0, 2)
+        events += [(b"/q/x", 421, None, None)] * (rnd.random() < 0.2)
+        events += [(b"/f/x", 504, None, "timeout")] * (rnd.randint(3, 9) if slow else 0)
+        events += [(b"/f/x", 502, None, "connect")] * (rnd.randint(2, 4) if m in (22, 23) else 0)
+        events += [(b"/q/x", 503, 0.05, None)] * (3 if m == 52 else 0)
+        rnd.shuffle(events)
+        steps = max(1, round(seconds / 10))
+        for step in range(steps):
+            for event in events[step::steps]:
+                answer(*event)
+            clock.advance(seconds / steps)
+            rates.sample()
+
+    clock.advance(end - 3600 - 25 - clock.seconds())
+    rates.sample()
+    history.sample()
+    for m in range(60):
+        minute(m, 60)
+        history.sample()
+    minute(60, 25)
 
 
 def dom_text(dom: str) -> str:

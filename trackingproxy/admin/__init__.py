@@ -6,15 +6,17 @@ then no metric is kept at all. Otherwise ``Admin.site`` gives each listener's Si
 ``Admin.instrument`` wraps the upstream client, and ``Admin.service`` is the admin listener
 (added last to the service tree, so it reports on the proxy's listeners).
 ``--metrics-per-domain`` decides whether request counters carry the domain
-(``trackingproxy.admin.metrics``).
+(``trackingproxy.admin.metrics``). With ``--workers``, ``Admin.add_workers`` makes the admin
+listener count every process, and a worker builds ``workers.WorkerAdmin`` instead (both are
+``AdminParts``): see ``trackingproxy.admin.workers``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import Any, Protocol
 
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorTime
@@ -23,6 +25,7 @@ from trackingproxy.admin.collector import StatusCollector
 from trackingproxy.admin.metrics import InstrumentedUpstream, ProxyMetrics, SiteMetrics
 from trackingproxy.admin.resources import AdminSite, admin_resource
 from trackingproxy.admin.status import CertificateSource, ClusterFacts, RateTracker, StatusSource
+from trackingproxy.admin.workers import WorkerMetrics
 from trackingproxy.errors import ConfigError
 from trackingproxy.ops.listeners import ListenerService
 from trackingproxy.proxy.forward import Upstream
@@ -30,6 +33,7 @@ from trackingproxy.proxy.forward import Upstream
 __all__ = [
     "DEFAULT_ADMIN_PORT",
     "Admin",
+    "AdminParts",
     "AdminService",
     "ProxyMetrics",
     "SiteMetrics",
@@ -62,13 +66,41 @@ class AdminService(MultiService):
         return super().stopService()  # type: ignore[no-any-return]
 
 
+class AdminParts(Protocol):
+    """What ``build_service`` needs of the admin side: the hooks and the service to add."""
+
+    metrics: ProxyMetrics
+
+    def site(self, scheme: str) -> SiteMetrics: ...
+
+    def instrument(self, upstream: Upstream) -> InstrumentedUpstream: ...
+
+    def service(
+        self,
+        root: MultiService,
+        certificates: CertificateSource,
+        https_enabled: bool,
+        acme_issuer: object | None,
+        cluster: ClusterFacts | None = None,
+    ) -> Service: ...
+
+
 class Admin:
-    """The metrics of one proxy process and the builder of its admin listener."""
+    """The metrics of one proxy process and the builder of its admin listener.
+
+    @ivar workers: with ``--workers``, the other processes' counts (``add_workers``).
+    """
 
     def __init__(self, endpoint: str, clock: IReactorTime, metrics: ProxyMetrics) -> None:
         self.endpoint = endpoint
         self.clock = clock
         self.metrics = metrics
+        self.workers: WorkerMetrics | None = None
+
+    def add_workers(self, count: int, pid: int | None = None) -> WorkerMetrics:
+        """Count the ``count - 1`` worker processes too (``pid``: this process's, shown)."""
+        self.workers = WorkerMetrics(self.clock, self.metrics, count, pid)
+        return self.workers
 
     def site(self, scheme: str) -> SiteMetrics:
         return self.metrics.site(scheme)
@@ -94,7 +126,10 @@ class Admin:
             return acme_issuer
 
         active = getattr(root, "active", None)
-        rates = RateTracker(self.clock, self.metrics.totals_by_kind)
+        metrics = self.metrics
+        if active is not None:
+            metrics.local_in_flight = lambda: int(active.count)
+        rates = RateTracker(self.clock, metrics.totals_by_kind)
         source = StatusSource(
             clock=self.clock,
             certificates=certificates,
@@ -103,8 +138,9 @@ class Admin:
             renewals=issuer,
             metrics=self.metrics,
             rates=rates,
-            in_flight=(lambda: active.count) if active is not None else None,
+            in_flight=(lambda: metrics.total().in_flight) if active is not None else None,
             cluster=cluster,
+            processes=self.workers.rows if self.workers is not None else None,
         )
         self.metrics.registry.register(StatusCollector(source))
         self.source = source

@@ -13,28 +13,31 @@ switches). Otherwise slots are kept per (configured or not, kind, status, protoc
 dozen, whatever the number of domains. A switch retires the old slots into plain totals, so
 the status page's totals and rates stay monotonic; the exported series start anew.
 
-Certificate and renewal gauges are not kept here: they are read from the live objects at
-scrape time (``trackingproxy.admin.collector``).
+Every exported series is built at scrape time from ``ProcessCounts``: this process's own
+(``ProxyMetrics.counts``) plus, with ``--workers``, those the other processes reported
+(``ProxyMetrics.others``, see ``trackingproxy.admin.workers``), so ``/metrics``, ``/status`` and
+the page add up every process the same way. Certificate and renewal gauges are not kept here:
+they are read from the live objects at scrape time (``trackingproxy.admin.collector``).
 """
 
 # -*- test-case-name: tests.admin.test_metrics -*-
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any, Final
 
-from attrs import define
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    PlatformCollector,
-    ProcessCollector,
+from attrs import define, field, frozen
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
 )
-from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
@@ -51,8 +54,10 @@ __all__ = [
     "PER_DOMAIN_AUTO_LIMIT",
     "PER_DOMAIN_MODES",
     "InstrumentedUpstream",
+    "ProcessCounts",
     "ProxyMetrics",
     "SiteMetrics",
+    "add_up",
 ]
 
 KINDS: Final = ("open", "click", "other")
@@ -68,6 +73,76 @@ _REQUESTS_HELP: Final = (
     "domain), kind (open: /q/, click: /f/, other), status class, protocol (h1, h2) and scheme "
     "(http, https)."
 )
+RequestKey = tuple[str, str, str, str, str]  # scheme, domain, kind, status class, protocol
+
+
+@frozen
+class ProcessCounts:
+    """What one process has counted, as plain values: the counters (they only grow while the
+    process lives) and two gauges (``connections`` and ``in_flight``: open now).
+
+    ``requests`` maps (scheme, slot domain, kind, status class, protocol) to requests answered;
+    ``retired`` holds what per-domain switches retired (``other`` or ``*`` -> kind -> count);
+    ``latency`` is the count per bucket of ``LATENCY_BUCKETS`` and a last one for slower
+    (not cumulative), ``latency_sum`` their seconds.
+    """
+
+    requests: Mapping[RequestKey, int] = field(factory=dict)
+    retired: Mapping[str, Mapping[str, int]] = field(factory=dict)
+    upstream_requests: int = 0
+    upstream_errors: Mapping[str, int] = field(factory=dict)
+    latency: tuple[int, ...] = (0,) * (len(LATENCY_BUCKETS) + 1)
+    latency_sum: float = 0.0
+    connections: Mapping[str, int] = field(factory=dict)
+    in_flight: int = 0
+
+    def requests_total(self) -> int:
+        """Every request answered (live slots and retired ones)."""
+        return sum(self.requests.values()) + sum(
+            sum(kinds.values()) for kinds in self.retired.values()
+        )
+
+
+def add_up(processes: Iterable[ProcessCounts], gauges: bool = True) -> ProcessCounts:
+    """The sum of ``processes`` (without ``gauges``: their counters only, e.g. to keep what a
+    process that ended had counted)."""
+    requests: dict[RequestKey, int] = {}
+    retired: dict[str, dict[str, int]] = {}
+    errors = dict.fromkeys(ERROR_CAUSES, 0)
+    latency = [0] * (len(LATENCY_BUCKETS) + 1)
+    connections: dict[str, int] = {}
+    sent = in_flight = 0
+    seconds = 0.0
+    for p in processes:
+        for key, n in p.requests.items():
+            requests[key] = requests.get(key, 0) + n
+        for group, kinds in p.retired.items():
+            into = retired.setdefault(group, dict.fromkeys(KINDS, 0))
+            for kind, n in kinds.items():
+                into[kind] += n
+        for cause, n in p.upstream_errors.items():
+            errors[cause] = errors.get(cause, 0) + n
+        latency = [a + b for a, b in zip(latency, p.latency, strict=True)]
+        sent += p.upstream_requests
+        seconds += p.latency_sum
+        if gauges:
+            for scheme, n in p.connections.items():
+                connections[scheme] = connections.get(scheme, 0) + n
+            in_flight += p.in_flight
+    return ProcessCounts(requests, retired, sent, errors, tuple(latency), seconds, connections,
+                         in_flight)
+
+
+class _Latency:
+    """The upstream response-time histogram: one increment per observation."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # le: the first bound >= it
+        self.sum += seconds
 
 
 @define
@@ -93,7 +168,6 @@ class SiteMetrics(ListenerObserver):
         self._metrics = metrics
         self.scheme = scheme
         self._slots: dict[tuple[str, str, int, bool], _Slot] = {}
-        self._connections = metrics.connections.labels(scheme)
         self.open_connections = 0
         self.per_domain = per_domain
 
@@ -113,11 +187,9 @@ class SiteMetrics(ListenerObserver):
 
     def connection_opened(self) -> None:
         self.open_connections += 1
-        self._connections.inc()
 
     def connection_closed(self) -> None:
         self.open_connections -= 1
-        self._connections.dec()
 
     # -- once per label combination -------------------------------------------------------
     def _resolve(self, raw: str, kind: str, status: int, h2: bool) -> _Slot:
@@ -161,7 +233,6 @@ class InstrumentedUpstream:
     ) -> Deferred[UpstreamResponse]:
         m = self._metrics
         m.upstream_count += 1
-        m.upstream_requests.inc()
         started = self._clock.seconds()
         d = self._upstream.request(method, path, headers, body)
         d.addCallbacks(self._answered, self._failed, callbackArgs=(started,))
@@ -196,16 +267,64 @@ class _RequestCollector(Collector):
         if per_domain:
             labels = ("domain", *labels)
         counts: dict[tuple[str, ...], int] = {}
-        for scheme, site in m.sites.items():
-            for s in site.slots():
-                key: tuple[str, ...] = (s.kind, s.status, s.protocol, scheme)
-                if per_domain:
-                    key = (s.domain, *key)
-                counts[key] = counts.get(key, 0) + s.count
+        for (scheme, domain, kind, status, protocol), n in m.total().requests.items():
+            key: tuple[str, ...] = (kind, status, protocol, scheme)
+            if per_domain:
+                if domain == CONFIGURED:  # a worker that has not switched yet (for a second)
+                    continue
+                key = (domain, *key)
+            counts[key] = counts.get(key, 0) + n
         family = CounterMetricFamily("trackingproxy_requests", _REQUESTS_HELP, labels=labels)
         for key, count in counts.items():
             family.add_metric(key, float(count))
         yield family
+
+
+class _SummedCollector(Collector):
+    """Open connections and the upstream series, added up over every process."""
+
+    def __init__(self, metrics: ProxyMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return list(self._families(ProcessCounts()))
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self._metrics.total())
+
+    @staticmethod
+    def _families(total: ProcessCounts) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            "trackingproxy_open_connections", "Client connections currently open, by scheme.",
+            labels=("scheme",),
+        )
+        for scheme, n in total.connections.items():
+            gauge.add_metric((scheme,), float(n))
+        yield gauge
+        yield CounterMetricFamily(
+            "trackingproxy_upstream_requests",
+            "Requests sent (or attempted) to the upstream.",
+            value=float(total.upstream_requests),
+        )
+        cumulative, so_far = [], 0
+        for bound, n in zip((*LATENCY_BUCKETS, float("inf")), total.latency, strict=True):
+            so_far += n
+            cumulative.append((floatToGoString(bound), float(so_far)))
+        yield HistogramMetricFamily(
+            "trackingproxy_upstream_response_seconds",
+            "Time from sending a request upstream to its response headers.",
+            buckets=cumulative,
+            sum_value=total.latency_sum,
+        )
+        errors = CounterMetricFamily(
+            "trackingproxy_upstream_errors",
+            "Upstream requests that got no response, by cause (dns, connect, tls, timeout, "
+            "reset, protocol, internal).",
+            labels=("cause",),
+        )
+        for cause in ERROR_CAUSES:
+            errors.add_metric((cause,), float(total.upstream_errors.get(cause, 0)))
+        yield errors
 
 
 class ProxyMetrics:
@@ -214,6 +333,9 @@ class ProxyMetrics:
     ``domains`` returns the configured domains (re-read when a new label combination appears,
     so domains added by a reload get their own label; its size decides ``auto``).
     ``per_domain`` is ``--metrics-per-domain``: ``on``, ``off`` or ``auto``.
+
+    @ivar others: the other processes' counts (``--workers``: set by ``WorkerMetrics``).
+    @ivar local_in_flight: this process's requests in flight (set with the admin service).
     """
 
     def __init__(
@@ -233,37 +355,16 @@ class ProxyMetrics:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
         r.register(_RequestCollector(self))
-        self.connections = Gauge(
-            "trackingproxy_open_connections",
-            "Client connections currently open, by scheme.",
-            ("scheme",),
-            registry=r,
-        )
-        self.upstream_requests = Counter(
-            "trackingproxy_upstream_requests",
-            "Requests sent (or attempted) to the upstream.",
-            registry=r,
-        )
-        self.upstream_latency = Histogram(
-            "trackingproxy_upstream_response_seconds",
-            "Time from sending a request upstream to its response headers.",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.upstream_errors = Counter(
-            "trackingproxy_upstream_errors",
-            "Upstream requests that got no response, by cause (dns, connect, tls, timeout, "
-            "reset, protocol, internal).",
-            ("cause",),
-            registry=r,
-        )
-        self._error_children = {c: self.upstream_errors.labels(c) for c in ERROR_CAUSES}
+        r.register(_SummedCollector(self))
+        self.upstream_latency = _Latency()
         self.error_counts = dict.fromkeys(ERROR_CAUSES, 0)
         self.upstream_count = 0
         self.sites: dict[str, SiteMetrics] = {}
         self._per_domain = self._wanted()
         # counts of slots retired by a switch: (configured or "other") -> kind -> requests
         self._retired: dict[str, dict[str, int]] = {}
+        self.others: Callable[[], Iterable[ProcessCounts]] = tuple
+        self.local_in_flight: Callable[[], int] | None = None
 
     def _wanted(self) -> bool:
         mode = self.per_domain_mode
@@ -300,33 +401,60 @@ class ProxyMetrics:
         return InstrumentedUpstream(upstream, clock, self)
 
     def upstream_error(self, cause: str) -> None:
-        if cause not in self._error_children:
+        if cause not in self.error_counts:
             cause = "internal"
         self.error_counts[cause] += 1
-        self._error_children[cause].inc()
 
-    # -- reading (status page) ------------------------------------------------------------
+    # -- reading (scrapes, status page) --------------------------------------------------
+    def counts(self) -> ProcessCounts:
+        """This process's counts now (the caller refreshes ``per_domain`` first if it cares)."""
+        requests: dict[RequestKey, int] = {}
+        for scheme, site in self.sites.items():
+            for s in site.slots():
+                key = (scheme, s.domain, s.kind, s.status, s.protocol)
+                requests[key] = requests.get(key, 0) + s.count
+        return ProcessCounts(
+            requests=requests,
+            retired={group: dict(kinds) for group, kinds in self._retired.items()},
+            upstream_requests=self.upstream_count,
+            upstream_errors=dict(self.error_counts),
+            latency=tuple(self.upstream_latency.counts),
+            latency_sum=self.upstream_latency.sum,
+            connections=self.open_connections_here(),
+            in_flight=self.local_in_flight() if self.local_in_flight is not None else 0,
+        )
+
+    def total(self) -> ProcessCounts:
+        """The counts of this process and the other processes (``--workers``) added up."""
+        others = list(self.others())
+        return add_up([self.counts(), *others]) if others else self.counts()
+
     def totals_by_kind(self) -> dict[str, int]:
+        total = self.total()
         totals = dict.fromkeys(KINDS, 0)
-        for retired in self._retired.values():
+        for retired in total.retired.values():
             for kind, count in retired.items():
                 totals[kind] += count
-        for site in self.sites.values():
-            for slot in site.slots():
-                totals[slot.kind] += slot.count
+        for key, count in total.requests.items():
+            totals[key[2]] += count
         return totals
 
     def totals_by_domain(self) -> dict[str, dict[str, int]]:
         """domain -> kind -> requests answered (``other`` collects unknown hosts, including
         counts retired by a switch; while not per domain, configured domains are ``*``)."""
+        total = self.total()
         out: dict[str, dict[str, int]] = {}
-        other = self._retired.get("other")
+        other = total.retired.get("other")
         if other is not None:
             out["other"] = dict(other)
-        for site in self.sites.values():
-            for slot in site.slots():
-                out.setdefault(slot.domain, dict.fromkeys(KINDS, 0))[slot.kind] += slot.count
+        for (_, domain, kind, _, _), count in total.requests.items():
+            out.setdefault(domain, dict.fromkeys(KINDS, 0))[kind] += count
         return out
 
-    def open_connections(self) -> dict[str, int]:
+    def open_connections_here(self) -> dict[str, int]:
+        """Client connections open in this process, by scheme."""
         return {scheme: site.open_connections for scheme, site in self.sites.items()}
+
+    def open_connections(self) -> dict[str, int]:
+        """Client connections open in every process, by scheme."""
+        return dict(self.total().connections)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.admin.test_status,tests.admin.test_page_scale -*-
+# -*- test-case-name: tests.admin.test_status,tests.admin.test_scale,tests.admin.test_charts -*-
 """The HTML status page for people: rendered on the server from a /status snapshot.
 
 One self-contained document (inline CSS, no scripts, no external assets; the admin resource
@@ -6,8 +6,10 @@ sends a Content-Security-Policy that forbids loading anything; the only links ar
 pages of itself, ``?q=...&page=N``): readiness and the problems first (listeners not
 listening, then the domains without a valid certificate, expiring within 7 days or with
 failing ACME orders, most urgent first, at most ``PROBLEMS_SHOWN``), request rates by kind,
-then one page of the domain table with a search form (a GET form: ``?q=`` substring,
-``?problems=1``) and previous/next links. Each row has the certificate's issuer, a validity
+charts of the last hour per minute (``trackingproxy.admin.charts``, from the process's own
+``history.Window``; a constant amount of work whatever the number of domains), then one
+page of the domain table with a search form (a GET form: ``?q=`` substring, ``?problems=1``)
+and previous/next links. Each row has the certificate's issuer, a validity
 timeline (not-before to not-after, marking now and the planned renewal), the renewal state,
 the last renewal error and request counts. The snapshot already holds only the rows of the
 page, so the work here does not grow with the number of domains. Every value is escaped.
@@ -21,6 +23,8 @@ from html import escape
 from typing import Any
 from urllib.parse import urlencode
 
+from trackingproxy.admin.charts import render_charts
+from trackingproxy.admin.history import Window
 from trackingproxy.admin.listing import EXPIRING_DAYS
 
 __all__ = ["PROBLEMS_SHOWN", "render_page"]
@@ -72,6 +76,14 @@ form.search button{font:inherit;padding:4px 12px;border:1px solid #2f5bd3;backgr
  color:#fff;border-radius:4px}
 nav.pages{display:flex;gap:14px;align-items:center;margin-top:10px}
 nav.pages a{color:#2f5bd3}
+.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:12px 22px}
+figure.chart{margin:0;min-width:0}
+figure.chart figcaption{font-weight:600;font-size:13px;margin-bottom:2px}
+svg.chart{display:block;width:100%;height:auto}
+ul.legend{list-style:none;margin:2px 0 0;padding:0;display:flex;flex-wrap:wrap;gap:2px 14px;
+ font-size:12px;color:#4a5263}
+ul.legend .key{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:5px;
+ vertical-align:-1px}
 """
 
 
@@ -360,8 +372,9 @@ def _cluster(cluster: Mapping[str, Any] | None) -> str:
     return f"<section><h2>Cluster</h2><table>{''.join(rows)}</table></section>"
 
 
-def render_page(status: Mapping[str, Any]) -> bytes:
-    """The page for one /status snapshot (UTF-8 bytes); its ``domains`` are the rows shown."""
+def render_page(status: Mapping[str, Any], history: Window | None = None) -> bytes:
+    """The page for one /status snapshot (UTF-8 bytes); its ``domains`` are the rows shown;
+    ``history`` is the last hour for the charts (None: "no data yet")."""
     now = status["time"]
     if status["ready"]:
         ready = '<span class="badge ok">ready</span>'
@@ -386,6 +399,7 @@ def render_page(status: Mapping[str, Any]) -> bytes:
 <section id="requests"><h2>Requests</h2>{_rates(status["requests"])}
 <p class="facts">open connections: {conns} &middot; upstream requests {upstream["requests"]},
 errors: {errors}</p></section>
+{render_charts(history)}
 {_domains(status, now)}
 <section id="listeners"><h2>Listeners</h2><table>{listeners}</table></section>
 {_cluster(status.get("cluster"))}

@@ -6,6 +6,9 @@ nothing from anywhere (``Content-Security-Policy``). Admin requests are not acce
 for clients that accept it (Prometheus does): with thousands of domains it shrinks ten-fold.
 /status and the page take ``?q=`` (a substring of domain names), ``?problems=1``, ``?page=``
 and ``?per_page=`` (``trackingproxy.admin.listing``); a bad value is a 400 saying which.
+The page's charts come from a ``history.History`` of the process's counters: given to
+``admin_resource``, or else made by ``AdminSite`` on its clock; the site starts and stops it
+with its port.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from trackingproxy.admin.history import History, counters_of
 from trackingproxy.admin.listing import DEFAULT_PER_PAGE, DomainQuery, QueryError
 from trackingproxy.admin.page import PROBLEMS_SHOWN, render_page
 from trackingproxy.admin.status import StatusSource
@@ -73,7 +77,16 @@ class _Endpoint(Resource):
 
 
 class _Root(Resource):
-    """The admin root: the page at /, the endpoints below it, 404 for anything else."""
+    """The admin root: the page at /, the endpoints below it, 404 for anything else.
+
+    @ivar source: what the endpoints report on.
+    @ivar history: the last hour for the page's charts (None until ``AdminSite`` makes one).
+    """
+
+    def __init__(self, source: StatusSource, history: History | None) -> None:
+        super().__init__()
+        self.source = source
+        self.history = history
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         return _NotFound()
@@ -145,9 +158,10 @@ class Page(_Endpoint):
     """The HTML status page (for people): problems first, then one page of the domains
     (``?q=``, ``?problems=1``, ``?page=``; a page past the last shows the last)."""
 
-    def __init__(self, source: StatusSource) -> None:
+    def __init__(self, source: StatusSource, root: _Root) -> None:
         super().__init__()
         self._source = source
+        self._root = root
 
     def render_GET(self, request: Request) -> bytes:
         try:
@@ -156,12 +170,16 @@ class Page(_Endpoint):
             return _bad_query(request, e)
         request.setHeader(b"content-security-policy", _CSP)
         snapshot = self._source.snapshot(query, problem_limit=PROBLEMS_SHOWN, clamp=True)
-        return _send(request, 200, b"text/html; charset=utf-8", render_page(snapshot))
+        history = self._root.history
+        page = render_page(snapshot, history.window() if history is not None else None)
+        return _send(request, 200, b"text/html; charset=utf-8", page)
 
 
-def admin_resource(source: StatusSource, registry: CollectorRegistry) -> Resource:
-    root = _Root()
-    root.putChild(b"", Page(source))
+def admin_resource(
+    source: StatusSource, registry: CollectorRegistry, history: History | None = None
+) -> Resource:
+    root = _Root(source, history)
+    root.putChild(b"", Page(source, root))
     root.putChild(b"healthz", Healthz())
     root.putChild(b"readyz", Readyz(source))
     root.putChild(b"metrics", Metrics(registry))
@@ -170,13 +188,33 @@ def admin_resource(source: StatusSource, registry: CollectorRegistry) -> Resourc
 
 
 class AdminSite(Site):
-    """A Site that does not write an access log line per probe or scrape."""
+    """A Site that does not write an access log line per probe or scrape, and keeps the
+    page's history running while it listens.
+
+    @ivar history: the charts' history of an ``admin_resource`` root (made here on
+        ``reactor`` from the source's metrics when the root has none), else None.
+    """
 
     noisy = False
 
     def __init__(self, resource: Resource, reactor: IReactorTime) -> None:
         super().__init__(resource, reactor=reactor)
         self.displayTracebacks = False
+        self.history: History | None = None
+        if isinstance(resource, _Root):
+            if resource.history is None:
+                resource.history = History(reactor, counters_of(resource.source.metrics))
+            self.history = resource.history
+
+    def startFactory(self) -> None:
+        super().startFactory()
+        if self.history is not None:
+            self.history.start()
+
+    def stopFactory(self) -> None:
+        if self.history is not None:
+            self.history.stop()
+        super().stopFactory()
 
     def log(self, request: http.Request) -> None:
         pass

@@ -9,7 +9,8 @@ cover every domain, the JSON of each domain is built only for the page. Certific
 read from the certificate once and kept while it is served (x509 parsing was most of the cost
 of a scrape or page view), so gathering 10,000 domains again takes milliseconds.
 ``RateTracker`` samples the request totals on the clock so the page can show recent rates.
-Nothing here runs per request.
+The request numbers are those of every process (``--workers``: ``ProxyMetrics.total``), and
+``processes`` breaks them down per process. Nothing here runs per request.
 """
 
 from __future__ import annotations
@@ -196,6 +197,7 @@ class StatusSource:
         in_flight: Callable[[], int] | None = None,
         started: float | None = None,
         cluster: ClusterFacts | None = None,
+        processes: Callable[[], list[dict[str, Any]]] | None = None,
     ) -> None:
         self._clock = clock
         self._certificates = certificates
@@ -207,6 +209,7 @@ class StatusSource:
         self._in_flight = in_flight
         self._started = clock.seconds() if started is None else started
         self.cluster = cluster
+        self._processes = processes  # --workers: one row per process
         # id(certificate) -> (the certificate, its facts), for the certificates served now
         self._facts: dict[int, tuple[LoadedCertificate, CertificateFacts]] = {}
 
@@ -279,6 +282,7 @@ class StatusSource:
         m = self.metrics
         per_domain = m.refresh_per_domain()
         by_domain = m.totals_by_domain()
+        total = m.total()
         shown = problems if problem_limit is None else problems[:problem_limit]
         return {
             "time": now,
@@ -311,11 +315,12 @@ class StatusSource:
                 "in_flight": self.requests_in_flight(),
                 "per_domain": per_domain,
             },
-            "connections": m.open_connections(),
+            "connections": dict(total.connections),
             "upstream": {
-                "requests": m.upstream_count,
-                "errors": dict(m.error_counts),
+                "requests": total.upstream_requests,
+                "errors": dict(total.upstream_errors),
             },
+            "processes": self._processes() if self._processes is not None else None,
         }
 
     @staticmethod

@@ -14,10 +14,14 @@ accepts in batches, one process can end up with most of a burst of keep-alive co
 worker that dies loses no connection: they wait in its queue until the restarted worker takes
 them (connections the kernel hashed to it wait about a second).
 
-Roles: only the parent runs the ACME issuer and the admin listener (``--admin-port``: health,
-readiness and metrics describe the parent; metrics are not aggregated over the workers). Every
-process serves certificates and HTTP-01 tokens from the shared state directory: a worker runs
-``certwatch.build_worker_acme`` (responder + certificate watcher) instead of the issuer.
+Roles: only the parent runs the ACME issuer and the admin listener (``--admin-port``; health
+and readiness describe the parent). Every process serves certificates and HTTP-01 tokens from
+the shared state directory: a worker runs ``certwatch.build_worker_acme`` (responder +
+certificate watcher) instead of the issuer. Metrics count every process: with an admin
+listener each worker writes its totals once a second, as one line, on another pipe (fd 4, read
+by the parent), and the pool hands the lines to ``WorkerReports``
+(``trackingproxy.admin.workers``, where that design is explained). Listening sockets follow
+from fd 5.
 
 Life cycle: the parent passes its parsed options to a worker on a pipe (fd 3) and keeps that
 pipe open; a worker stops when the pipe reaches end of file, i.e. when the parent is gone,
@@ -39,7 +43,7 @@ import select
 import socket
 import sys
 from collections.abc import Callable, Mapping
-from typing import IO, Any, cast
+from typing import IO, Any, Protocol, cast
 
 from attrs import frozen
 from twisted.application.service import Service
@@ -60,13 +64,17 @@ __all__ = [
     "ListenSpec",
     "SharedListeners",
     "WorkerPool",
+    "WorkerReports",
     "line_safe_access_log",
     "parse_listen",
 ]
 
 log = Logger(namespace="trackingproxy.ops.supervisor")
 
-FIRST_FD = 4  # fd 3 is the control pipe; listening sockets follow in the order they were made
+CONTROL_FD = 3  # parent -> worker: the spec, then kept open (end of file: the parent is gone)
+REPORT_FD = 4  # worker -> parent: metrics reports, one line each (with an admin listener)
+FIRST_FD = 5  # listening sockets follow in the order they were made
+MAX_REPORT = 16 * 1024 * 1024  # a longer report line is dropped
 KILL_GRACE = 5.0
 RESTART_FIRST = 0.5
 RESTART_MAX = 30.0
@@ -191,6 +199,16 @@ class SharedListeners:
 
 
 # -- the worker processes ---------------------------------------------------------------------
+class WorkerReports(Protocol):
+    """Receives the workers' metrics reports (``trackingproxy.admin.workers.WorkerMetrics``)."""
+
+    def report(self, index: int, pid: int | None, line: bytes) -> None:
+        """One report line (without its newline) from worker ``index``."""
+
+    def worker_ended(self, index: int) -> None:
+        """Worker ``index`` exited; every line it wrote was reported before."""
+
+
 class _Worker(ProcessProtocol):
     def __init__(self, pool: WorkerPool, index: int, payload: bytes) -> None:
         self.pool = pool
@@ -199,10 +217,22 @@ class _Worker(ProcessProtocol):
         self.pid: int | None = None
         self.started = 0.0
         self.ended: Deferred[None] = Deferred()
+        self._partial = b""  # the start of a report line not complete yet
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid  # type: ignore[union-attr]
-        self.transport.writeToChild(3, self.payload)  # type: ignore[union-attr]
+        self.transport.writeToChild(CONTROL_FD, self.payload)  # type: ignore[union-attr]
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD != REPORT_FD:
+            return
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            self.pool._report(self, line)
+        if len(self._partial) > MAX_REPORT:
+            log.warn("worker {index}: metrics report longer than {limit} bytes dropped",
+                     index=self.index, limit=MAX_REPORT)
+            self._partial = b""
 
     def childConnectionLost(self, childFD: int) -> None:
         pass  # fd 3 closing on the worker's side is its business (it keeps it open)
@@ -231,8 +261,10 @@ class WorkerPool(Service):
         options: Mapping[str, Any],
         shutdown_timeout: float,
         argv: tuple[str, ...] = (sys.executable, "-m", "trackingproxy.worker"),
+        reports: WorkerReports | None = None,
     ) -> None:
         self._reactor = reactor
+        self._reports = reports
         self._listeners = listeners
         self._options = dict(options)
         self._shutdown_timeout = shutdown_timeout
@@ -260,6 +292,7 @@ class WorkerPool(Service):
         sockets = self._listeners.for_worker(index)
         spec = {
             "index": index,
+            "report_fd": REPORT_FD if self._reports is not None else None,
             "options": self._options,
             "listeners": [
                 {"option": option, "description": description, "fd": FIRST_FD + n}
@@ -267,7 +300,9 @@ class WorkerPool(Service):
             ],
         }
         payload = json.dumps(spec, default=str).encode() + b"\n"
-        fds: dict[int, int | str] = {1: 1, 2: 2, 3: "w"}
+        fds: dict[int, int | str] = {1: 1, 2: 2, CONTROL_FD: "w"}
+        if self._reports is not None:
+            fds[REPORT_FD] = "r"
         for n, (_, _, sock) in enumerate(sockets):
             fds[FIRST_FD + n] = sock.fileno()
         worker = _Worker(self, index, payload)
@@ -285,9 +320,15 @@ class WorkerPool(Service):
             return
         log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
 
+    def _report(self, worker: _Worker, line: bytes) -> None:
+        if self._reports is not None and line:
+            self._reports.report(worker.index, worker.pid, line)
+
     def _ended(self, worker: _Worker, reason: Failure) -> None:
         if self._workers.get(worker.index) is worker:
             del self._workers[worker.index]
+        if self._reports is not None:
+            self._reports.worker_ended(worker.index)
         code = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
         how = f"killed by signal {sig}" if sig else f"exit status {code}"

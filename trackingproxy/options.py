@@ -154,7 +154,7 @@ PARAMETERS: list[tuple[str, str | None, str]] = [
 FLAGS: list[tuple[str, str]] = [
     ("redirect-http", "Redirect plain HTTP to HTTPS (off by default: SparkPost advises against)."),
     ("no-acme", "Do not obtain certificates over ACME; serve only --cert/--certs-dir ones."),
-    ("check", "Check DNS, ports, certificate, upstream and /f/a/b/c/d probes, exit 0/1; no serving."),
+    ("check", "Check DNS, ports, certificate, upstream and /f/a/b/c/d probes; exit 0/1."),
 ]
 
 

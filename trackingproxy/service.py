@@ -19,8 +19,14 @@ from twisted.internet.interfaces import IResolver
 from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.components import Componentized
 
-from trackingproxy.acme.settings import AcmeParts, build_acme, open_store
-from trackingproxy.admin import build_admin
+from trackingproxy.acme.settings import (
+    DEFAULT_STATE_DIR,
+    FALLBACK_STATE_DIR,
+    AcmeParts,
+    build_acme,
+    open_store,
+)
+from trackingproxy.admin import Admin, AdminParts, build_admin
 from trackingproxy.admin.status import ClusterFacts
 from trackingproxy.config import ProxyConfig
 from trackingproxy.errors import ConfigError, exit_with
@@ -38,6 +44,7 @@ from trackingproxy.ops.listeners import ListenerService
 from trackingproxy.ops.malloctrim import AllocatorTrim, glibc_malloc_trim
 from trackingproxy.ops.reload import Reloader
 from trackingproxy.ops.supervisor import SharedListeners, WorkerPool, line_safe_access_log
+from trackingproxy.outage import Outage, OutageSettings, build_outage
 from trackingproxy.proxy.challenges import ChallengeResponder
 from trackingproxy.proxy.forward import Upstream
 from trackingproxy.proxy.forwarded import ForwardedFor
@@ -219,6 +226,23 @@ def build_upstream(config: ProxyConfig, reactor: Any, names: IResolver) -> Upstr
     return UpstreamClient(pool, reactor, response_timeout=config.upstream_timeout)
 
 
+def outage_parts(
+    config: ProxyConfig, reactor: Any, upstream: UpstreamClient, domains: Callable[[], Any]
+) -> Outage | None:
+    """``--outage-mode replay``: local answers, the journal in the state directory, replay."""
+    if config.outage_mode != "replay":
+        return None
+    settings = OutageSettings(
+        remember_links=config.remember_links,
+        journal_ttl=config.journal_ttl,
+        journal_max_bytes=config.journal_max_bytes,
+        state_dir=config.acme.state_dir,
+        default_dir=DEFAULT_STATE_DIR,
+        fallback_dir=FALLBACK_STATE_DIR,
+    )
+    return build_outage(settings, reactor, upstream, domains)
+
+
 def _endpoint(reactor: object, option: str, description: str) -> object:
     try:
         return serverFromString(reactor, description)
@@ -238,12 +262,14 @@ def build_service(
     upstream: UpstreamClient | None = None,
     listen: Callable[[str, str], object] | None = None,
     acme_builder: Callable[..., AcmeParts] = build_acme,
+    admin_builder: Callable[..., AdminParts | None] = build_admin,
 ) -> TrackingProxyService:
     """Build (not start) the service tree for ``config``.
 
     ``listen(option, description)`` makes the listening endpoints (default: Twisted's endpoint
     strings); ``acme_builder`` is ``build_acme`` or, in a --workers child,
-    ``certwatch.build_worker_acme`` (with ``--store``, children run ``build_acme`` too).
+    ``certwatch.build_worker_acme`` (with ``--store``, children run ``build_acme`` too);
+    ``admin_builder`` is ``build_admin`` or, in a --workers child, ``workers.worker_admin``.
     """
     if listen is None:
         def listen(option: str, description: str) -> object:
@@ -273,9 +299,12 @@ def build_service(
             config.access_log, config.log_format, config.log_paths, reactor
         )
     forwarded = ForwardedFor(config.trusted_proxies)
-    admin = build_admin(
+    admin = admin_builder(
         config.admin_port, reactor, runtime.current_domains, config.metrics_per_domain
     )
+    outage = outage_parts(config, reactor, upstream, runtime.current_domains)
+    if outage is not None and admin is not None:
+        admin.metrics.registry.register(outage.collector)
     acme_parts: AcmeParts | None = None
     if challenges is None:
         acme = config.acme
@@ -320,6 +349,7 @@ def build_service(
             challenges=challenges,
             redirect_http=config.redirect_http and config.https_port is not None,
             sni_check=same_certificate if scheme == b"https" else None,
+            outage=outage.policy if outage is not None else None,
         )
 
     h2_engine, h2_note = choose_engine(config.http2_engine)
@@ -365,6 +395,8 @@ def build_service(
             TLSServerFactory(sni, False, watched(site("https")), clock=reactor),
         ).setServiceParent(root)
     _UpstreamCloser(upstream, names).setServiceParent(root)
+    if outage is not None:  # after it: stops (journal written) before upstream connections close
+        outage.service.setServiceParent(root)
     if acme_parts is not None:
         # After the listeners: port 80 must answer HTTP-01 before the first order is placed.
         acme_parts.service.setServiceParent(root)
@@ -434,11 +466,21 @@ def build_with_workers(
 ) -> TrackingProxyService:
     """The parent's service tree: ``build_service`` on shared sockets, plus the worker pool."""
     listeners = SharedListeners(reactor, config.workers)
+    admins: list[Admin] = []
+
+    def admin_builder(*args: Any) -> Admin | None:
+        admin = build_admin(*args)
+        if admin is not None:  # the admin listener counts the workers' requests too
+            admin.add_workers(config.workers, os.getpid())
+            admins.append(admin)
+        return admin
+
     root = build_service(
         config, reactor, listen=listeners.endpoint,
-        access_log=line_safe_access_log(config, reactor),
+        access_log=line_safe_access_log(config, reactor), admin_builder=admin_builder,
     )
-    pool = WorkerPool(reactor, listeners, options, config.shutdown_timeout)
+    reports = admins[0].workers if admins else None
+    pool = WorkerPool(reactor, listeners, options, config.shutdown_timeout, reports=reports)
     pool.setServiceParent(root)
     root.reload_hooks.append(pool.reload)
     log.info("{count} processes serve the listeners: this one (pid {pid}) and {workers} "

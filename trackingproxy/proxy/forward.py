@@ -1,6 +1,10 @@
 """Forwarding one request upstream and copying the answer back: the head as the upstream sent it
 (minus hop-by-hop fields), the body streamed with back-pressure, or 502/503/504 when the
 upstream fails; the exchange's upstream work ends exactly once.
+
+With ``--outage-mode replay`` the forward has an `OutageRequest` (``outage``): it sees the head
+of every answer (redirects are remembered; a 503 may be replaced) and every failure, and may
+give a local answer instead (`trackingproxy.outage.policy` decides which).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
+from trackingproxy.outage.answers import LocalAnswer
+from trackingproxy.outage.policy import OutageRequest
 from trackingproxy.proxy.headers import OUTBOUND_DROP, one_line, outbound_drop
 from trackingproxy.server.exchange import ClientExchange
 from trackingproxy.upstream.errors import UpstreamError, UpstreamReset
@@ -69,6 +75,7 @@ class Forward(TwistedProtocol):
         self._producing = False
         self._working = True
         self.pending: Deferred[UpstreamResponse] | None = None
+        self.outage: OutageRequest | None = None  # --outage-mode replay, GET and HEAD
         exchange.on_lost(self._client_lost)
 
     def _work_over(self) -> None:
@@ -92,6 +99,14 @@ class Forward(TwistedProtocol):
             response.deliverBody(_Discard())
             self._work_over()
             return
+        if self.outage is not None:
+            local = self.outage.on_response(response.code, response.raw_headers)
+            if local is not None:  # a 503 before any body byte: answered here instead
+                response.deliverBody(_Discard())
+                self._work_over()
+                self._exchange.outcome.upstream_error = "unavailable"
+                _answer(self._exchange, local)
+                return
         self._response = response
         fields = [(name.lower(), name, value) for name, value in response.raw_headers]
         connection = [value for lower, _, value in fields if lower == b"connection"]
@@ -131,6 +146,11 @@ class Forward(TwistedProtocol):
         code = err.status if isinstance(err, UpstreamError) else 502
         body, extra = _FAILURE_BODIES.get(code, _FAILURE_BODIES[502])
         cause = err.cause if isinstance(err, UpstreamError) else "internal"
+        local = None
+        if self.outage is not None and not self._client_gone and isinstance(err, UpstreamError):
+            local = self.outage.on_failure(err)
+            if local is not None:
+                code = local.code
         if not isinstance(err, UpstreamError):
             log.failure("unexpected error while proxying for {host}", reason, host=self._host)
         else:
@@ -143,6 +163,9 @@ class Forward(TwistedProtocol):
             )
         exchange.outcome.upstream_error = cause
         if self._client_gone:
+            return
+        if local is not None:
+            _answer(exchange, local)
             return
         plain(exchange, code, body, *extra)
 
@@ -196,6 +219,10 @@ class Forward(TwistedProtocol):
             )
             exchange.outcome.upstream_error = "reset"
             exchange.abort()
+
+
+def _answer(exchange: ClientExchange, local: LocalAnswer) -> None:
+    exchange.respond(local.code, list(local.headers), local.body)
 
 
 class _Discard(TwistedProtocol):

@@ -3,7 +3,8 @@ method check, and the request sent upstream (`trackingproxy.proxy.forward` copie
 
 Order for every request: Host (and SNI) must name a configured domain (else 421, never
 forwarded) -> ACME HTTP-01 token -> ``/.well-known/`` file -> optional HTTP->HTTPS redirect ->
-method check (405) -> proxy.
+method check (405) -> proxy (with ``--outage-mode replay``, GET and HEAD carry their
+`trackingproxy.outage.OutageRequest`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from trackingproxy.domains import host_from_header
+from trackingproxy.outage.policy import OutagePolicy
 from trackingproxy.proxy.challenges import Busy, ChallengeResponder
 from trackingproxy.proxy.forward import Forward, Upstream, plain
 from trackingproxy.proxy.forwarded import ForwardedFor
@@ -69,6 +71,7 @@ class TrackingHandler:
         challenges: ChallengeResponder,
         redirect_http: bool = False,
         sni_check: SniCheck | None = None,
+        outage: OutagePolicy | None = None,
     ) -> None:
         self._scheme = scheme
         self._domains = domains
@@ -78,6 +81,7 @@ class TrackingHandler:
         self._challenges = challenges
         self._redirect = redirect_http and scheme == b"http"
         self._sni_check = sni_check
+        self._outage = outage
 
     # -- routing --------------------------------------------------------------------------
     def _target_host(self, exchange: ClientExchange, host: str | None) -> tuple[str | None, bytes]:
@@ -210,6 +214,15 @@ class TrackingHandler:
         method = exchange.method
         body = exchange.body() if method == b"POST" else None
         forward = Forward(exchange, self._upstream, host)
+        if self._outage is not None:
+            forward.outage = self._outage.request(
+                method,
+                host,
+                target,
+                exchange.outcome.client or exchange.peer_host(),
+                exchange.header(b"user-agent"),
+                self._scheme,
+            )
         exchange.upstream_started()
         pending = self._upstream.request(method, target, headers, body)
         forward.pending = pending

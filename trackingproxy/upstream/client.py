@@ -4,6 +4,8 @@ Every click is an event at SparkPost, so a request that may have reached the ups
 sent twice. The only retry is on a fresh connection after a *reused* pooled connection failed
 with `RequestNotSent` or `RequestTransmissionFailed` (the request provably did not get through).
 `ResponseNeverReceived`, a timeout, or a reset after the request was written are final.
+Every failure says whether the request was ever written to a connection (`UpstreamError.written`):
+False only when it provably never reached the upstream (what `trackingproxy.outage` may journal).
 
 Cancelling the request's Deferred (the client went away) withdraws it: a request not yet
 written is never sent (it leaves the pool's queue, or the connection made for it is pooled);
@@ -91,7 +93,8 @@ class UpstreamClient:
         try:
             request = UpstreamRequest(method, path, headers, body)
         except ValueError as e:  # a method, path or header field that cannot go on the wire
-            return fail(UpstreamProtocolError(f"the request cannot be sent: {e}", e))
+            error = UpstreamProtocolError(f"the request cannot be sent: {e}", e, written=False)
+            return fail(error)
         return _Exchange(self, request).start()
 
     def abandon(self, response: UpstreamResponse) -> None:
@@ -192,6 +195,7 @@ class _Exchange:
             and isinstance(failure.value, RequestNotSent | RequestTransmissionFailed)
         ):
             self._retried = True
+            self._written = False  # it provably did not get through (the retry rule)
             conn.abort()
             self._attempt(fresh=True)
             return
@@ -199,7 +203,10 @@ class _Exchange:
             conn.abort()
         self._settled = True
         self._stop_timer()
-        self._result.errback(_map_failure(failure))
+        error = _map_failure(failure)
+        if isinstance(error, UpstreamError):
+            error.written = self._written and not isinstance(failure.value, RequestNotSent)
+        self._result.errback(error)
 
     def _timed_out(self) -> None:
         self._timer = None
@@ -212,7 +219,10 @@ class _Exchange:
         self._abort_pending()
         seconds = self._client._timeout
         self._result.errback(
-            UpstreamTimeout(f"no response headers from the upstream within {seconds:g} s")
+            UpstreamTimeout(
+                f"no response headers from the upstream within {seconds:g} s",
+                written=self._written,
+            )
         )
 
     def _cancel(self, _: Deferred[UpstreamResponse]) -> None:

@@ -3,7 +3,9 @@
 Every failure the upstream client reports is an `UpstreamError` whose `cause` names the phase
 that failed (used as a metrics label) and whose `status` is the HTTP status the proxy answers
 with: 504 for a timeout, 503 when every allowed upstream connection stayed busy, 502 for
-everything else.
+everything else. `written` says whether the request was ever handed to a connection: False
+means it provably never reached the upstream (DNS, connect and TLS failures, the busy queue, a
+timeout while still waiting for a connection); True, the default, means it may have.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ class UpstreamError(Exception):
     cause: ClassVar[str] = "protocol"
     status: ClassVar[int] = 502
 
-    def __init__(self, message: str, reason: BaseException | None = None) -> None:
+    def __init__(
+        self, message: str, reason: BaseException | None = None, *, written: bool = True
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason
+        self.written = written  # False: the request provably never reached the upstream
 
     def __str__(self) -> str:
         return self.message

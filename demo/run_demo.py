@@ -317,6 +317,7 @@ def demo(workdir: Path, children: Children) -> None:
         args += ["--domain", domain]
     args += [
         "--acme-directory", pebble.directory_url, "--acme-ca-bundle", pebble.api_ca.name,
+        "--acme-max-orders-per-hour", "3600",  # 60-second certificates: 60 renewals an hour
         "--state-dir", "state",
         "--upstream", f"https://127.0.0.1:{standin_port}", "--upstream-ca-bundle", standin_ca.name,
         "--http-port", f"tcp:{http_port}:interface=127.0.0.1",

@@ -3,7 +3,10 @@
 Serves HTTPS on 127.0.0.1 with the certificate and key given on the command line and answers
 like SparkPost does: ``/q/<token>`` (an open) with 200 and a 1x1 GIF, ``/f/<token>`` (a click)
 with 302 to a landing page; anything else 404. It prints ``listening on <port>`` once ready.
-Standard library only; run by ``demo/run_demo.py``, not imported.
+With ``--record FILE`` it appends one line per request it receives (``METHOD path User-Agent``),
+written before the answer, so ``make soak`` can count what reached "SparkPost" (several
+stand-ins may append to the same file). Standard library only; run by ``demo/run_demo.py``,
+not imported.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import argparse
 import ssl
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TextIO
 
 # A transparent 1x1 GIF (44 bytes: the image data block carries one byte of padding).
 PIXEL = (
@@ -23,11 +28,30 @@ PIXEL = (
 LANDING = "https://www.example.com/landing?utm_source=trackingproxy-demo"
 
 
+class Recorder:
+    """``--record``: one ``METHOD path User-Agent`` line per request received, flushed at once."""
+
+    def __init__(self, out: TextIO | None) -> None:
+        self.out = out
+        self.lock = threading.Lock()
+
+    def record(self, method: str, path: str, user_agent: str) -> None:
+        if self.out is None:
+            return
+        with self.lock:
+            self.out.write(f"{method} {path} {user_agent}\n")
+            self.out.flush()
+
+
+RECORDER = Recorder(None)
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like spgo.io: the proxy pools connections
     server_version = "spgo-standin"
 
     def _answer(self, body: bool) -> None:
+        RECORDER.record(self.command, self.path, self.headers.get("User-Agent", "-"))
         if self.path.startswith("/q/"):
             self.send_response(200)
             self.send_header("Content-Type", "image/gif")
@@ -66,7 +90,10 @@ def main() -> None:
     parser.add_argument("--cert", required=True, help="PEM certificate chain")
     parser.add_argument("--key", required=True, help="PEM private key")
     parser.add_argument("--port", type=int, default=0, help="0: any free port")
+    parser.add_argument("--record", help="append 'METHOD path UA' per request received to FILE")
     args = parser.parse_args()
+    if args.record:
+        RECORDER.out = open(args.record, "a", encoding="utf-8")  # noqa: SIM115 (process-long)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(args.cert, args.key)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)

@@ -56,6 +56,7 @@ class Cluster:
         common = [
             "--acme-directory", self.pebble.directory_url,
             "--acme-ca-bundle", str(self.pebble.ca_bundle),
+            "--acme-max-orders-per-hour", "3600",  # short certificates and many test names
             "--email", "ops@example.com",
             "--store", self.store_url, "--order-lock-ttl", str(LOCK_TTL),
             "--upstream", self.standin.url, "--upstream-ca-bundle", str(self.standin.ca_file),

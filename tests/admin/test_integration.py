@@ -108,7 +108,7 @@ class AdminTests(ProxyTestCase):
         r = self.start("--cert", str(cert), "--key", str(key), ca=ca)
         code, body = yield self.admin("/readyz")
         self.assertEqual(
-            (code, body), (503, f"not ready:\n{DOMAIN2}: no certificate yet\n".encode())
+            (code, body), (503, f"not ready:\n1 of 2 domains have a certificate\n{DOMAIN2}: no certificate yet\n".encode())
         )
         _, metrics = yield self.admin("/metrics")
         self.assertIn(b"trackingproxy_ready 0.0", metrics)

@@ -129,12 +129,15 @@ class ReadinessTests(StatusTestCase):
         """A domain without a certificate, or with an expired one, is a reason each."""
         cert = self.serve(A, days_old=89)
         source = self.source()
-        self.assertEqual(source.ready(), (False, [f"{B}: no certificate yet"]))
+        self.assertEqual(
+            source.ready(),
+            (False, ["1 of 2 domains have a certificate", f"{B}: no certificate yet"]),
+        )
         self.clock.advance(2 * 86400)
         ready, reasons = source.ready()
         self.assertFalse(ready)
         self.assertEqual(
-            reasons[0],
+            reasons[1],
             f"{A}: the certificate expired at {cert.not_after.isoformat(timespec='seconds')}",
         )
 
@@ -168,7 +171,10 @@ class SnapshotTests(StatusTestCase):
         self.assertEqual(snap["time"], T0.timestamp())
         self.assertEqual(snap["uptime_seconds"], 3600)
         self.assertFalse(snap["ready"])
-        self.assertEqual(snap["not_ready_reasons"], [f"{B}: no certificate yet"])
+        self.assertEqual(
+            snap["not_ready_reasons"],
+            ["1 of 2 domains have a certificate", f"{B}: no certificate yet"],
+        )
         a, b = snap["domains"]
         self.assertEqual(a["name"], A)
         self.assertEqual(a["certificate"]["issuer"], cert.issuer)
@@ -301,7 +307,10 @@ class ResourceTests(StatusTestCase):
     def test_readyz(self) -> None:
         """/readyz: 503 with the reason per line, then 200 once the certificate is there."""
         code, _, body = self.get("/readyz")
-        self.assertEqual((code, body), (503, f"not ready:\n{B}: no certificate yet\n".encode()))
+        self.assertEqual(
+            (code, body),
+            (503, f"not ready:\n1 of 2 domains have a certificate\n{B}: no certificate yet\n".encode()),
+        )
         self.serve(B)
         self.assertEqual(self.get("/readyz")[::2], (200, b"ready\n"))
 
@@ -537,3 +546,16 @@ class SearchAndPageTests(StatusTestCase):
         self.assertEqual(len(json.loads(self.get("/status?page=4&per_page=50")[1])["domains"]),
                          0)
         self.assertEqual(len(json.loads(self.get("/status?page=2")[1])["domains"]), 50)
+
+
+class ReadyzAtScaleTests(StatusTestCase):
+    def test_readyz_counts_and_names_at_most_twenty(self) -> None:
+        """With 1,000 domains without a certificate, /readyz says how many have one and names
+        the first 20, then counts the rest (it does not list 1,000 lines)."""
+        names = [f"d{i}.example.com" for i in range(1000)]
+        self.certs = FakeCertificates(tuple(names))
+        ready, reasons = self.source().ready()
+        self.assertFalse(ready)
+        self.assertEqual(reasons[0], "0 of 1000 domains have a certificate")
+        self.assertEqual(reasons[1:21], [f"{n}: no certificate yet" for n in names[:20]])
+        self.assertEqual(reasons[21:], ["and 980 more without one"])

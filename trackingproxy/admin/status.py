@@ -181,6 +181,9 @@ class ClusterFacts:
         }
 
 
+READY_REASONS = 20  # domains named in /readyz's reasons; the rest are counted
+
+
 class StatusSource:
     """Readiness, per-domain facts and the JSON snapshot, read from the running objects."""
 
@@ -247,10 +250,21 @@ class StatusSource:
         ]
         if self._https:
             now = self.now()
-            for facts in self.domains() if domains is None else domains:
+            listed = self.domains() if domains is None else domains
+            missing = [f for f in listed if f.certificate is None]
+            if missing:  # how far loading or issuing has come, then the first few names
+                reasons.append(
+                    f"{len(listed) - len(missing)} of {len(listed)} domains have a certificate"
+                )
+            named = 0
+            for facts in listed:
                 cert = facts.certificate
                 if cert is None:
-                    reasons.append(f"{facts.name}: no certificate yet")
+                    named += 1
+                    if named <= READY_REASONS:
+                        reasons.append(f"{facts.name}: no certificate yet")
+                    elif named == len(missing):
+                        reasons.append(f"and {named - READY_REASONS} more without one")
                 elif cert.not_after <= now:
                     reasons.append(
                         f"{facts.name}: the certificate expired at {_iso(cert.not_after)}"

@@ -409,6 +409,9 @@ def build_service(
         admin.service(
             root, sni, config.https_port is not None, issuer, cluster
         ).setServiceParent(root)
+        source = getattr(admin, "source", None)  # a --workers child reports, shows nothing
+        if outage is not None and source is not None:
+            source.outage = outage.status
 
     def apply_runtime(domains: frozenset[str], well_known: dict[bytes, WellKnownFile]) -> None:
         runtime.domains = domains

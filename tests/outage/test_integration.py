@@ -232,3 +232,27 @@ class AfterACrash(OutageCase):
         uris = [s.uri for s in running.standin.seen if s.uri != PROBE_TARGET]
         self.assertEqual(uris, [b"/q/pending"])
         self.assertEqual(running.standin.seen[-1].headers[b"x-forwarded-for"], [b"203.0.113.2"])
+
+
+class StatusShowsIt(OutageCase):
+    @inlineCallbacks
+    def test_status_and_page_show_the_mode_and_the_journal(self):
+        """/status and the status page show outage mode, the upstream down and the journal's
+        size while a request waits in it (and no request data)."""
+        running, relay = self.start()
+        yield relay.down()
+        resp, _ = yield self.get(running, "/q/status-open", "198.51.100.9", "ua-status")
+        self.assertEqual(resp.code, 200)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        base = f"http://127.0.0.1:{running.admin_port}"
+        resp = yield treq.get(base + "/status", pool=pool)
+        status = yield resp.json()
+        outage = status["outage"]
+        self.assertEqual((outage["mode"], outage["upstream"]), ("replay", "down"))
+        self.assertEqual(outage["journal"]["entries"], 1)
+        self.assertNotIn("status-open", str(outage))
+        resp = yield treq.get(base + "/", pool=pool)
+        page = yield resp.text()
+        self.assertIn("<h2>Outage mode</h2>", page)
+        self.assertIn("1 request(s)", page)
+        relay.up()

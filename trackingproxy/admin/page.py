@@ -353,6 +353,33 @@ def _rates(requests: Mapping[str, Any]) -> str:
     )
 
 
+def _outage(outage: Mapping[str, Any] | None) -> str:
+    """--outage-mode: off, or replay with the upstream's state and the journal's size."""
+    if not outage or outage.get("mode") != "replay":
+        return ""
+    journal = outage.get("journal") or {}
+    up = outage.get("upstream", "?")
+    state = (
+        '<span class="badge ok">up</span>' if up == "up"
+        else f'<span class="badge bad">{escape(str(up))}</span>'
+    )
+    oldest = journal.get("oldest_age_seconds")
+    kept = _duration(float(journal.get("ttl_seconds", 0)))
+    dropped = ", ".join(f"{escape(str(k))} {v}" for k, v in (outage.get("dropped") or {}).items())
+    rows = [
+        ("mode", "replay"),
+        ("upstream", state),
+        ("journal", f"{journal.get('entries', 0)} request(s), {journal.get('bytes', 0):,} of "
+                    f"{journal.get('max_bytes', 0):,} bytes"),
+        ("oldest entry", f"{_duration(float(oldest))} old (kept {kept})" if oldest else "-"),
+        ("journaled / replayed", f"{outage.get('journaled', 0)} / {outage.get('replayed', 0)}"),
+        ("dropped", dropped or "0"),
+        ("ambiguous (never re-sent)", str(outage.get("ambiguous", 0))),
+    ]
+    body = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
+    return f"<section><h2>Outage mode</h2><table>{body}</table></section>"
+
+
 def _cluster(cluster: Mapping[str, Any] | None) -> str:
     """This replica's name and, with --store, the store (password masked) and its state."""
     if cluster is None:
@@ -403,6 +430,7 @@ errors: {errors}</p></section>
 {_domains(status, now)}
 <section id="listeners"><h2>Listeners</h2><table>{listeners}</table></section>
 {_cluster(status.get("cluster"))}
+{_outage(status.get("outage"))}
 </main></body></html>
 """
     return body.encode("utf-8")

@@ -212,6 +212,8 @@ class StatusSource:
         self._in_flight = in_flight
         self._started = clock.seconds() if started is None else started
         self.cluster = cluster
+        # --outage-mode replay: the outage parts' facts (mode, upstream state, journal size)
+        self.outage: Callable[[], dict[str, Any]] | None = None
         self._processes = processes  # --workers: one row per process
         # id(certificate) -> (the certificate, its facts), for the certificates served now
         self._facts: dict[int, tuple[LoadedCertificate, CertificateFacts]] = {}
@@ -304,6 +306,7 @@ class StatusSource:
             "ready": ready,
             "not_ready_reasons": reasons,
             "cluster": self.cluster.json() if self.cluster is not None else None,
+            "outage": self.outage() if self.outage is not None else {"mode": "off"},
             "https": self._https,
             "listeners": [
                 {

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.demo_runner import require_tools, run_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "demo" / "run_cluster_demo.py"
 DOMAIN = "click.demo.test"
@@ -23,35 +24,6 @@ TOOLS = {"redis-server": "/usr/bin/redis-server", "haproxy": "/usr/sbin/haproxy"
          "pebble": None, "pebble-challtestsrv": None}
 
 
-def _require_tools() -> None:
-    missing = [
-        tool for tool, debian in TOOLS.items()
-        if shutil.which(tool) is None and not (debian and os.access(debian, os.X_OK))
-    ]
-    if missing:
-        message = f"{', '.join(missing)} not installed (`make debs` installs them)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message + " (CI=true: the cluster demo test must run)")
-        pytest.skip(message)
-
-
-def _run_demo(tmp_path: Path, timeout: float) -> tuple[int, str]:
-    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the demo's working directory lands here
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL, text=True, env=env,
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # the demo stops its children on SIGTERM
-        try:
-            out, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        pytest.fail(f"the cluster demo took more than {timeout:.0f} s:\n{out}")
-    return proc.returncode, out
 
 
 def _section(out: str, number: int) -> str:
@@ -68,8 +40,8 @@ def test_cluster_demo_shows_every_step(tmp_path: Path) -> None:
     issued one for that name; the restarted replica serves the same serial); a renewal on
     every replica within 2 s; all requests answered while Redis was down, store_up false on
     each replica, then true again."""
-    _require_tools()
-    code, out = _run_demo(tmp_path, timeout=240)
+    require_tools(TOOLS, "the cluster demo test")
+    code, out = run_script(SCRIPT, tmp_path, timeout=240)
     assert code == 0, out
 
     two = _section(out, 2)

@@ -18,21 +18,19 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import TextIO, TypeVar
 
-from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.python import usage
-from twisted.python.failure import Failure
 
 from trackingproxy.domains import normalise_domain
 from trackingproxy.errors import ConfigError
 from trackingproxy.options import env_name, read_secret_file
 from trackingproxy.store.contract import StoredCertificate, StoreUnavailable
 from trackingproxy.store.files import FileStore
-from trackingproxy.store.redis import RedisStore
+from trackingproxy.store.redis import RedisStore, result_of, synchronous
 from trackingproxy.store.settings import DEFAULT_PREFIX, StoreSettings, store_settings_from_options
 from trackingproxy.store.url import connect, probe
 
@@ -110,23 +108,12 @@ def _options_first(args: list[str], opts: _StoreOptions) -> list[str]:
     return front + rest
 
 
-def _sync(d: Deferred[_T]) -> _T:
-    box: list[Any] = []
-    d.addBoth(box.append)
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]  # type: ignore[no-any-return]
-
-
 def _open(settings: StoreSettings) -> RedisStore:
     client = connect(settings.url, settings.ca_bundle)
     probe(client, settings.masked)
 
-    def inline(f: Callable[[], _T]) -> Deferred[_T]:
-        return maybeDeferred(f)
-
     return RedisStore(
-        client, run=inline, clock=Clock(), prefix=settings.prefix,
+        client, run=synchronous, clock=Clock(), prefix=settings.prefix,
         node_id=f"cli-{os.getpid()}", description=settings.masked,
     )
 
@@ -135,15 +122,15 @@ def run_domains(opts: DomainsOptions, out: TextIO) -> int:
     store = _open(opts.settings())
     action, names = opts["action"], [normalise_domain(n) for n in opts["names"]]
     if action == "list":
-        for name in _sync(store.list_domains()):
+        for name in result_of(store.list_domains()):
             out.write(name + "\n")
         return 0
     for name in names:
         if action == "add":
-            changed = _sync(store.add_domain(name))
+            changed = result_of(store.add_domain(name))
             out.write(f"{name}: {'added' if changed else 'already in the list'}\n")
         else:
-            changed = _sync(store.remove_domain(name))
+            changed = result_of(store.remove_domain(name))
             out.write(f"{name}: {'removed' if changed else 'was not in the list'}\n")
     return 0
 
@@ -159,23 +146,23 @@ def run_import(opts: ImportOptions, out: TextIO) -> int:
     now = datetime.datetime.now(datetime.UTC)
     imported = 0
     for name in local.names():
-        stored: StoredCertificate | None = _sync(local.load(name))
+        stored: StoredCertificate | None = result_of(local.load(name))
         if stored is None:
             out.write(f"{name}: skipped (unreadable; see the message above)\n")
         elif stored.cert.expired_at(now):
             out.write(f"{name}: skipped (expired at {stored.cert.not_after.isoformat()})\n")
-        elif _sync(store.seed(name, stored)):
+        elif result_of(store.seed(name, stored)):
             imported += 1
             out.write(f"{name}: imported (serial {stored.cert.serial_hex})\n")
         else:
             out.write(f"{name}: the store already has a certificate; left alone\n")
     for directory in local.account_directories():
-        if _sync(store.load_account(directory)) is not None:
+        if result_of(store.load_account(directory)) is not None:
             out.write(f"ACME account for {directory}: the store already has one; left alone\n")
             continue
-        record = _sync(local.load_account(directory))
+        record = result_of(local.load_account(directory))
         if record is not None:
-            _sync(store.save_account(directory, record))
+            result_of(store.save_account(directory, record))
             out.write(f"ACME account for {directory}: imported\n")
     out.write(f"{imported} certificate(s) imported into {store.description}\n")
     return 0

@@ -52,7 +52,7 @@ from trackingproxy.store.scripts import OK, Scripts, refusal
 from trackingproxy.store.url import config_warnings, password_of, unavailable_cause
 from trackingproxy.tls.certificates import parse_pem
 
-__all__ = ["RedisStore", "Runner", "synchronous"]
+__all__ = ["RedisStore", "Runner", "result_of", "synchronous"]
 
 log = Logger(namespace="trackingproxy.store.redis")
 _T = TypeVar("_T")
@@ -68,6 +68,18 @@ class Runner(Protocol):
 def synchronous(f: Callable[[], _T]) -> Deferred[_T]:
     """A ``Runner`` that calls at once (tests; the start-up checks)."""
     return maybeDeferred(f)
+
+
+def result_of(d: Deferred[_T]) -> _T:
+    """The result of a store call made with ``synchronous`` (its Deferred has fired); its
+    failure is raised."""
+    box: list[Any] = []
+    d.addBoth(box.append)
+    if not box:  # pragma: no cover - a synchronous call always fires
+        raise RuntimeError("a synchronous store call did not complete")
+    if isinstance(box[0], Failure):
+        box[0].raiseException()
+    return box[0]  # type: ignore[no-any-return]
 
 
 def _ms(seconds: float) -> int:

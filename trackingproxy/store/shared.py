@@ -18,18 +18,17 @@ from typing import Any, TypeVar
 
 from attrs import frozen
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from trackingproxy.errors import ConfigError
 from trackingproxy.store.contract import StoredCertificate, StoreUnavailable
 from trackingproxy.store.files import FileStore
 from trackingproxy.store.localcopy import LocalCopyStore, cached_domains, remember_domains
-from trackingproxy.store.redis import RedisStore
+from trackingproxy.store.redis import RedisStore, result_of, synchronous
 from trackingproxy.store.settings import StoreSettings
 from trackingproxy.store.url import connect, probe
 
@@ -71,21 +70,10 @@ def _now_of(clock: IReactorTime) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(clock.seconds(), datetime.UTC)
 
 
-def _result(d: Deferred[_T]) -> _T:
-    """The result of a Deferred that has already fired (start-up calls run synchronously)."""
-    box: list[Any] = []
-    d.addBoth(box.append)
-    if not box:  # pragma: no cover - the synchronous runner always fires
-        raise RuntimeError("a synchronous store call did not complete")
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]  # type: ignore[no-any-return]
-
-
 def _valid_local(local: FileStore, names: Iterable[str], now: datetime.datetime) -> list[str]:
     found = []
     for name in names:
-        stored: StoredCertificate | None = _result(local.load(name))
+        stored: StoredCertificate | None = result_of(local.load(name))
         if stored is not None and not stored.cert.expired_at(now):
             found.append(name)
     return found
@@ -110,22 +98,19 @@ def open_shared_store(
     def in_pool(f: Callable[[], _T]) -> Deferred[_T]:
         return deferToThreadPool(reactor, pool, f)
 
-    def inline(f: Callable[[], _T]) -> Deferred[_T]:
-        return maybeDeferred(f)
-
     def make(run: Callable[[Callable[[], Any]], Deferred[Any]]) -> RedisStore:
         return RedisStore(
             client, run=run, clock=reactor, prefix=settings.prefix, node_id=node_id,
             description=description,
         )
 
-    shared, at_start = make(in_pool), make(inline)
+    shared, at_start = make(in_pool), make(synchronous)
     store_domains: tuple[str, ...] = ()
     try:
         probe(client, description)
-        for warning in _result(at_start.settings_warnings()):
+        for warning in result_of(at_start.settings_warnings()):
             log.warn("{warning}", warning=warning)
-        listed: list[str] = _result(at_start.list_domains())
+        listed: list[str] = result_of(at_start.list_domains())
         store_domains = tuple(listed)
         remember_domains(state_dir, listed)
         shared.health.mark_up()

@@ -22,7 +22,12 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorTime
 
 from trackingproxy.admin.collector import StatusCollector
-from trackingproxy.admin.metrics import InstrumentedUpstream, ProxyMetrics, SiteMetrics
+from trackingproxy.admin.metrics import (
+    InstrumentedUpstream,
+    MetricHooks,
+    ProxyMetrics,
+    SiteMetrics,
+)
 from trackingproxy.admin.resources import AdminSite, admin_resource
 from trackingproxy.admin.status import CertificateSource, ClusterFacts, RateTracker, StatusSource
 from trackingproxy.admin.workers import WorkerMetrics
@@ -85,28 +90,21 @@ class AdminParts(Protocol):
     ) -> Service: ...
 
 
-class Admin:
+class Admin(MetricHooks):
     """The metrics of one proxy process and the builder of its admin listener.
 
     @ivar workers: with ``--workers``, the other processes' counts (``add_workers``).
     """
 
     def __init__(self, endpoint: str, clock: IReactorTime, metrics: ProxyMetrics) -> None:
+        super().__init__(clock, metrics)
         self.endpoint = endpoint
-        self.clock = clock
-        self.metrics = metrics
         self.workers: WorkerMetrics | None = None
 
     def add_workers(self, count: int, pid: int | None = None) -> WorkerMetrics:
         """Count the ``count - 1`` worker processes too (``pid``: this process's, shown)."""
         self.workers = WorkerMetrics(self.clock, self.metrics, count, pid)
         return self.workers
-
-    def site(self, scheme: str) -> SiteMetrics:
-        return self.metrics.site(scheme)
-
-    def instrument(self, upstream: Upstream) -> InstrumentedUpstream:
-        return self.metrics.instrument(upstream, self.clock)
 
     def service(
         self,

@@ -54,6 +54,7 @@ __all__ = [
     "PER_DOMAIN_AUTO_LIMIT",
     "PER_DOMAIN_MODES",
     "InstrumentedUpstream",
+    "MetricHooks",
     "ProcessCounts",
     "ProxyMetrics",
     "SiteMetrics",
@@ -458,3 +459,18 @@ class ProxyMetrics:
     def open_connections(self) -> dict[str, int]:
         """Client connections open in every process, by scheme."""
         return dict(self.total().connections)
+
+
+class MetricHooks:
+    """The request-path hooks of one process's metrics: an observer per listener and the
+    instrumented upstream (the admin listener's process and a ``--workers`` child alike)."""
+
+    def __init__(self, clock: IReactorTime, metrics: ProxyMetrics) -> None:
+        self.clock = clock
+        self.metrics = metrics
+
+    def site(self, scheme: str) -> SiteMetrics:
+        return self.metrics.site(scheme)
+
+    def instrument(self, upstream: Upstream) -> InstrumentedUpstream:
+        return self.metrics.instrument(upstream, self.clock)

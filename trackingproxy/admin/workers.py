@@ -45,14 +45,12 @@ from trackingproxy.admin.metrics import (
     ERROR_CAUSES,
     KINDS,
     LATENCY_BUCKETS,
-    InstrumentedUpstream,
+    MetricHooks,
     ProcessCounts,
     ProxyMetrics,
-    SiteMetrics,
     add_up,
 )
 from trackingproxy.admin.status import CertificateSource, ClusterFacts
-from trackingproxy.proxy.forward import Upstream
 
 __all__ = [
     "REPORT_INTERVAL",
@@ -298,22 +296,15 @@ class MetricsReporter(Service):
         self._send(encode(self._metrics.counts()))
 
 
-class WorkerAdmin:
+class WorkerAdmin(MetricHooks):
     """A worker's admin parts (``AdminParts``): the same hooks as the parent's ``Admin``, and
     a ``MetricsReporter`` where the parent has its admin listener."""
 
     def __init__(
         self, clock: IReactorTime, metrics: ProxyMetrics, send: Callable[[bytes], None]
     ) -> None:
-        self.clock = clock
-        self.metrics = metrics
+        super().__init__(clock, metrics)
         self._send = send
-
-    def site(self, scheme: str) -> SiteMetrics:
-        return self.metrics.site(scheme)
-
-    def instrument(self, upstream: Upstream) -> InstrumentedUpstream:
-        return self.metrics.instrument(upstream, self.clock)
 
     def service(
         self,

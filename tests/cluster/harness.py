@@ -49,6 +49,11 @@ def find_haproxy() -> str:
     return found
 
 
+class GaveUp(AssertionError):
+    """Raised by a probe whose wait can never succeed (the process it waits for exited):
+    ``wait_until`` lets it through at once instead of polling on to its timeout."""
+
+
 def wait_until(what: str, probe: Callable[[], _T | None], timeout: float,
                interval: float = 0.05) -> _T:
     """Poll ``probe`` until it returns something other than None/False; fail after
@@ -60,6 +65,8 @@ def wait_until(what: str, probe: Callable[[], _T | None], timeout: float,
             value = probe()
             if value is not None and value is not False:
                 return value
+        except GaveUp:
+            raise
         except Exception as e:  # the probe's own failure: keep polling, report the last one
             last = e
         if time.monotonic() > deadline:
@@ -110,7 +117,12 @@ class HAProxy:
             [self.binary, "-f", str(self.config), "-db"], stdout=out, stderr=subprocess.STDOUT
         )
         for front in self.fronts:
-            wait_until(f"haproxy on {front}", partial(_connects, front), 10)
+            wait_until(f"haproxy on {front}", partial(self._listening, front), 10)
+
+    def _listening(self, port: int) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise GaveUp(f"haproxy exited: {self.log.read_text()[-2000:]}")
+        return _connects(port)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -189,7 +201,7 @@ class Replica:
 
     def _admin_up(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"{self.node_id} exited: {self.log.read_text()[-3000:]}")
+            raise GaveUp(f"{self.node_id} exited: {self.log.read_text()[-3000:]}")
         return _connects(self.admin_port)
 
     @property

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
-from attrs import frozen
+from attrs import field, frozen
 
 from trackingproxy.acme.settings import AcmeSettings
 from trackingproxy.domains import normalise_domain, read_domains_file
@@ -24,6 +24,7 @@ from trackingproxy.logs.quiet import parse_level
 from trackingproxy.proxy.forwarded import IPNetwork, parse_networks
 from trackingproxy.store.settings import store_settings_from_options
 from trackingproxy.tls.certificates import (
+    CertsDirFiles,
     LoadedCertificate,
     check_usable,
     covered_domains,
@@ -70,6 +71,9 @@ class ProxyConfig:
     remember_links: int = 100_000  # --remember-links
     journal_ttl: float = 86_400.0  # --journal-ttl (seconds, at most 72 h)
     journal_max_bytes: int = 64 * 1024 * 1024  # --journal-max-bytes
+    certs_dir_files: CertsDirFiles = field(  # what --certs-dir held at start, for SIGHUP
+        factory=CertsDirFiles, eq=False, repr=False
+    )
 
     @property
     def user_covered(self) -> tuple[str, ...]:
@@ -137,7 +141,8 @@ def _domains(
 
 
 def _user_certificates(
-    opts: Mapping[str, Any], domains: tuple[str, ...], now: datetime.datetime
+    opts: Mapping[str, Any], domains: tuple[str, ...], now: datetime.datetime,
+    files: CertsDirFiles,
 ) -> tuple[tuple[LoadedCertificate, ...], Path | None]:
     certs_paths: list[str] = opts["cert"]
     key_paths: list[str] = opts["key"]
@@ -149,7 +154,7 @@ def _user_certificates(
     loaded = [load_pair(Path(c), Path(k)) for c, k in zip(certs_paths, key_paths, strict=True)]
     certs_dir = _dir("certs-dir", opts.get("certs-dir"))
     if certs_dir is not None:
-        loaded.extend(load_certs_dir(certs_dir))
+        loaded.extend(load_certs_dir(certs_dir, files))
     check_usable(loaded, domains, now)
     return tuple(loaded), certs_dir
 
@@ -159,7 +164,8 @@ def config_from_options(opts: Mapping[str, Any], now: datetime.datetime) -> Prox
     domains_file = Path(opts["domains-file"]) if opts.get("domains-file") else None
     # With --store the list may come from the store alone (`trackingproxy domains add`).
     domains = _domains(list(opts["domain"]), domains_file, allow_empty=bool(opts.get("store")))
-    certificates, certs_dir = _user_certificates(opts, domains, now)
+    certs_dir_files = CertsDirFiles()
+    certificates, certs_dir = _user_certificates(opts, domains, now, certs_dir_files)
     ca_bundle = opts.get("upstream-ca-bundle") or None
     if ca_bundle is not None and not Path(ca_bundle).is_file():
         raise ConfigError(
@@ -184,6 +190,7 @@ def config_from_options(opts: Mapping[str, Any], now: datetime.datetime) -> Prox
         https_port=_endpoint("https-port", opts["https-port"]),
         certificates=certificates,
         certs_dir=certs_dir,
+        certs_dir_files=certs_dir_files,
         trusted_proxies=parse_networks(opts["trusted-proxy"]),
         well_known_dir=_dir("well-known-dir", opts.get("well-known-dir")),
         redirect_http=bool(opts["redirect-http"]),

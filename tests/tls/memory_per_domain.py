@@ -7,12 +7,13 @@ N domains, each with its own certificate and its own ECDSA P-256 key, under two 
 are in it too), after a collection, at three points:
 
 - ``pem``: the PEM bytes of a domain's full chain and key (what it costs on disk);
-- ``values``: what parsing them costs (``LoadedCertificate``: the cryptography objects);
-- ``served``: what installing them in the SNI map adds (contexts, the leaf and key as OpenSSL
-  objects, the map's entries): the part the 8 KiB-per-domain budget is about;
+- ``values``: what parsing them costs (``LoadedCertificate``: the leaf and key as OpenSSL
+  objects, the shared intermediates, the names and facts read from the leaf);
+- ``served``: what installing them in the SNI map adds (the chains' contexts, the map's
+  entries);
 - ``openssl_leaf_and_key``: what the leaf and key as OpenSSL objects cost alone (made again,
-  apart): the certificate and key themselves, in the form a handshake needs; ``served`` minus
-  this is what the map costs beyond them.
+  apart): the certificate and key themselves, in the form a handshake needs;
+  ``values + served`` minus this is what a domain costs beyond them (the 8 KiB budget).
 
 ``rss_*`` are the same steps as the process's resident size grew (after ``malloc_trim``).
 """

@@ -4,7 +4,7 @@ against thousands of configured domains in time linear in certificates + domains
 from __future__ import annotations
 
 import time
-from typing import Any
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -12,6 +12,7 @@ from cryptography import x509
 from tests.tls.manycerts import NOW, make_hierarchy, many
 from trackingproxy.domains import covers
 from trackingproxy.errors import ConfigError
+from trackingproxy.tls import certificates
 from trackingproxy.tls.certificates import (
     LoadedCertificate,
     check_usable,
@@ -21,21 +22,10 @@ from trackingproxy.tls.certificates import (
 
 PATTERNS = ("click.example.com", "*.example.org", "Upper.Example.NET", "dot.example.com.",
             "*.deep.example.io.")  # fmt: skip
+_LEAF_NAMES = certificates.leaf_names
 HOSTS = ("click.example.com", "x.click.example.com", "a.example.org", "example.org",
          "a.b.example.org", "upper.example.net", "dot.example.com", "x.deep.example.io",
          "deep.example.io", ".example.org", "other.example.com")  # fmt: skip
-
-
-class _CountingLeaf:
-    """A real leaf certificate that counts how often it is read (any attribute)."""
-
-    def __init__(self, leaf: x509.Certificate) -> None:
-        self._leaf = leaf
-        self.reads = 0
-
-    def __getattr__(self, name: str) -> Any:
-        self.reads += 1
-        return getattr(self._leaf, name)
 
 
 def test_covers_reads_names_as_domains_covers_does() -> None:
@@ -49,17 +39,44 @@ def test_covers_reads_names_as_domains_covers_does() -> None:
     assert cert.covered(HOSTS) == tuple(h for h in HOSTS if cert.covers(h))
 
 
-def test_names_are_read_from_the_leaf_once() -> None:
-    """The names are read when the value is made; ``covers`` never reads the leaf again."""
+def test_names_are_read_from_the_leaf_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The names are read when the value is made; ``covers`` never reads them again."""
     real = make_hierarchy(1).intermediates[0].loaded("a.example.com", "*.example.org")
-    leaf = _CountingLeaf(real.leaf)
-    cert = LoadedCertificate(key=real.key, chain=(leaf, *real.chain[1:]), source="counted")  # type: ignore[arg-type]
-    read_when_made = leaf.reads
+    reads: list[object] = []
+
+    def counted(leaf: x509.Certificate) -> tuple[str, ...]:
+        reads.append(leaf)
+        return _LEAF_NAMES(leaf)
+
+    monkeypatch.setattr(certificates, "leaf_names", counted)
+    cert = LoadedCertificate(key=real.key, chain=real.chain, source="counted")
+    assert len(reads) == 1
     assert cert.names == ("a.example.com", "*.example.org")
     for _ in range(1000):
         assert cert.covers("a.example.com") and cert.covers("x.example.org")
         assert not cert.covers("b.example.com")
-    assert leaf.reads == read_when_made
+    assert len(reads) == 1
+
+
+def test_value_keeps_no_cryptography_copy_and_shares_intermediates() -> None:
+    """The value holds the leaf and key once, as OpenSSL objects; the facts read from the leaf
+    equal the leaf's own; certificates of one chain share one parsed intermediate; the PEM
+    written back is the PEM read."""
+    hierarchy = make_hierarchy(1)
+    chain_pem, key_pem = hierarchy.intermediates[0].issue("a.example.com")
+    one = parse_pem(chain_pem, key_pem, "one")
+    other = parse_pem(*hierarchy.intermediates[0].issue("b.example.com"), "other")
+    assert one.intermediates[0] is other.intermediates[0]
+    assert not any(isinstance(v, x509.Certificate) for v in (one.openssl_leaf, one.openssl_key))
+    leaf = one.leaf
+    assert one.serial_hex == format(leaf.serial_number, "x")
+    assert (one.not_before, one.not_after) == (leaf.not_valid_before_utc, leaf.not_valid_after_utc)
+    assert one.issuer == leaf.issuer.rfc4514_string()
+    assert one.fullchain_pem() == chain_pem
+    assert one.key_matches()
+    assert parse_pem(one.fullchain_pem(), one.key_pem(), "again").serial_hex == one.serial_hex
+    mixed = LoadedCertificate(key=other.key, chain=one.chain, source="mixed")
+    assert not mixed.key_matches()
 
 
 def test_common_name_without_subject_alt_name() -> None:
@@ -124,3 +141,41 @@ def test_expired_certificate_is_refused() -> None:
     expired_at = certs[0].not_after
     with pytest.raises(ConfigError, match="expired"):
         check_usable(certs[:1], names, expired_at)
+
+
+def test_certs_dir_files_parse_only_what_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second load of a --certs-dir (SIGHUP) parses only the files added or rewritten,
+    forgets the files removed, and keeps the order by file name."""
+    intermediate = make_hierarchy(1).intermediates[0]
+
+    def write(name: str, host: str) -> None:
+        chain_pem, key_pem = intermediate.issue(host)
+        (tmp_path / name).write_bytes(key_pem + chain_pem)
+
+    for name in ("a", "b", "c"):
+        write(f"{name}.pem", f"{name}.example.com")
+    (tmp_path / "notes.txt").write_text("not a certificate")
+    parsed: list[str] = []
+    real = certificates.load_combined
+
+    def counted(path: Path) -> LoadedCertificate:
+        parsed.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(certificates, "load_combined", counted)
+    files = certificates.CertsDirFiles()
+    first = files.load(tmp_path)
+    assert parsed == ["a.pem", "b.pem", "c.pem"]
+    parsed.clear()
+    write("d.pem", "d.example.com")
+    write("b.pem", "b2.example.com")  # rewritten in place: a new modification time
+    (tmp_path / "c.pem").unlink()
+    second = files.load(tmp_path)
+    assert sorted(parsed) == ["b.pem", "d.pem"]
+    assert [c.names for c in second] == [("a.example.com",), ("b2.example.com",),
+                                         ("d.example.com",)]
+    assert second[0] is first[0]
+    parsed.clear()
+    assert files.load(tmp_path) == second and parsed == []

@@ -67,7 +67,7 @@ def read_snapshot(
     domains = tuple(dict.fromkeys(normalise_domain(n) for n in names))
     certs = [load_pair(c, k) for c, k in config.cert_files]
     if config.certs_dir is not None:
-        certs.extend(load_certs_dir(config.certs_dir))
+        certs.extend(load_certs_dir(config.certs_dir, config.certs_dir_files))
     check_usable(certs, domains, now)
     well_known = load_well_known(config.well_known_dir) if config.well_known_dir else {}
     return Snapshot(domains, tuple(certs), well_known)

@@ -13,14 +13,18 @@ against M domains (``check_usable``, ``covered_domains``) is linear in N + M, ne
 from __future__ import annotations
 
 import datetime
+import os
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import cast
 
-from attrs import Factory, field, frozen
+from attrs import field, frozen
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
+from OpenSSL import crypto
 
 from trackingproxy.errors import ConfigError
 
@@ -64,50 +68,95 @@ def parent(name: str) -> str | None:
     return rest if head else None
 
 
-@frozen
+_SHARED_CHAIN_LIMIT = 64
+
+
+class _SharedChains:
+    """The intermediate certificates seen so far, by DER: every leaf issued under one
+    intermediate shares one parsed copy of it (10,000 Let's Encrypt certificates have two or
+    three distinct intermediates, not 10,000; a parsed copy is 1.2 KiB). At most
+    ``_SHARED_CHAIN_LIMIT`` are kept; beyond that a chain is simply not shared."""
+
+    def __init__(self) -> None:
+        self._by_der: dict[bytes, x509.Certificate] = {}
+
+    def share(self, cert: x509.Certificate) -> x509.Certificate:
+        der = cert.public_bytes(serialization.Encoding.DER)
+        found = self._by_der.get(der)
+        if found is not None:
+            return found
+        if len(self._by_der) < _SHARED_CHAIN_LIMIT:
+            self._by_der[der] = cert
+        return cert
+
+
+_CHAINS = _SharedChains()
+
+
+@frozen(eq=False, init=False)
 class LoadedCertificate:
     """A private key and its certificate chain (leaf first), as served to TLS clients.
+
+    Held in the form a handshake uses (the leaf and key as OpenSSL objects, 7.6 KiB for ECDSA
+    P-256), the intermediates shared with every certificate of the same chain, and the facts
+    read from the leaf once (names, validity, serial, issuer): no second, ``cryptography``
+    copy of the leaf and key is kept (3.7 KiB a domain). ``leaf``, ``key`` and ``chain`` make
+    ``cryptography`` objects on demand, for the rare callers that need them (saving, ACME).
+    Equality is identity.
 
     @ivar names: the DNS names of the leaf (subjectAltName, else the common name), read once.
     @ivar exact_names: the names that are not wildcards, lower case, no trailing dot.
     @ivar wildcard_suffixes: for each ``*.example.com`` name, ``example.com``.
     """
 
-    key: PrivateKey
-    chain: tuple[x509.Certificate, ...]
+    openssl_leaf: crypto.X509 = field(repr=False)
+    openssl_key: crypto.PKey = field(repr=False)
+    intermediates: tuple[x509.Certificate, ...] = field(repr=False)
     source: str
-    names: tuple[str, ...] = field(
-        init=False, eq=False, repr=False,
-        default=Factory(lambda self: leaf_names(self.chain[0]), takes_self=True),
-    )  # fmt: skip
-    exact_names: frozenset[str] = field(
-        init=False, eq=False, repr=False,
-        default=Factory(lambda self: _exact(self.names), takes_self=True),
-    )  # fmt: skip
-    wildcard_suffixes: frozenset[str] = field(
-        init=False, eq=False, repr=False,
-        default=Factory(lambda self: _suffixes(self.names), takes_self=True),
-    )  # fmt: skip
+    names: tuple[str, ...] = field(repr=False)
+    exact_names: frozenset[str] = field(repr=False)
+    wildcard_suffixes: frozenset[str] = field(repr=False)
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+    serial_hex: str
+    issuer: str = field(repr=False)
+
+    def __init__(
+        self, key: PrivateKey, chain: Sequence[x509.Certificate], source: str
+    ) -> None:
+        leaf = chain[0]
+        names = leaf_names(leaf)
+        self.__attrs_init__(
+            crypto.X509.from_cryptography(leaf),
+            crypto.PKey.from_cryptography_key(key),
+            tuple(_CHAINS.share(c) for c in chain[1:]),
+            source,
+            names,
+            _exact(names),
+            _suffixes(names),
+            leaf.not_valid_before_utc,
+            leaf.not_valid_after_utc,
+            format(leaf.serial_number, "x"),
+            sys.intern(leaf.issuer.rfc4514_string()),
+        )
 
     @property
     def leaf(self) -> x509.Certificate:
-        return self.chain[0]
+        """The leaf as a ``cryptography`` object (made on each call)."""
+        return self.openssl_leaf.to_cryptography()
 
     @property
-    def not_before(self) -> datetime.datetime:
-        return self.leaf.not_valid_before_utc
+    def key(self) -> PrivateKey:
+        """The private key as a ``cryptography`` object (made on each call)."""
+        return cast(PrivateKey, self.openssl_key.to_cryptography_key())  # as it was given
 
     @property
-    def not_after(self) -> datetime.datetime:
-        return self.leaf.not_valid_after_utc
+    def chain(self) -> tuple[x509.Certificate, ...]:
+        return (self.leaf, *self.intermediates)
 
-    @property
-    def serial_hex(self) -> str:
-        return format(self.leaf.serial_number, "x")
-
-    @property
-    def issuer(self) -> str:
-        return self.leaf.issuer.rfc4514_string()
+    def key_matches(self) -> bool:
+        """Whether the private key is the leaf's (compared as public keys, DER)."""
+        return _public_der(self.openssl_key) == _public_der(self.openssl_leaf.get_pubkey())
 
     def covers(self, name: str) -> bool:
         """Whether the certificate is valid for the host ``name`` (two set lookups)."""
@@ -131,7 +180,9 @@ class LoadedCertificate:
         return now >= self.not_after
 
     def fullchain_pem(self) -> bytes:
-        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.chain)
+        return crypto.dump_certificate(crypto.FILETYPE_PEM, self.openssl_leaf) + b"".join(
+            c.public_bytes(serialization.Encoding.PEM) for c in self.intermediates
+        )
 
     def key_pem(self) -> bytes:
         return self.key.private_bytes(
@@ -139,6 +190,10 @@ class LoadedCertificate:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
+
+
+def _public_der(key: crypto.PKey) -> bytes:
+    return crypto.dump_publickey(crypto.FILETYPE_ASN1, key)
 
 
 def parse_pem(cert_pem: bytes, key_pem: bytes, source: str) -> LoadedCertificate:
@@ -193,15 +248,49 @@ def load_combined(path: Path) -> LoadedCertificate:
     return parse_pem(data, data, f"--certs-dir file {path}")
 
 
-def load_certs_dir(directory: Path) -> list[LoadedCertificate]:
-    """Load every ``*.pem`` file of a ``--certs-dir`` (sorted by name, for a stable order)."""
-    try:
-        files = sorted(p for p in directory.iterdir() if p.suffix == ".pem" and p.is_file())
-    except OSError as e:
-        raise ConfigError(
-            f"--certs-dir {directory}: cannot list it ({e.strerror}); check path and permissions"
-        ) from None
-    return [load_combined(p) for p in files]
+class CertsDirFiles:
+    """The ``--certs-dir`` files as last loaded: a file whose inode, size and modification
+    time are unchanged is not read or parsed again, so a SIGHUP that adds one file to 10,000
+    parses one file (a stat per file remains). Files replaced atomically (a new inode) or
+    rewritten (a new mtime) are read again; files gone are forgotten."""
+
+    def __init__(self) -> None:
+        self._files: dict[Path, tuple[tuple[int, int, int], LoadedCertificate]] = {}
+
+    def load(self, directory: Path) -> list[LoadedCertificate]:
+        """Every ``*.pem`` file of ``directory``, sorted by name (a stable order)."""
+        try:
+            entries = sorted(
+                (e for e in os.scandir(directory) if e.name.endswith(".pem") and e.is_file()),
+                key=lambda e: e.name,
+            )
+        except OSError as e:
+            raise ConfigError(
+                f"--certs-dir {directory}: cannot list it ({e.strerror}); check path and "
+                "permissions"
+            ) from None
+        kept: dict[Path, tuple[tuple[int, int, int], LoadedCertificate]] = {}
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                st = entry.stat()
+            except OSError as e:
+                raise ConfigError(
+                    f"--certs-dir file {path}: cannot read it ({e.strerror}); check the path "
+                    "and its permissions"
+                ) from None
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            known = self._files.get(path)
+            cert = known[1] if known is not None and known[0] == stamp else load_combined(path)
+            kept[path] = (stamp, cert)
+        self._files = kept
+        return [cert for _, cert in kept.values()]
+
+
+def load_certs_dir(directory: Path, files: CertsDirFiles | None = None) -> list[LoadedCertificate]:
+    """Load every ``*.pem`` file of a ``--certs-dir`` (sorted by name, for a stable order),
+    reusing what ``files`` loaded before when given."""
+    return (files or CertsDirFiles()).load(directory)
 
 
 def covered_domains(certs: Iterable[LoadedCertificate], domains: Iterable[str]) -> tuple[str, ...]:

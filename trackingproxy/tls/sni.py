@@ -1,16 +1,18 @@
 # -*- test-case-name: tests.tls.test_sni,tests.tls.test_handshakes -*-
 """Certificate selection at handshake: the SNI map, from server name to what the handshake needs.
 
-Everything a handshake needs is built when a certificate is installed: the context of its
+Everything a handshake needs is ready when a certificate is installed: the context of its
 intermediate chain (``policy.make_context``: the policy, ALPN, the chain; one per distinct chain,
-shared by every certificate issued under it) and its leaf and key as OpenSSL objects. The
+shared by every certificate issued under it) and its leaf and key as OpenSSL objects (made when
+the certificate value was). The
 servername callback is a dict lookup, then ``set_context`` and ``use_leaf`` (references, no
 parsing): no disk I/O and no exceptions in it. A renewal replaces the name's entry; connections
 already made keep what they were given.
 
-Bounds, for 10,000 domains on one instance: a served name costs a few hundred bytes of map
-and, once per certificate, its leaf and key as OpenSSL objects (7.4 KiB for ECDSA P-256 with
-OpenSSL 4); an SSL.Context per certificate would add 19 KiB each (tests/tls/test_memory.py).
+Bounds, for 10,000 domains on one instance: a served name costs a few hundred bytes of map;
+the leaf and key are the certificate value's own OpenSSL objects (7.4 KiB for ECDSA P-256 with
+OpenSSL 4), shared, not copied; an SSL.Context per certificate would add 19 KiB each
+(tests/tls/test_memory.py).
 Installing a certificate is linear in its names, ``set_domains`` in domains + served names, and
 the default (what a client without SNI gets) is kept in a heap, not searched for: 10,000
 certificates install in about a second (tests/tls/test_sni.py).
@@ -23,7 +25,7 @@ from collections.abc import Callable, Iterable
 from typing import final
 
 from cryptography.hazmat.primitives.serialization import Encoding
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from zope.interface import implementer
@@ -67,8 +69,8 @@ class _Served:
     def __init__(self, cert: LoadedCertificate, chain: _Chain) -> None:
         self.cert = cert
         self.chain = chain
-        self.leaf = crypto.X509.from_cryptography(cert.leaf)
-        self.key = crypto.PKey.from_cryptography_key(cert.key)
+        self.leaf = cert.openssl_leaf  # the certificate's own objects: shared, not copied
+        self.key = cert.openssl_key
 
 
 def _key(name: str) -> bytes:
@@ -206,9 +208,9 @@ class SNIContextMap:
             current = self._served.get(_key(name))
             if current is not None and current.cert is cert:
                 return current  # installed again: share what was made
-        if cert.key.public_key() != cert.leaf.public_key():
+        if not cert.key_matches():
             raise ValueError(f"{cert.source}: the private key does not match the certificate")
-        extra = cert.chain[1:]
+        extra = cert.intermediates
         der = b"".join(c.public_bytes(Encoding.DER) for c in extra)
         chain = self._chains.get(der)
         if chain is None:

@@ -89,6 +89,42 @@ class LocalCopyTests(SynchronousTestCase):
         self.assertEqual(self._serial(self.store.load), self.cert.serial_hex)
         self.assertEqual(self._serial(self.local.load), self.cert.serial_hex)
 
+    def test_load_many_copies_falls_back_and_seeds(self) -> None:
+        """load_many copies what the shared store holds, seeds the shared store from the local
+        copy for a name it lacks, and answers from the local copies while it is down."""
+        other = "b.example.com"
+        b = self_signed(other, NOW - DAY, NOW + 60 * DAY)
+        self.successResultOf(self.shared.seed(NAME, StoredCertificate(self.cert)))
+        self.local.write_copy(other, StoredCertificate(b))
+        found = self.successResultOf(self.store.load_many([NAME, other, "c.example.com"]))
+        self.assertEqual({n: s.cert.serial_hex for n, s in found.items()},
+                         {NAME: self.cert.serial_hex, other: b.serial_hex})
+        self.assertEqual(self._serial(self.local.load), self.cert.serial_hex)
+        self.assertEqual(self._serial(self.shared.load), self.cert.serial_hex)
+        seeded = self.successResultOf(self.shared.load(other))
+        assert seeded is not None and seeded.cert.serial_hex == b.serial_hex
+        self.shared.down = True
+        found = self.successResultOf(self.store.load_many([NAME, other]))
+        self.assertEqual(sorted(found), [NAME, other])
+
+    def test_copy_is_written_once_per_serial(self) -> None:
+        """An unchanged certificate is not written to the local copy again (what the copy
+        holds is read from its meta.json)."""
+        self.successResultOf(self.shared.seed(NAME, StoredCertificate(self.cert)))
+        self.successResultOf(self.store.load(NAME))
+        written: list[str] = []
+        original = self.local.write_copy
+
+        def counted(name: str, cert: StoredCertificate) -> None:
+            written.append(name)
+            original(name, cert)
+
+        self.local.write_copy = counted  # type: ignore[method-assign]
+        fresh = LocalCopyStore(self.shared, self.local, self.clock, self.state)
+        self.successResultOf(fresh.load_many([NAME]))
+        self.successResultOf(fresh.load(NAME))
+        self.assertEqual(written, [])
+
     def test_domain_list_is_remembered_and_restored_after_a_wipe(self) -> None:
         """The list is kept locally; a store that lost it (and its certificates) gets it
         back, while a list emptied on purpose (certificates still there) stays empty."""

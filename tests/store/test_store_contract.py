@@ -255,6 +255,28 @@ class StoreContract:
         t.assertEqual(t.successResultOf(self.store.serials([])), {})
 
 
+    def test_load_many(self) -> None:
+        """load_many gives, by name, what load gives for each name that has a certificate
+        (ARI window included) and leaves the others out, in batches larger than one."""
+        t: SynchronousTestCase = self  # type: ignore[assignment]
+        names = [f"n{i}.example.com" for i in range(7)]
+        ari = AriWindow(NOW + 60 * DAY, NOW + 61 * DAY, NOW + DAY)
+        for i, name in enumerate(names[:5]):
+            cert = self_signed(name, NOW, NOW + 90 * DAY)
+            t.successResultOf(self.store.seed(name, StoredCertificate(cert)))
+            if i == 0:
+                t.successResultOf(self.store.save_ari(name, cert.serial_hex, ari))
+        found = t.successResultOf(self.store.load_many(names))
+        t.assertEqual(sorted(found), names[:5])
+        for name in names[:5]:
+            one = t.successResultOf(self.store.load(name))
+            assert one is not None
+            t.assertEqual(found[name].cert.serial_hex, one.cert.serial_hex)
+            t.assertEqual(found[name].ari, one.ari)
+        t.assertEqual(found[names[0]].ari, ari)
+        t.assertEqual(t.successResultOf(self.store.load_many([])), {})
+
+
 class MemoryStoreTests(StoreContract, SynchronousTestCase):
     def make_store(self) -> CertificateStore:
         return MemoryStore(self.clock)

@@ -100,6 +100,11 @@ class CertificateStore(Protocol):
     def load(self, name: str) -> Deferred[StoredCertificate | None]:
         """The certificate stored for ``name``; None when missing, unreadable or corrupt."""
 
+    def load_many(self, names: Sequence[str]) -> Deferred[dict[str, StoredCertificate]]:
+        """The certificates stored for ``names``, by name; missing, unreadable or corrupt ones
+        are absent. One round trip per batch where the store is remote (start-up with 10,000
+        domains)."""
+
     def save(self, lock: Lock, cert: StoredCertificate) -> Deferred[None]:
         """Store the certificate of ``lock.name`` and drop its pending order.
 

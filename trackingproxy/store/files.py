@@ -249,6 +249,40 @@ class FileStore:
     def load(self, name: str) -> Deferred[StoredCertificate | None]:
         return self._run(False, lambda: self._load(name))
 
+    def load_many(self, names: Sequence[str]) -> Deferred[dict[str, StoredCertificate]]:
+        def read() -> dict[str, StoredCertificate]:
+            found = {}
+            for name in names:
+                stored = self._load(name)
+                if stored is not None:
+                    found[name] = stored
+            return found
+
+        return self._run(False, read)
+
+    def copy_facts(self, name: str) -> tuple[str, AriWindow | None] | None:
+        """The serial and ARI window last written for ``name`` (meta.json, no PEM parsed):
+        what a local copy holds, for ``LocalCopyStore`` to tell whether to write it again."""
+        d = self._domain_dir(name)
+        meta = self._meta(name)
+        serial = meta.get("serial")
+        if not isinstance(serial, str) or not (d / "fullchain.pem").exists():
+            return None
+        return serial, self._ari_of(meta, d)
+
+    def _ari_of(self, meta: dict[str, Any], d: Path) -> AriWindow | None:
+        raw_ari = meta.get("ari")
+        if not isinstance(raw_ari, dict):
+            return None
+        try:
+            start, end = _parse_iso(raw_ari["start"]), _parse_iso(raw_ari["end"])
+            if start is None or end is None:
+                raise ValueError("window without start or end")
+            return AriWindow(start, end, _parse_iso(raw_ari.get("next_check")))
+        except (KeyError, ValueError) as e:
+            self._report(d / "meta.json", f"bad ARI window: {e}")
+            return None
+
     def _load(self, name: str) -> StoredCertificate | None:
         d = self._domain_dir(name)
         try:
@@ -263,17 +297,8 @@ class FileStore:
         except ConfigError as e:
             self._report(d / "fullchain.pem", str(e))
             return None
-        ari = None
         meta = self._meta(name)
-        raw_ari = meta.get("ari")
-        if meta.get("serial") == cert.serial_hex and isinstance(raw_ari, dict):
-            try:
-                start, end = _parse_iso(raw_ari["start"]), _parse_iso(raw_ari["end"])
-                if start is None or end is None:
-                    raise ValueError("window without start or end")
-                ari = AriWindow(start, end, _parse_iso(raw_ari.get("next_check")))
-            except (KeyError, ValueError) as e:
-                self._report(d / "meta.json", f"bad ARI window: {e}")
+        ari = self._ari_of(meta, d) if meta.get("serial") == cert.serial_hex else None
         return StoredCertificate(cert=cert, ari=ari)
 
     def save(self, lock: Lock, cert: StoredCertificate) -> Deferred[None]:

@@ -128,15 +128,34 @@ class LocalCopyStore:
             self._copy(name, again)
         return again
 
+    @inlineCallbacks
+    def load_many(
+        self, names: Sequence[str]
+    ) -> Generator[Deferred[Any], Any, dict[str, StoredCertificate]]:
+        """``shared.load_many`` (pipelined), copied locally; the names it lacks go through
+        ``load`` (local copy, seeding); with the store unreachable, the local copies."""
+        try:
+            found: dict[str, StoredCertificate] = yield self.shared.load_many(names)
+        except StoreUnavailable:
+            local: dict[str, StoredCertificate] = yield self.local.load_many(names)
+            return local
+        for name, stored in found.items():
+            self._copy(name, stored)
+        for name in names:
+            if name not in found:
+                one: StoredCertificate | None = yield self.load(name)
+                if one is not None:
+                    found[name] = one
+        return found
+
     def _copy(self, name: str, stored: StoredCertificate) -> None:
-        """Keep the local copy equal to the shared one (a no-op when it already is)."""
+        """Keep the local copy equal to the shared one (a no-op when it already is; what it
+        holds is read from its meta.json, not parsed again)."""
         wanted = (stored.cert.serial_hex, stored.ari)
         if name not in self._copied:
-            found: list[object] = []
-            self.local.load(name).addBoth(found.append)  # the file store answers at once
-            mine = found[0] if found else None
-            if isinstance(mine, StoredCertificate):
-                self._copied[name] = (mine.cert.serial_hex, mine.ari)
+            mine = self.local.copy_facts(name)
+            if mine is not None:
+                self._copied[name] = mine
         if self._copied.get(name) == wanted:
             return
         try:

@@ -73,6 +73,9 @@ class MemoryStore:
     def load(self, name: str) -> Deferred[StoredCertificate | None]:
         return succeed(self.certs.get(name))
 
+    def load_many(self, names: Sequence[str]) -> Deferred[dict[str, StoredCertificate]]:
+        return succeed({n: self.certs[n] for n in names if n in self.certs})
+
     def save(self, lock: Lock, cert: StoredCertificate) -> Deferred[None]:
         try:
             self._check(lock)

@@ -36,6 +36,7 @@ class AutoObtainer:
         self.failures: dict[str, ObtainFailed] = {}
         self.running = 0
         self.most_running = 0
+        self.renewal_info_calls: list[tuple[float, str]] = []
 
     def start(self) -> None:
         pass
@@ -63,6 +64,7 @@ class AutoObtainer:
         return d
 
     def renewal_info(self, name: str, fullchain_pem: bytes) -> Deferred[AriWindow | None]:
+        self.renewal_info_calls.append((self.clock.seconds(), name))
         return succeed(None)
 
     def started_names(self) -> list[str]:

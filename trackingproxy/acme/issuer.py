@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -59,6 +60,10 @@ PANIC_WINDOW = datetime.timedelta(days=7)
 PANIC_REPEAT = datetime.timedelta(hours=24)
 ARI_DEFAULT_RECHECK = datetime.timedelta(hours=6)
 ARI_MIN_RECHECK = datetime.timedelta(minutes=1)  # a Retry-After of 0 must not loop
+ARI_START_PACE = 0.5  # seconds per domain: first ARI checks of stored certificates, spread
+LOAD_BATCH = 100  # certificates loaded per reactor turn in a check (tens of ms of parsing)
+PROGRESS_EVERY = 5.0  # seconds between the progress lines of a long first load
+SAY_EACH_UP_TO = 20  # a first load of more certificates logs a summary, not a line each
 
 
 @define
@@ -142,17 +147,27 @@ class IssuingService(Service):
             concurrency=max_concurrent_orders, burst=order_burst,
         )
         self._wakeups = Wakeups(clock, self._woken)
+        self._loaded = False  # the first check (the start-up load) has finished
+        self._quiet_adopt = False  # during a long first load: one summary, not a line each
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the start-up load of the stored certificates has finished."""
+        return self._loaded
 
     def set_domains(self, domains: Iterable[str]) -> None:
-        """Manage exactly ``domains`` from now on (SIGHUP reload); new ones are ordered soon."""
+        """Manage exactly ``domains`` from now on (SIGHUP reload): removed ones leave the
+        queue and the timers; new ones are loaded from the store and settled at the next
+        reactor turn (work in the names added, not in all of them)."""
         self.domains = tuple(domains)
         kept = set(self.domains)
         for gone in [n for n in self._state if n not in kept]:
             self._queue.discard(gone)
             self._wakeups.plan(gone, None)
+        added = [d for d in self.domains if d not in self._state]
         self._state = {d: self._state.get(d) or _Domain() for d in self.domains}
-        if self.running:
-            self._clock.callLater(0, self._run_check)
+        if self.running and added:  # only the new names: the others are as they were
+            self._clock.callLater(0, self._woken, added)
 
     def served_serials(self) -> dict[str, str]:
         """The serial of the certificate served per managed domain (for the store's safety
@@ -360,18 +375,54 @@ class IssuingService(Service):
     @inlineCallbacks
     def check(self) -> Generator[Deferred[Any], Any, None]:
         """Reload the store, serve what changed, queue what is missing or due (orders start at
-        the queue's pace; this does not wait for them) and refresh due ARI windows."""
+        the queue's pace; this does not wait for them) and refresh due ARI windows.
+
+        The store is read ``LOAD_BATCH`` names at a time (``load_many``: one round trip each
+        for a remote store), and the reactor runs between batches, so listeners accept and
+        answer while 10,000 certificates load at start (about a second of parsing); the first
+        load logs its progress every ``PROGRESS_EVERY`` seconds."""
         work: list[Deferred[None]] = []
         waiting = len(self._queue)
-        for name in self.domains:
-            yield self._reload(name)
-            refresh = self._settle(name)
-            if refresh is not None:
-                work.append(refresh)
+        names = list(self.domains)
+        first = not self._loaded
+        self._quiet_adopt = first and len(names) > SAY_EACH_UP_TO
+        started = said = self._clock.seconds()
+        try:
+            for i in range(0, len(names), LOAD_BATCH):
+                if i:
+                    yield deferLater(self._clock, 0, lambda: None)  # let the listeners work
+                batch = [n for n in names[i : i + LOAD_BATCH] if n in self._state]
+                found: dict[str, StoredCertificate] = yield self._store.load_many(batch)
+                for name in batch:
+                    if name in self._state:
+                        self._apply(name, found.get(name))
+                        refresh = self._settle(name)
+                        if refresh is not None:
+                            work.append(refresh)
+                now = self._clock.seconds()
+                if first and now - said >= PROGRESS_EVERY and i + LOAD_BATCH < len(names):
+                    said = now
+                    log.info("Loading stored certificates: {done:,} of {total:,} domains so far",
+                             done=i + len(batch), total=len(names))
+        finally:
+            self._quiet_adopt = False
+        if first:
+            self._loaded = True
+            self._say_loaded(len(names), self._clock.seconds() - started)
         self._queue.pump()
         if len(self._queue) > waiting:
             self._say_queue()
         yield DeferredList(work)
+
+    def _say_loaded(self, total: int, seconds: float) -> None:
+        if total <= SAY_EACH_UP_TO:
+            return
+        served = sum(1 for st in self._state.values() if st.current is not None)
+        log.info(
+            "Serving {served:,} stored certificates for {total:,} domains (loaded in "
+            "{seconds:.1f} s); the others wait for an order",
+            served=served, total=total, seconds=seconds,
+        )
 
     def _say_queue(self) -> None:
         summary = self._queue.summary()
@@ -407,6 +458,11 @@ class IssuingService(Service):
     @inlineCallbacks
     def _reload(self, name: str) -> Generator[Deferred[Any], Any, None]:
         stored: StoredCertificate | None = yield self._store.load(name)
+        if name in self._state:
+            self._apply(name, stored)
+
+    def _apply(self, name: str, stored: StoredCertificate | None) -> None:
+        """Serve and schedule what the store holds for ``name``, if it changed."""
         if stored is None:
             return
         st = self._state[name]
@@ -427,12 +483,12 @@ class IssuingService(Service):
                 log.warn("{name}: the stored certificate does not cover it; ordering a new one",
                          name=name)
                 return
-            log.info(
+            (log.debug if self._quiet_adopt else log.info)(
                 "{name}: serving certificate {serial} from {issuer}, valid until {not_after}",
                 name=name, serial=cert.serial_hex, issuer=cert.issuer,
                 not_after=cert.not_after.isoformat(),
             )
-            st.ari_check_at = self._now()
+            st.ari_check_at = self._first_ari_check()
         st.current = cert
         st.ari = ari
         st.wanted_since = None
@@ -441,6 +497,15 @@ class IssuingService(Service):
         st.renew_at = renewal_time(cert.not_before, cert.not_after, ari, st.point[1])
         if ari is not None and ari.next_check is not None:
             st.ari_check_at = max(ari.next_check, self._now() + ARI_MIN_RECHECK)
+
+    def _first_ari_check(self) -> datetime.datetime:
+        """When to first ask the CA's renewal information for a newly served certificate:
+        soon, spread at random over ``ARI_START_PACE`` seconds per managed domain (at most
+        ``ARI_DEFAULT_RECHECK``), so 10,000 certificates loaded at start are not 10,000
+        requests at once, ahead of the orders."""
+        spread = min(ARI_START_PACE * (len(self._state) - 1),
+                     ARI_DEFAULT_RECHECK.total_seconds())
+        return self._now() + datetime.timedelta(seconds=self._rng.random() * max(spread, 0.0))
 
     @inlineCallbacks
     def _refresh_ari(self, name: str) -> Generator[Deferred[Any], Any, None]:

@@ -1,10 +1,17 @@
+# -*- test-case-name: tests.acme.test_responder_shared_dir,tests.acme.test_responder_board -*-
 """The HTTP-01 challenge responder: pending tokens in memory, shared through the state dir
 or, in a cluster, through the shared store.
 
 ``key_authorization`` (called by the port-80 site for every challenge request) is a dict
 lookup. Tokens published by this process are answered at once; tokens published by other
-processes sharing the state directory (``STATE/challenges/<domain>/<token>``) are picked up
-by a periodic refresh, never per request. With a shared store (``board``) the answer is
+processes sharing the state directory are picked up by a periodic refresh, never per
+request. The directory is flat, one 0600 JSON file per pending token,
+``STATE/challenges/<token>@<sha256(domain)[:32]>`` (at most 161 characters whatever the
+domain's length; the domain itself is in the file), so a refresh is one ``os.scandir`` and
+one read per pending token: its cost follows the tokens pending, not the domains configured.
+Per-domain subdirectories left by earlier versions (``<domain>/<token>``) are passed over,
+never read nor removed: tokens live minutes, so at worst a validation pending across the
+upgrade fails and the order is retried. With a shared store (``board``) the answer is
 written there before the CA is told the challenge is ready (``add`` fires once it is), and a
 token this replica does not hold is looked up in the store: the one store access on the
 request path, bounded (``MAX_LOOKUPS`` at once; beyond, 503 and the CA retries). Only
@@ -15,6 +22,7 @@ withdrawn, at most ``ttl`` seconds).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -36,13 +44,23 @@ __all__ = ["MAX_LOOKUPS", "HTTP01Responder", "valid_token"]
 MAX_LOOKUPS = 32  # store lookups in flight at once (challenge requests for unknown tokens)
 
 log = Logger()
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
+_DIGEST = re.compile(r"[0-9a-f]{32}")
 _Entry = tuple[bytes, float]  # key authorization, expiry (clock seconds)
 
 
 def valid_token(token: str) -> bool:
     """True for a plausible ACME token: base64url without padding, 16 to 128 characters."""
-    return bool(_TOKEN.match(token))
+    return _TOKEN.fullmatch(token) is not None  # fullmatch: "$" would let a final "\n" in
+
+
+def _file_name(host: str, token: str) -> str:
+    """The shared directory's file for ``token`` of ``host``: ``<token>@<host digest>``.
+
+    ``token`` must be valid (base64url: no ``/``, ``@`` or leading dot); the digest (32 hex
+    characters) keeps the name under 162 characters for any host and free of anything the
+    host could smuggle in. ``atomic_write``'s temporary names start with a dot."""
+    return f"{token}@{hashlib.sha256(host.encode()).hexdigest()[:32]}"
 
 
 class HTTP01Responder:
@@ -120,8 +138,12 @@ class HTTP01Responder:
         expires = self._clock.seconds() + self._ttl
         self._local[(host, token)] = (key_authorization, expires)
         if self._dir is not None:
-            data = {"key_authorization": key_authorization.decode("ascii"), "expires": expires}
-            atomic_write(self._dir / host / token, json.dumps(data).encode())
+            data = {
+                "host": host,
+                "key_authorization": key_authorization.decode("ascii"),
+                "expires": expires,
+            }
+            atomic_write(self._dir / _file_name(host, token), json.dumps(data).encode())
         if self._board is not None:
             return self._board.put_challenge(host, token, key_authorization, self._ttl)
         return succeed(None)
@@ -130,9 +152,9 @@ class HTTP01Responder:
         """Stop answering ``token`` (the order is no longer pending)."""
         self._local.pop((host, token), None)
         self._shared.pop((host, token), None)
-        if self._dir is not None and valid_token(token) and host in self._domains:
+        if self._dir is not None and valid_token(token):
             with contextlib.suppress(FileNotFoundError):
-                (self._dir / host / token).unlink()
+                (self._dir / _file_name(host, token)).unlink()
         if self._board is not None and valid_token(token):
             return self._board.delete_challenge(host, token)
         return succeed(None)
@@ -154,30 +176,43 @@ class HTTP01Responder:
         self._loop = None
 
     def refresh(self) -> None:
-        """Reload the tokens other processes published; delete expired token files."""
+        """Reload the tokens other processes published; delete expired token files.
+
+        One ``os.scandir`` of the shared directory and one read per token file: the work
+        follows the tokens pending (plus whatever else lies in the directory), never the
+        number of configured domains. Tokens of hosts not configured here are not answered
+        (their files are left to their publisher until they expire); a file being written,
+        corrupt, or not named after its own host and token is skipped; anything else in the
+        directory (temporary files, old-layout ``<domain>/`` subdirectories) is passed over.
+        """
         if self._dir is None:
             return
         now = self._clock.seconds()
         found: dict[tuple[str, str], _Entry] = {}
-        for host in self._domains:
+        try:
+            with os.scandir(self._dir) as entries:
+                names = [entry.name for entry in entries]
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            token, at, digest = name.partition("@")
+            if not at or not valid_token(token) or not _DIGEST.fullmatch(digest):
+                continue  # a temporary file, an old-layout directory, something else
+            path = self._dir / name
             try:
-                names = os.listdir(self._dir / host)
-            except FileNotFoundError:
+                data = json.loads(path.read_bytes())
+                host = data["host"]
+                entry = (str(data["key_authorization"]).encode("ascii"), float(data["expires"]))
+            except OSError:
+                continue  # withdrawn meanwhile, or not a file
+            except (ValueError, KeyError, TypeError, UnicodeEncodeError):
+                continue  # being written or corrupt; the expiry sweep below ignores it
+            if not isinstance(host, str) or _file_name(host, token) != name:
                 continue
-            for token in names:
-                if not valid_token(token):
-                    continue
-                path = self._dir / host / token
-                try:
-                    data = json.loads(path.read_bytes())
-                    entry = (str(data["key_authorization"]).encode("ascii"), float(data["expires"]))
-                except FileNotFoundError:
-                    continue
-                except (ValueError, KeyError, TypeError, UnicodeEncodeError):
-                    continue  # being written or corrupt; the expiry sweep below ignores it
-                if entry[1] <= now:
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
-                    continue
+            if entry[1] <= now:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                continue
+            if host in self._domains:
                 found[(host, token)] = entry
         self._shared = found

@@ -1,13 +1,15 @@
 """10,000 configured domains for the admin tests at scale: real certificates (one shared key,
-so building them takes about a second, once per process), renewal states, and a few domains
+so building them takes about a second, once per process), renewal states, a few domains
 in trouble placed at the end of the configured order, where only "problems first" puts them
-on the first page."""
+on the first page, and an ACME order queue of ``QUEUED`` domains (those in trouble, then a
+wave of renewals from the start of the order) at the default pace."""
 
 from __future__ import annotations
 
 import datetime
 import functools
 
+import attrs
 from attrs import frozen
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -15,8 +17,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet.task import Clock
 
-from tests.admin.test_status import FakeCertificates, FakeListener, FakePort, FakeRenewals, state
+from tests.admin.test_status import (
+    FakeCertificates,
+    FakeListener,
+    FakePort,
+    FakeRenewals,
+    idle_queue,
+    state,
+)
 from trackingproxy.acme.issuer import RenewalState
+from trackingproxy.acme.queue import QueueSummary
 from trackingproxy.admin.metrics import ProxyMetrics
 from trackingproxy.admin.status import StatusSource
 from trackingproxy.tls.certificates import LoadedCertificate
@@ -27,6 +37,9 @@ COUNT = 10_000
 MISSING = tuple(range(COUNT - 3, COUNT))  # no certificate yet
 EXPIRING = (COUNT - 10, COUNT - 20)  # expires within 7 days
 FAILING = (COUNT - 30,)  # ACME orders failing
+WAVE = 995  # renewals waiting for their order: the first WAVE domains
+QUEUED = (*EXPIRING, *MISSING, *range(WAVE))  # in the order queue, in this order
+RUNNING = 4  # queued orders running
 LETS_ENCRYPT = x509.Name(
     [
         x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
@@ -72,8 +85,27 @@ def certificates(count: int = COUNT) -> dict[str, LoadedCertificate]:
     return out
 
 
+def eta(position: int) -> datetime.datetime:
+    """The estimated start of the ``position``-th waiting domain at the default pace (90
+    orders an hour, the first 10 at once, then one every 40 s)."""
+    return NOW + max(0, position - 10) * 40 * datetime.timedelta(seconds=1)
+
+
+def queue() -> QueueSummary:
+    """The order queue holding the ``QUEUED`` domains."""
+    return attrs.evolve(
+        idle_queue(),
+        length=len(QUEUED),
+        running=RUNNING,
+        orders_last_hour=RUNNING,
+        next_start=eta(1),
+        drained_at=eta(len(QUEUED)),
+    )
+
+
 def renewals(count: int = COUNT) -> dict[str, RenewalState]:
-    """The issuer's state for every domain: renewal planned, one failing with an error."""
+    """The issuer's state for every domain: renewal planned, one failing with an error, the
+    ``QUEUED`` ones waiting in the order queue."""
     out = {}
     for i in range(count):
         if i in FAILING:
@@ -87,6 +119,11 @@ def renewals(count: int = COUNT) -> dict[str, RenewalState]:
             )
         else:
             out[name(i)] = state(NOW + (60 - i % 60) * DAY, issued=1)  # at 2/3 of its life
+    for position, i in enumerate(QUEUED, start=1):
+        if i < count:
+            out[name(i)] = attrs.evolve(
+                out[name(i)], next_attempt=NOW, queue_position=position, queue_eta=eta(position)
+            )
     return out
 
 
@@ -106,7 +143,7 @@ def fleet(count: int = COUNT, *, acme: bool = True, per_domain: str = "auto") ->
     clock.advance(NOW.timestamp())
     names = tuple(name(i) for i in range(count))
     certs = FakeCertificates(names, dict(certificates(count)))
-    states = FakeRenewals(renewals(count) if acme else {})
+    states = FakeRenewals(renewals(count), queue()) if acme else FakeRenewals()
     configured = frozenset(names)
     metrics = ProxyMetrics(lambda: configured, per_domain=per_domain, process_metrics=False)
     source = StatusSource(

@@ -1,8 +1,9 @@
 """The HTML status page in a real browser: headless Chromium (Debian's ``chromium``) loads the
 admin page of a running proxy, one with a failing renewal after an hour of traffic (on a fake
-clock: the charts of the last hour are full), and one of 10,000 domains (problems first, then
-a page of the table); all are screenshotted. The charts' size as laid out is measured in a copy
-of the DOM with a script added (the page itself has none and may run none).
+clock: the charts of the last hour are full), and one of 10,000 domains (the order queue's
+line, problems first, then a page of the table with places in the queue); all are
+screenshotted. The charts' size as laid out is measured in a copy of the DOM with a script
+added (the page itself has none and may run none).
 
 Set TRACKINGPROXY_STATUS_SCREENSHOT=docs/status-page.png to refresh the README's screenshot
 (the page after the hour of traffic).
@@ -304,7 +305,8 @@ class ChromiumTests(TestCase):
 
     @inlineCallbacks
     def test_status_page_of_10000_domains(self):
-        """10,000 domains load in Chromium, problems before the table; pages and search work."""
+        """10,000 domains load in Chromium: the order queue's line, problems, then the table
+        (with places in the queue); pages and search work."""
         scale.certificates()
         fleet = scale.fleet()
         fleet.metrics.registry.register(StatusCollector(fleet.source))
@@ -324,6 +326,10 @@ class ChromiumTests(TestCase):
         self.assertIn("page 1 of 200", text)
         self.assertIn("points elsewhere", text)
         self.assertEqual(len(re.findall(r'<tr><td class="name">', dom)), 50)
+        queue = text.index("1,000 domains wait for a certificate order; 4 running;")
+        self.assertLess(queue, order[0])  # the order queue's line opens the page
+        row = text[text.index(scale.name(0), order[-1]) : text.index(scale.name(1), order[-1])]
+        self.assertIn("queued #6, starts ~00:00 UTC", row)
 
         last = dom_text((yield self.look(base + "?page=200", self.tmp / "last.png")))
         self.assertIn("9,951\u201310,000 of 10,000 domains", last)

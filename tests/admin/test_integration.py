@@ -1,5 +1,6 @@
 """The admin listener of the real proxy on loopback: /healthz, /readyz before and after a
-certificate exists, /metrics after proxied requests, /status, and the ACME issuer's state."""
+certificate exists, /metrics after proxied requests, /status, and the ACME issuer's state
+(the domains' renewals and the order queue)."""
 
 from __future__ import annotations
 
@@ -89,6 +90,7 @@ class AdminTests(ProxyTestCase):
         self.assertEqual(status["requests"]["unknown_hosts"]["click"], 1)
         self.assertEqual(status["upstream"]["requests"], 2)
         self.assertIsNone(status["domains"][0]["renewal"])  # a certificate we were given
+        self.assertIsNone(status["acme_queue"])  # --no-acme: no issuer, no order queue
         self.assertEqual(status["domains"][0]["certificate"]["issuer"], cert.issuer)
         self.assertEqual(
             {li["option"]: li["listening"] for li in status["listeners"]},
@@ -171,3 +173,9 @@ class AdminTests(ProxyTestCase):
         self.assertIn("local", d2["certificate"]["issuer"])
         self.assertGreater(d2["renewal"]["next_attempt_in_seconds"], 86400)
         self.assertIsNone(d2["renewal"]["last_error"])
+        self.assertEqual((d2["renewal"]["queue_position"], d2["renewal"]["queue_eta"]),
+                         (None, None))  # issued: no longer waiting
+        queue = json.loads(body)["acme_queue"]
+        self.assertEqual((queue["length"], queue["max_orders_per_hour"], queue["drained_at"]),
+                         (0, 90, None))
+        self.assertEqual(queue["orders_last_hour"], 1)

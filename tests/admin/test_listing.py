@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 
+import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.admin.test_status import state
@@ -76,6 +77,28 @@ class ProblemTests(SynchronousTestCase):
         )
         self.assertEqual(problems[-1].reasons, ("ACME: 1 failed order in a row",))
         self.assertIn("within 7 days", problems[2].reasons[0])
+
+    def test_waiting_in_the_order_queue_changes_nothing(self) -> None:
+        """Domains waiting for an ACME order rank, with the same reasons, as they would
+        without waiting: a missing certificate is still an error and first."""
+        domains = [
+            facts("fine"),
+            facts("soon", 5),
+            facts("failing", 60, failures=1),
+            facts("missing", None),
+        ]
+        waiting = [
+            attrs.evolve(
+                d,
+                renewal=attrs.evolve(d.renewal or state(None), queue_position=i,
+                                     queue_eta=T0 + i * DAY),
+            )
+            for i, d in enumerate(domains, start=1)
+        ]
+        before = [(p.name, p.severity, p.reasons) for p in find_problems(domains, T0)]
+        after = [(p.name, p.severity, p.reasons) for p in find_problems(waiting, T0)]
+        self.assertEqual(after, before)
+        self.assertEqual(after[0], ("missing", 0, ("no certificate yet",)))
 
     def test_without_https(self) -> None:
         """Without HTTPS a missing certificate is no problem; failing orders still are."""

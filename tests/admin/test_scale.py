@@ -82,6 +82,24 @@ class PageScaleTests(SynchronousTestCase):
         self.assertLess(len(page), 100_000)
         self.assertEqual(unbalanced_tags(page), [])
 
+    def test_order_queue_on_the_page(self) -> None:
+        """The queue of 1,000 domains is one line above the problems; the first rows, a
+        wave of renewals, say their place and estimated start."""
+        page = self.render(DomainQuery(per_page=50))
+        line = page.index(
+            "1,000 domains wait for a certificate order; 4 running; at most 90 per hour "
+            "(4 in the last hour); the last should start around 11:00 UTC</p>"
+        )
+        self.assertLess(line, page.index('<section id="problems">'))
+        for i, position, at in ((0, 6, "00:00"), (9, 15, "00:03"), (49, 55, "00:30")):
+            row = page.index(f'<tr><td class="name">{scale.name(i)}</td>')
+            start = page.index('<div class="queued">', row)
+            self.assertLess(start, page.index("</tr>", row))
+            self.assertEqual(
+                page[start : page.index("</div>", start)],
+                f'<div class="queued">queued #{position}, starts ~{at} UTC',
+            )
+
     def test_problems_come_first(self) -> None:
         """The troubled domains at the end of the list open the page, most urgent first."""
         page = self.render(DomainQuery(per_page=50))
@@ -102,3 +120,9 @@ class PageScaleTests(SynchronousTestCase):
         self.assertEqual(status["domains"][-1]["name"], scale.name(scale.COUNT - 1))
         self.assertEqual(status["problem_count"], 6)
         self.assertLess(len(body), 100_000)
+        self.assertEqual(status["acme_queue"]["length"], len(scale.QUEUED))
+        self.assertEqual(status["acme_queue"]["drained_at"], "2030-01-01T11:00:00+00:00")
+        renewal = status["domains"][-1]["renewal"]  # the last one without a certificate
+        self.assertEqual((renewal["queue_position"], renewal["queue_eta"]),
+                         (5, "2030-01-01T00:00:00+00:00"))
+        self.assertEqual(status["domains"][0]["renewal"]["queue_position"], None)

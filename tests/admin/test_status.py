@@ -9,6 +9,7 @@ import json
 import re
 from typing import Any
 
+import attrs
 import treq
 from attrs import define, field
 from treq.testing import RequestTraversalAgent, StubTreq
@@ -19,6 +20,7 @@ from twisted.web.http_headers import Headers
 
 from tests.admin.fakes import FakeRequest, unbalanced_tags
 from trackingproxy.acme.issuer import RenewalState
+from trackingproxy.acme.queue import QueueSummary
 from trackingproxy.acme.testing import self_signed
 from trackingproxy.admin.collector import StatusCollector
 from trackingproxy.admin.metrics import ProxyMetrics
@@ -31,6 +33,8 @@ A, B, C = "a.example.com", "b.example.com", "c.example.com"
 T0 = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
 DAY = datetime.timedelta(days=1)
 SEC = datetime.timedelta(seconds=1)
+MINUTE = datetime.timedelta(minutes=1)
+HOUR = datetime.timedelta(hours=1)
 
 
 @define
@@ -42,12 +46,36 @@ class FakeCertificates:
         return self.certs.get(name)
 
 
+def idle_queue(max_orders_per_hour: int = 90) -> QueueSummary:
+    """The order queue with nothing waiting, running or paused."""
+    return QueueSummary(
+        length=0,
+        running=0,
+        paused_until=None,
+        pause_reason=None,
+        orders_last_hour=0,
+        max_orders_per_hour=max_orders_per_hour,
+        max_concurrent=4,
+        next_start=None,
+        drained_at=None,
+    )
+
+
 @define
 class FakeRenewals:
+    """The issuer's per-domain states and its order queue; counts the calls of each."""
+
     states: dict[str, RenewalState] = field(factory=dict)
+    summary: QueueSummary = field(factory=idle_queue)
+    calls: dict[str, int] = field(factory=dict)
 
     def renewal_states(self) -> dict[str, RenewalState]:
+        self.calls["renewal_states"] = self.calls.get("renewal_states", 0) + 1
         return self.states
+
+    def queue_summary(self) -> QueueSummary:
+        self.calls["queue_summary"] = self.calls.get("queue_summary", 0) + 1
+        return self.summary
 
 
 @define
@@ -95,6 +123,7 @@ class StatusTestCase(SynchronousTestCase):
         self.metrics = ProxyMetrics(lambda: {A, B}, process_metrics=False)
         self.rates = RateTracker(self.clock, self.metrics.totals_by_kind)
         self.https = True
+        self.acme = True  # False: no issuer (--no-acme)
         self.in_flight = 0
 
     def source(self) -> StatusSource:
@@ -103,7 +132,7 @@ class StatusTestCase(SynchronousTestCase):
             certificates=self.certs,
             https_enabled=self.https,
             listeners=lambda: self.listeners,
-            renewals=lambda: self.renewals,
+            renewals=lambda: self.renewals if self.acme else None,
             metrics=self.metrics,
             rates=self.rates,
             in_flight=lambda: self.in_flight,
@@ -559,3 +588,151 @@ class ReadyzAtScaleTests(StatusTestCase):
         self.assertEqual(reasons[0], "0 of 1000 domains have a certificate")
         self.assertEqual(reasons[1:21], [f"{n}: no certificate yet" for n in names[:20]])
         self.assertEqual(reasons[21:], ["and 980 more without one"])
+
+
+def queued(st: RenewalState, position: int, eta: datetime.datetime) -> RenewalState:
+    """``st`` waiting in the order queue at ``position``, estimated to start at ``eta``."""
+    return attrs.evolve(st, queue_position=position, queue_eta=eta)
+
+
+class OrderQueueTests(StatusTestCase):
+    """The ACME order queue in /status and on the page: the whole queue in one line, each
+    waiting domain's place and estimated start in its row."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.certs.domains = (A, B, C)
+        self.serve(B)
+        self.serve(C, days_old=85)  # expires in 5 days: ordered first
+        self.renewals.states[A] = queued(state(None), 2, T0 + 14 * HOUR + 5 * MINUTE)
+        self.renewals.states[B] = state(T0 + 50 * DAY, issued=1)
+        self.renewals.states[C] = queued(state(T0 - HOUR, issued=1), 1, T0)
+        self.renewals.summary = attrs.evolve(
+            idle_queue(),
+            length=2,
+            running=1,
+            orders_last_hour=12,
+            next_start=T0,
+            drained_at=T0 + 14 * HOUR + 5 * MINUTE,
+        )
+
+    def get(self, path: str) -> str:
+        client = StubTreq(admin_resource(self.source(), self.metrics.registry))
+        response = self.successResultOf(client.get("http://admin.invalid" + path))
+        self.assertEqual(response.code, 200)
+        return str(self.successResultOf(response.content()).decode())
+
+    def row(self, page: str, name: str) -> str:
+        start = page.index(f'<tr><td class="name">{name}</td>')
+        return page[start : page.index("</tr>", start)]
+
+    def test_status_json(self) -> None:
+        """/status has the queue's summary (ISO times) and, in each domain's renewal, its
+        place and estimated start (null when it does not wait); one read of each per request."""
+        status = json.loads(self.get("/status"))
+        self.assertEqual(
+            status["acme_queue"],
+            {
+                "length": 2,
+                "running": 1,
+                "paused_until": None,
+                "pause_reason": None,
+                "orders_last_hour": 12,
+                "max_orders_per_hour": 90,
+                "max_concurrent": 4,
+                "next_start": "2030-01-01T00:00:00+00:00",
+                "drained_at": "2030-01-01T14:05:00+00:00",
+            },
+        )
+        places = {
+            d["name"]: (d["renewal"]["queue_position"], d["renewal"]["queue_eta"])
+            for d in status["domains"]
+        }
+        self.assertEqual(
+            places,
+            {A: (2, "2030-01-01T14:05:00+00:00"), B: (None, None),
+             C: (1, "2030-01-01T00:00:00+00:00")},
+        )
+        self.assertEqual(self.renewals.calls, {"renewal_states": 1, "queue_summary": 1})
+
+    def test_a_page_of_status_has_the_whole_queue(self) -> None:
+        """One page of /status (here: the first problem) still has the summary of the whole
+        queue, and the place of the domain it lists."""
+        status = json.loads(self.get("/status?problems=1&per_page=1"))
+        self.assertEqual(status["acme_queue"]["length"], 2)
+        [a] = status["domains"]
+        self.assertEqual((a["name"], a["renewal"]["queue_position"]), (A, 2))
+
+    def test_no_issuer(self) -> None:
+        """Without an issuer (--no-acme) ``acme_queue`` is null and the page has no line."""
+        self.acme = False
+        self.assertIsNone(json.loads(self.get("/status"))["acme_queue"])
+        page = self.get("/")
+        self.assertNotIn('id="acme-queue"', page)
+        self.assertNotIn("queued #", page)
+
+    def test_idle_queue_has_no_line(self) -> None:
+        """Nothing waiting and no pause: the summary is in /status, the page says nothing."""
+        self.renewals.summary = idle_queue()
+        self.assertEqual(json.loads(self.get("/status"))["acme_queue"]["length"], 0)
+        self.assertNotIn('id="acme-queue"', self.get("/"))
+
+    def test_page_line_and_places(self) -> None:
+        """The line above the problems says how many wait, run and may start per hour and
+        when the last should start; a waiting domain's row says its place and start, the
+        others keep their renewal time."""
+        page = self.get("/")
+        line = (
+            '<section id="acme-queue"><p class="facts">2 domains wait for a certificate '
+            "order; 1 running; at most 90 per hour (12 in the last hour); the last should "
+            "start around 14:05 UTC</p></section>"
+        )
+        self.assertIn(line, page)
+        self.assertLess(page.index(line), page.index('<section id="problems">'))
+        self.assertIn('<div class="queued">queued #2, starts ~14:05 UTC</div>', self.row(page, A))
+        self.assertIn('<div class="queued">queued #1, starts ~00:00 UTC</div>', self.row(page, C))
+        self.assertNotIn("queued", self.row(page, B))
+        self.assertIn("renewal 2030-02-20 00:00 UTC", self.row(page, B))
+        self.assertEqual(unbalanced_tags(page), [])
+
+    def test_paused_by_the_ca(self) -> None:
+        """A pause is in /status and in the line with the CA's reason (escaped); times on
+        another day than today carry the date."""
+        later = T0 + DAY + 3 * HOUR
+        self.renewals.states[C] = state(T0 + 50 * DAY, issued=2)
+        self.renewals.states[A] = queued(state(None), 1, later)
+        self.renewals.summary = attrs.evolve(
+            idle_queue(),
+            length=1,
+            paused_until=later,
+            pause_reason="rateLimited: too many new orders <recently>",
+            orders_last_hour=90,
+            next_start=later,
+            drained_at=later,
+        )
+        status = json.loads(self.get("/status"))
+        self.assertEqual(status["acme_queue"]["paused_until"], "2030-01-02T03:00:00+00:00")
+        page = self.get("/")
+        self.assertIn(
+            '<p class="facts">1 domain waits for a certificate order; 0 running; at most 90 '
+            "per hour (90 in the last hour); the last should start around 2030-01-02 03:00 "
+            'UTC; <span class="badge bad">paused by the CA until 2030-01-02 03:00 UTC</span>'
+            '</p><div class="sub">the CA said: rateLimited: too many new orders '
+            "&lt;recently&gt;</div>",
+            page,
+        )
+        self.assertIn("queued #1, starts ~2030-01-02 03:00 UTC", self.row(page, A))
+        self.renewals.summary = attrs.evolve(self.renewals.summary, length=0, drained_at=None)
+        self.assertIn(
+            "no domain waits for a certificate order; 0 running; at most 90 per hour (90 in "
+            'the last hour); <span class="badge bad">paused by the CA until', self.get("/")
+        )
+
+    def test_waiting_domains_keep_their_problem_rank(self) -> None:
+        """Waiting changes no problem: the one without a certificate stays an error, first,
+        the expiring one a warning, the fine one none; nothing is said of the queue there."""
+        snap = self.source().snapshot()
+        self.assertEqual(
+            [(p["name"], p["severity"]) for p in snap["problems"]], [(A, "error"), (C, "warning")]
+        )
+        self.assertEqual(snap["problems"][0]["reasons"], ["no certificate yet"])

@@ -3,15 +3,17 @@
 
 One self-contained document (inline CSS, no scripts, no external assets; the admin resource
 sends a Content-Security-Policy that forbids loading anything; the only links are to other
-pages of itself, ``?q=...&page=N``): readiness and the problems first (listeners not
+pages of itself, ``?q=...&page=N``): readiness, the ACME order queue in one line while
+domains wait in it or the CA paused orders, and the problems first (listeners not
 listening, then the domains without a valid certificate, expiring within 7 days or with
 failing ACME orders, most urgent first, at most ``PROBLEMS_SHOWN``), request rates by kind,
 charts of the last hour per minute (``trackingproxy.admin.charts``, from the process's own
 ``history.Window``; a constant amount of work whatever the number of domains), then one
 page of the domain table with a search form (a GET form: ``?q=`` substring, ``?problems=1``)
 and previous/next links. Each row has the certificate's issuer, a validity
-timeline (not-before to not-after, marking now and the planned renewal), the renewal state,
-the last renewal error and request counts. The snapshot already holds only the rows of the
+timeline (not-before to not-after, marking now and the planned renewal), the renewal state
+(for a domain waiting in the order queue: its place and estimated start), the last renewal
+error and request counts. The snapshot already holds only the rows of the
 page, so the work here does not grow with the number of domains. Every value is escaped.
 """
 
@@ -69,6 +71,7 @@ tr.err td{border-bottom:1px solid #eef0f3;padding-top:0}
 .error{background:#fbdcdc;color:#8c1d1d;border-radius:4px;padding:6px 10px;margin:2px 0 4px;
  font-size:12.5px;white-space:pre-wrap;word-break:break-word}
 ul.reasons{margin:0 0 10px;padding-left:20px}
+#acme-queue{padding:10px 18px}#acme-queue .facts{margin:0}
 form.search{display:flex;gap:10px;align-items:center;flex-wrap:wrap;margin:0 0 10px}
 form.search input[type=search]{font:inherit;padding:4px 8px;width:22em;max-width:100%;
  border:1px solid #c5cbd5;border-radius:4px}
@@ -97,6 +100,13 @@ def _when_iso(iso: str | None) -> str:
     if not iso:
         return "-"
     return _when(datetime.datetime.fromisoformat(iso).timestamp())
+
+
+def _around(iso: str, now: float) -> str:
+    """``14:05 UTC`` on the day of ``now`` (UTC), else with the date."""
+    when = datetime.datetime.fromisoformat(iso).astimezone(datetime.UTC)
+    today = datetime.datetime.fromtimestamp(now, datetime.UTC).date()
+    return when.strftime("%H:%M UTC" if when.date() == today else "%Y-%m-%d %H:%M UTC")
 
 
 def _duration(seconds: float) -> str:
@@ -160,7 +170,11 @@ def _timeline(cert: Mapping[str, Any], renewal: Mapping[str, Any] | None, now: f
     )
 
 
-def _renewal(cert: Mapping[str, Any] | None, renewal: Mapping[str, Any] | None) -> str:
+def _renewal(
+    cert: Mapping[str, Any] | None, renewal: Mapping[str, Any] | None, now: float
+) -> str:
+    """Ordering now, waiting in the order queue (place, estimated start), the planned
+    renewal or retry, or due now."""
     if renewal is None:
         return '<span class="muted">certificate you provide (not renewed here)</span>'
     parts = []
@@ -168,7 +182,11 @@ def _renewal(cert: Mapping[str, Any] | None, renewal: Mapping[str, Any] | None) 
         parts.append('<span class="badge warn">ordering now</span>')
     at = renewal.get("next_attempt_ts")
     failures = renewal.get("consecutive_failures", 0)
-    if at is not None:
+    place, eta = renewal.get("queue_position"), renewal.get("queue_eta")
+    if place is not None:
+        starts = f", starts ~{escape(_around(eta, now))}" if eta else ""
+        parts.append(f'<div class="queued">queued #{place:,}{starts}</div>')
+    elif at is not None:
         label = "retry" if failures else "renewal" if cert is not None else "next attempt"
         parts.append(f"<div>{label} {escape(_when(at))}</div>")
     elif not renewal["ordering"]:
@@ -205,7 +223,7 @@ def _domain_row(d: Mapping[str, Any], now: float) -> str:
         requests = "".join(f'<td class="num">{counts.get(k, 0)}</td>' for k in _KINDS)
     row = (
         f'<tr><td class="name">{escape(d["name"])}</td><td>{certificate}</td>'
-        f"<td>{validity}</td><td>{_renewal(cert, renewal)}</td>{requests}</tr>"
+        f"<td>{validity}</td><td>{_renewal(cert, renewal, now)}</td>{requests}</tr>"
     )
     error = _error(renewal)
     if error:
@@ -286,6 +304,32 @@ def _domains(status: Mapping[str, Any], now: float) -> str:
         f'<section id="domains"><h2>Domains and certificates</h2>{_search(listing)}'
         f"{_count(listing, len(status['domains']))}{table}{_pages(listing)}</section>"
     )
+
+
+def _queue(queue: Mapping[str, Any] | None, now: float) -> str:
+    """The ACME order queue in one line, while domains wait in it or the CA paused orders
+    (nothing without ACME or with an idle queue)."""
+    if not queue or not (queue["length"] or queue["paused_until"]):
+        return ""
+    waiting = queue["length"]
+    parts = [
+        "no domain waits for a certificate order" if not waiting
+        else "1 domain waits for a certificate order" if waiting == 1
+        else f"{waiting:,} domains wait for a certificate order",
+        f"{queue['running']:,} running",
+        f"at most {queue['max_orders_per_hour']:,} per hour "
+        f"({queue['orders_last_hour']:,} in the last hour)",
+    ]
+    if waiting and queue["drained_at"]:
+        parts.append(f"the last should start around {escape(_around(queue['drained_at'], now))}")
+    if queue["paused_until"]:
+        parts.append(
+            '<span class="badge bad">paused by the CA until '
+            f"{escape(_around(queue['paused_until'], now))}</span>"
+        )
+    reason = queue.get("pause_reason")
+    said = f'<div class="sub">the CA said: {escape(reason)}</div>' if reason else ""
+    return f'<section id="acme-queue"><p class="facts">{"; ".join(parts)}</p>{said}</section>'
 
 
 def _problems(status: Mapping[str, Any]) -> str:
@@ -422,6 +466,7 @@ def render_page(status: Mapping[str, Any], history: Window | None = None) -> byt
 <body><header><h1>trackingproxy</h1>{ready}
 <span class="meta">{escape(_when(now))} &middot; up {escape(_duration(status["uptime_seconds"]))}
 </span></header><main>
+{_queue(status.get("acme_queue"), now)}
 {_problems(status)}
 <section id="requests"><h2>Requests</h2>{_rates(status["requests"])}
 <p class="facts">open connections: {conns} &middot; upstream requests {upstream["requests"]},

@@ -1,9 +1,11 @@
 """Many tracking domains on one instance: `make bench-domains` (`python -m bench.domains`).
 
 For N domains (100; 1,000; 10,000 by default), each with its own ECDSA P-256 certificate from
-one throw-away CA, and for two ways of bringing them (`--certs-dir` with `--no-acme`, and
-certificates already in the ACME state directory, `--acme-directory local`), it starts
-`twistd trackingproxy` on loopback and measures:
+one throw-away CA, and for three ways of bringing them (`certs-dir`: `--certs-dir` with
+`--no-acme`; `state-dir`: certificates already in the ACME state directory,
+`--acme-directory local`; `redis`: certificates already in a shared Redis store, as a new
+replica of a cluster finds them, `--store redis://... --acme-directory local` with a fresh empty
+`--state-dir`), it starts `twistd trackingproxy` on loopback and measures:
 
 - time to the first accepted TCP connection on the HTTPS port and time to `/readyz` 200,
   both from the process start;
@@ -11,8 +13,14 @@ certificates already in the ACME state directory, `--acme-directory local`), it 
 - full TLS handshakes to a random domain per proxy CPU-second (client processes on the other
   CPU, no session resumption), against the same figure with one domain;
 - the SIGHUP reload time with one domain added (domains file + certificate written, SIGHUP,
-  until the new name is served);
-- the size of `/metrics`.
+  until the new name is served; in `redis` mode the certificate is put into the store with
+  `trackingproxy store import` first);
+- the size of `/metrics`;
+- in `redis` mode, the time `trackingproxy store import` takes to seed the empty store with the
+  N certificates before the proxy starts (not part of the start figures).
+
+The `redis` mode runs one throw-away `redis-server` (`--save '' --appendonly no`, on loopback,
+pinned to CPU 1) for the whole run, emptied (FLUSHALL) before every start.
 
 Writes the table to bench/results/domains.md and into bench/RESULTS.md between the
 `<!-- domains -->` markers. Certificates are generated once per N and kept in
@@ -45,7 +53,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from bench.procstat import cpu_seconds, memory_kib
-from bench.servers import free_port
+from bench.servers import Server, free_port
+from bench.storecompare import redis_command, redis_server, start_redis, wait_redis
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -53,6 +62,7 @@ TABLE = REPO / "bench" / "results" / "domains.md"
 WORK = REPO / "bench" / "results" / "tmp"
 MARK_START, MARK_END = "<!-- domains -->", "<!-- /domains -->"
 HANDSHAKE_SECONDS = 5.0
+MODES = ("certs-dir", "state-dir", "redis")
 
 
 def _name(i: int) -> str:
@@ -119,6 +129,7 @@ class Run:
     handshakes_per_cpu_s: float
     reload_s: float
     metrics_bytes: int
+    seed_s: float | None = None  # redis mode: `trackingproxy store import`, before the start
 
 
 def _wait(predicate: object, timeout: float, what: str) -> float:
@@ -177,14 +188,54 @@ def handshakes(pid: int, port: int, names: list[str], ca: Path, clients: int = 4
     return total / used if used > 0 else 0.0
 
 
-def measure(mode: str, base: Path, n: int, workdir: Path) -> Run:
-    """One start of the proxy with the first n certificates of ``base``."""
+def _store_url(redis: Server) -> str:
+    return f"redis://127.0.0.1:{redis.https}/0"  # Server.https: the port redis listens on
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def store_import(base: Path, names: list[str], directory: Path, redis: Server) -> float:
+    """Seed the store with the certificates of ``names`` (a state directory holding just
+    those, hard links into ``base``) by `trackingproxy store import`; its wall time."""
+    state = directory / "certificates"
+    state.mkdir(parents=True)
+    directory.chmod(0o700)
+    for name in names:
+        (state / name).mkdir(mode=0o700)
+        for file in ("privkey.pem", "fullchain.pem"):
+            os.link(base / "state" / "certificates" / name / file, state / name / file)
+    log = directory.with_suffix(".log")
+    with log.open("wb") as out:
+        start = time.monotonic()
+        done = subprocess.run(
+            [_bin("trackingproxy"), "store", "import", "--state-dir", str(directory),
+             "--store", _store_url(redis)],
+            stdout=out, stderr=subprocess.STDOUT, env=_env(), check=False,
+        )
+        took = time.monotonic() - start
+    text = log.read_text(errors="replace")
+    if done.returncode != 0 or f"\n{len(names)} certificate(s) imported" not in "\n" + text:
+        raise RuntimeError(f"store import of {len(names)} certificate(s) failed "
+                           f"(exit {done.returncode}):\n{text[-2000:]}")
+    return took
+
+
+def measure(mode: str, base: Path, n: int, workdir: Path, redis: Server | None = None) -> Run:
+    """One start of the proxy with the first n certificates of ``base`` (``redis``: the
+    running redis-server, for the redis mode)."""
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     names = [_name(i) for i in range(n)]
     https, http, admin = free_port(), free_port(), free_port()
     domains_file = workdir / "domains.txt"
     domains_file.write_text("".join(x + "\n" for x in names))
+    seed: float | None = None
     args = ["--domains-file", str(domains_file), "--upstream", "https://127.0.0.1:9",
             "--https-port", f"tcp:{https}:interface=127.0.0.1",
             "--http-port", f"tcp:{http}:interface=127.0.0.1",
@@ -195,7 +246,16 @@ def measure(mode: str, base: Path, n: int, workdir: Path) -> Run:
         for name in names:
             os.link(base / "certs" / f"{name}.pem", certs / f"{name}.pem")
         args += ["--no-acme", "--certs-dir", str(certs)]
-    else:
+    elif mode == "redis":
+        if redis is None:
+            raise ValueError("the redis mode needs a running redis-server")
+        redis_command(redis.https, "FLUSHALL")
+        seed = store_import(base, names, workdir / "import", redis)
+        state = workdir / "state"
+        state.mkdir(mode=0o700)  # a new replica's: empty
+        args += ["--store", _store_url(redis), "--acme-directory", "local",
+                 "--state-dir", str(state)]
+    elif mode == "state-dir":
         state = workdir / "state"
         (state / "certificates").mkdir(parents=True)
         for name in names:
@@ -203,8 +263,10 @@ def measure(mode: str, base: Path, n: int, workdir: Path) -> Run:
                             state / "certificates" / name)
         state.chmod(0o700)
         args += ["--acme-directory", "local", "--state-dir", str(state)]
-    twistd = str(Path(sys.executable).with_name("twistd"))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    else:
+        raise ValueError(f"unknown mode {mode!r}; the modes are {', '.join(MODES)}")
+    twistd = _bin("twistd")
+    env = _env()
     log = (workdir / "twistd.log").open("wb")
     start = time.monotonic()
     proc = subprocess.Popen(
@@ -218,7 +280,7 @@ def measure(mode: str, base: Path, n: int, workdir: Path) -> Run:
         rate = handshakes(proc.pid, https, names, base / "ca.pem")
         with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=30) as r:
             metrics = len(r.read())
-        reload_s = _reload(mode, base, workdir, domains_file, names, proc.pid, https)
+        reload_s = _reload(mode, base, workdir, domains_file, names, proc.pid, https, redis)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -227,16 +289,19 @@ def measure(mode: str, base: Path, n: int, workdir: Path) -> Run:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
-    return Run(mode, n, first, ready, rss, rate, reload_s, metrics)
+    return Run(mode, n, first, ready, rss, rate, reload_s, metrics, seed)
 
 
 def _reload(mode: str, base: Path, workdir: Path, domains_file: Path, names: list[str],
-            pid: int, https: int) -> float:
+            pid: int, https: int, redis: Server | None) -> float:
     """SIGHUP with one more domain (its certificate in place first): seconds until served."""
     extra = _name(len(names))  # ``base`` has one certificate more than the largest run
     extra_base = base
     if mode == "certs-dir":
         shutil.copy(extra_base / "certs" / f"{extra}.pem", workdir / "certs" / f"{extra}.pem")
+    elif mode == "redis":
+        assert redis is not None
+        store_import(extra_base, [extra], workdir / "import-extra", redis)
     else:
         shutil.copytree(extra_base / "state" / "certificates" / extra,
                         workdir / "state" / "certificates" / extra)
@@ -260,8 +325,8 @@ def _reload(mode: str, base: Path, workdir: Path, domains_file: Path, names: lis
 def table(runs: list[Run], one: dict[str, Run]) -> str:
     lines = [
         "| mode | domains | first connection | /readyz 200 | RSS | RSS per domain | "
-        "handshakes per CPU-s (vs 1 domain) | SIGHUP +1 domain | /metrics |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "handshakes per CPU-s (vs 1 domain) | SIGHUP +1 domain | /metrics | store import |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in runs:
         base = one[r.mode]
@@ -271,7 +336,8 @@ def table(runs: list[Run], one: dict[str, Run]) -> str:
         lines.append(
             f"| {r.mode} | {r.domains:,} | {r.first_connection:.2f} s | {r.ready:.2f} s | "
             f"{r.rss_kib / 1024:.0f} MiB | {per:.1f} KiB | {r.handshakes_per_cpu_s:,.0f} "
-            f"({ratio:.2f}x) | {r.reload_s:.2f} s | {r.metrics_bytes / 1024:,.0f} KiB |"
+            f"({ratio:.2f}x) | {r.reload_s:.2f} s | {r.metrics_bytes / 1024:,.0f} KiB | "
+            + ("n/a" if r.seed_s is None else f"{r.seed_s:.2f} s") + " |"
         )
     return "\n".join(lines)
 
@@ -289,33 +355,71 @@ def write(text: str) -> None:
     RESULTS.write_text(current)
 
 
+def _start_redis() -> Server:
+    """The run's redis-server (bench.storecompare's: loopback, a free port, no persistence)."""
+    if redis_server() is None:
+        raise SystemExit("the redis mode needs redis-server: apt-get install redis-server "
+                         "(or leave it out with --modes certs-dir,state-dir)")
+    directory = WORK / "domains-redis"
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    server = start_redis(directory)
+    try:
+        wait_redis(server)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100,1000,10000")
-    parser.add_argument("--modes", default="certs-dir,state-dir")
+    parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     modes = args.modes.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        parser.error(f"unknown mode(s) {', '.join(unknown)}; the modes are {', '.join(MODES)}")
     biggest = generate(max(sizes) + 1)
+    redis = _start_redis() if "redis" in modes else None
     runs, one = [], {}
-    for mode in modes:
-        one[mode] = measure(mode, biggest, 1, WORK / "domains-run")
-        print(f"{mode}, 1 domain: ready {one[mode].ready:.2f} s, "
-              f"{one[mode].handshakes_per_cpu_s:,.0f} handshakes per CPU-s", flush=True)
-        for n in sizes:
-            run = measure(mode, biggest, n, WORK / "domains-run")
-            runs.append(run)
-            print(f"{mode}, {n} domains: first connection {run.first_connection:.2f} s, "
-                  f"ready {run.ready:.2f} s, RSS {run.rss_kib / 1024:.0f} MiB, "
-                  f"{run.handshakes_per_cpu_s:,.0f} handshakes per CPU-s, "
-                  f"reload {run.reload_s:.2f} s, /metrics {run.metrics_bytes:,} B", flush=True)
+    try:
+        for mode in modes:
+            one[mode] = measure(mode, biggest, 1, WORK / "domains-run", redis)
+            print(f"{mode}, 1 domain: ready {one[mode].ready:.2f} s, "
+                  f"{one[mode].handshakes_per_cpu_s:,.0f} handshakes per CPU-s", flush=True)
+            for n in sizes:
+                run = measure(mode, biggest, n, WORK / "domains-run", redis)
+                runs.append(run)
+                seeded = "" if run.seed_s is None else f"store import {run.seed_s:.2f} s, "
+                print(f"{mode}, {n} domains: {seeded}first connection "
+                      f"{run.first_connection:.2f} s, ready {run.ready:.2f} s, "
+                      f"RSS {run.rss_kib / 1024:.0f} MiB, "
+                      f"{run.handshakes_per_cpu_s:,.0f} handshakes per CPU-s, "
+                      f"reload {run.reload_s:.2f} s, /metrics {run.metrics_bytes:,} B", flush=True)
+    finally:
+        if redis is not None:
+            redis.stop()
     text = (f"## Many domains ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, "
             "`make bench-domains`; the proxy pinned to CPU 0, the handshake clients to CPU 1)\n\n"
             + table(runs, one) + "\n\nRSS per domain: (RSS with N domains - RSS with 1) / N. "
             "Handshakes: full TLS 1.3 handshakes (no resumption) to a random domain, per "
             "second of the proxy's CPU time.\n")
+    if "redis" in modes:
+        text += ("\nredis: the N certificates already in a shared store (a throw-away "
+                 "`redis-server`, `--save '' --appendonly no`, pinned to CPU 1, emptied before "
+                 "each start), the proxy started as a new replica: `--store redis://127.0.0.1:"
+                 "PORT/0 --acme-directory local` with an empty `--state-dir` and the names in "
+                 "`--domains-file`. Store import: `trackingproxy store import` of a state "
+                 "directory with the N certificates into the empty store, the command's wall "
+                 "time, run before the proxy starts (not part of the start figures). SIGHUP +1 "
+                 "domain (redis): the new certificate put into the store first with `trackingproxy "
+                 "store import` of a state directory holding just that domain (not timed), then "
+                 "the domains file written and SIGHUP.\n")
     print(text)
     if not args.no_write:
         write(text)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.tls.manycerts import NOW, make_hierarchy, many
 from trackingproxy.domains import covers
@@ -73,10 +75,10 @@ def test_value_keeps_no_cryptography_copy_and_shares_intermediates() -> None:
     assert (one.not_before, one.not_after) == (leaf.not_valid_before_utc, leaf.not_valid_after_utc)
     assert one.issuer == leaf.issuer.rfc4514_string()
     assert one.fullchain_pem() == chain_pem
-    assert one.key_matches()
+    assert one.key_matches
     assert parse_pem(one.fullchain_pem(), one.key_pem(), "again").serial_hex == one.serial_hex
     mixed = LoadedCertificate(key=other.key, chain=one.chain, source="mixed")
-    assert not mixed.key_matches()
+    assert not mixed.key_matches
 
 
 def test_common_name_without_subject_alt_name() -> None:
@@ -179,3 +181,32 @@ def test_certs_dir_files_parse_only_what_changed(
     assert second[0] is first[0]
     parsed.clear()
     assert files.load(tmp_path) == second and parsed == []
+
+
+@pytest.mark.parametrize("encoding", ["pkcs8", "traditional", "with-parameters", "in-front"])
+def test_key_encodings_read_by_openssl_as_by_cryptography(encoding: str) -> None:
+    """Whatever PEM the key comes in (PKCS#8, traditional ``EC PRIVATE KEY``, after an
+    ``EC PARAMETERS`` block, in front of the chain in one file), the OpenSSL key the
+    handshakes use is the key that was checked against the leaf."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    chain_pem, pkcs8 = make_hierarchy(1).intermediates[0].issue("a.example.com", key=key)
+    traditional = key.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.TraditionalOpenSSL,
+                                    serialization.NoEncryption())
+    params = b"-----BEGIN EC PARAMETERS-----\nBggqhkjOPQMBBw==\n-----END EC PARAMETERS-----\n"
+    key_pem = {"pkcs8": pkcs8, "traditional": traditional, "with-parameters": params + traditional,
+               "in-front": pkcs8 + chain_pem}[encoding]
+    cert = parse_pem(chain_pem if encoding != "in-front" else key_pem, key_pem, encoding)
+    assert cert.key_matches
+    assert cert.key.private_numbers() == key.private_numbers()
+    assert cert.fullchain_pem() == chain_pem
+
+
+def test_encrypted_key_is_refused_without_asking_for_a_passphrase() -> None:
+    """An encrypted key is one clear error; nothing waits for a passphrase on a terminal."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    chain_pem, _ = make_hierarchy(1).intermediates[0].issue("a.example.com", key=key)
+    encrypted = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.BestAvailableEncryption(b"secret"))
+    with pytest.raises(ConfigError, match="no unencrypted PEM private key"):
+        parse_pem(chain_pem, encrypted, "encrypted")

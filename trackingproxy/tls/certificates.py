@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from attrs import field, frozen
 from cryptography import x509
@@ -34,13 +34,12 @@ PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519Pri
 def leaf_names(leaf: x509.Certificate) -> tuple[str, ...]:
     """DNS names of a leaf certificate (subjectAltName, else the common name), lower case.
 
-    Read from a throwaway copy of the leaf: a certificate keeps the extensions it parsed for
-    its whole life (1.2 KiB each, 12 MiB for 10,000 domains), and only the names are needed."""
-    copy = x509.load_der_x509_certificate(leaf.public_bytes(serialization.Encoding.DER))
+    A ``cryptography`` certificate keeps the extensions it parsed for its whole life (1.2 KiB
+    each); ``LoadedCertificate`` keeps no such object, only the names read here."""
     try:
-        san = copy.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
-        cns = copy.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        cns = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         return tuple(str(cn.value).lower() for cn in cns)
     return tuple(n.lower() for n in san.value.get_values_for_type(x509.DNSName))
 
@@ -120,15 +119,24 @@ class LoadedCertificate:
     not_after: datetime.datetime
     serial_hex: str
     issuer: str = field(repr=False)
+    key_matches: bool = field(repr=False)  # the key is the leaf's (public keys compared)
 
     def __init__(
-        self, key: PrivateKey, chain: Sequence[x509.Certificate], source: str
+        self,
+        key: PrivateKey,
+        chain: Sequence[x509.Certificate],
+        source: str,
+        openssl: tuple[crypto.X509, crypto.PKey] | None = None,
     ) -> None:
+        """``openssl``: the leaf and key as OpenSSL objects when the caller has them already
+        (``parse_pem`` reads them from the PEM, faster than converting)."""
         leaf = chain[0]
         names = leaf_names(leaf)
+        if openssl is None:
+            openssl = (crypto.X509.from_cryptography(leaf), crypto.PKey.from_cryptography_key(key))
         self.__attrs_init__(
-            crypto.X509.from_cryptography(leaf),
-            crypto.PKey.from_cryptography_key(key),
+            openssl[0],
+            openssl[1],
             tuple(_CHAINS.share(c) for c in chain[1:]),
             source,
             names,
@@ -138,6 +146,7 @@ class LoadedCertificate:
             leaf.not_valid_after_utc,
             format(leaf.serial_number, "x"),
             sys.intern(leaf.issuer.rfc4514_string()),
+            _spki(key.public_key()) == _spki(leaf.public_key()),
         )
 
     @property
@@ -153,10 +162,6 @@ class LoadedCertificate:
     @property
     def chain(self) -> tuple[x509.Certificate, ...]:
         return (self.leaf, *self.intermediates)
-
-    def key_matches(self) -> bool:
-        """Whether the private key is the leaf's (compared as public keys, DER)."""
-        return _public_der(self.openssl_key) == _public_der(self.openssl_leaf.get_pubkey())
 
     def covers(self, name: str) -> bool:
         """Whether the certificate is valid for the host ``name`` (two set lookups)."""
@@ -192,8 +197,10 @@ class LoadedCertificate:
         )
 
 
-def _public_der(key: crypto.PKey) -> bytes:
-    return crypto.dump_publickey(crypto.FILETYPE_ASN1, key)
+def _spki(key: Any) -> bytes:
+    return bytes(key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ))
 
 
 def parse_pem(cert_pem: bytes, key_pem: bytes, source: str) -> LoadedCertificate:
@@ -214,16 +221,29 @@ def parse_pem(cert_pem: bytes, key_pem: bytes, source: str) -> LoadedCertificate
         key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
     ):
         raise ConfigError(f"{source}: unsupported key type; use an ECDSA or RSA key")
-    if key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ) != chain[0].public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ):
+    cert = LoadedCertificate(key, chain, source, _openssl_objects(cert_pem, key_pem, chain[0]))
+    if not cert.key_matches:
         raise ConfigError(
             f"{source}: the private key does not match the certificate; pass the key that was "
             "issued with this certificate"
         )
-    return LoadedCertificate(key=key, chain=chain, source=source)
+    return cert
+
+
+def _openssl_objects(
+    cert_pem: bytes, key_pem: bytes, leaf: x509.Certificate
+) -> tuple[crypto.X509, crypto.PKey] | None:
+    """The leaf and key read by OpenSSL from the PEM already checked (half the time of
+    converting the ``cryptography`` objects); None if it reads something else."""
+    try:
+        openssl_leaf = crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem)
+        # An empty passphrase, never None: OpenSSL would ask for one on the terminal.
+        openssl_key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem, b"")
+    except crypto.Error:
+        return None
+    if openssl_leaf.get_serial_number() != leaf.serial_number:
+        return None
+    return openssl_leaf, openssl_key
 
 
 def _read(path: Path, what: str) -> bytes:

@@ -208,7 +208,7 @@ class SNIContextMap:
             current = self._served.get(_key(name))
             if current is not None and current.cert is cert:
                 return current  # installed again: share what was made
-        if not cert.key_matches():
+        if not cert.key_matches:
             raise ValueError(f"{cert.source}: the private key does not match the certificate")
         extra = cert.intermediates
         der = b"".join(c.public_bytes(Encoding.DER) for c in extra)

@@ -83,9 +83,11 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.domains
 
-# 100, 1,000 and 10,000 domains on one instance: start-up, memory per domain, handshakes,
-# SIGHUP, /metrics (bench/domains.py; writes its table into bench/RESULTS.md).
+# 100, 1,000 and 10,000 domains on one instance, from --certs-dir, the state directory and a
+# Redis store: start-up, memory per domain, handshakes, SIGHUP, /metrics (bench/domains.py;
+# writes its table into bench/RESULTS.md).
 bench-domains: $(STAMP)
+	@$(MAKE) --no-print-directory debs APT_PACKAGES="redis-server util-linux"
 	$(BIN)/python -m bench.domains $(BENCH_DOMAINS_ARGS)
 
 bench-quick: $(STAMP)

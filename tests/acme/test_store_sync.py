@@ -51,6 +51,7 @@ class FakeIssuer:
         self.domains = domains
         self.served: dict[str, str] = {}
         self.reloads: list[str] = []
+        self.loaded = True
 
     def served_serials(self) -> dict[str, str]:
         return dict(self.served)
@@ -90,14 +91,35 @@ class StoreSyncTests(SynchronousTestCase):
         self.shared.on_event("cert", "other.example.com")
         self.assertEqual(self.issuer.reloads, ["a.example.com"])
 
-    def test_subscription_resyncs_everything(self) -> None:
-        """Every (re)subscription reloads the domain list and every served name."""
-        self.shared.domains = {"c.example.com"}
+    def test_subscription_resyncs_what_differs(self) -> None:
+        """Every (re)subscription reloads the domain list, then by one read of the serials
+        only the names whose stored certificate is not the one served, or that the store
+        lost (their reload seeds it): not every name."""
+        self.issuer.domains = ("a.example.com", "b.example.com", "c.example.com",
+                               "d.example.com")
+        self.issuer.served["a.example.com"] = self._store_cert("a.example.com")  # same
+        self.issuer.served["b.example.com"] = "1"
+        self._store_cert("b.example.com")  # another one stored
+        self.issuer.served["c.example.com"] = "2"  # the store lost it
+        self._store_cert("d.example.com")  # stored, not served yet
+        self.shared.domains = {"x.example.com"}
         assert self.shared.on_subscribed is not None
         self.shared.on_subscribed()
-        self.assertEqual(sorted(self.issuer.reloads), ["a.example.com", "b.example.com"])
-        self.assertEqual(self.domain_lists, [["c.example.com"]])
+        self.assertEqual(sorted(self.issuer.reloads),
+                         ["b.example.com", "c.example.com", "d.example.com"])
+        self.assertEqual(self.domain_lists, [["x.example.com"]])
         self.assertEqual(self.shared.health.last_sync, self.clock.seconds())
+
+    def test_subscription_during_the_start_up_load_leaves_unserved_names_to_it(self) -> None:
+        """While the issuer still loads at start, a resync reloads no name it has not
+        served yet (it is about to load them: 10,000 more loads would compete with it)."""
+        self.issuer.loaded = False
+        self._store_cert("a.example.com")
+        self.issuer.served["b.example.com"] = "1"
+        self._store_cert("b.example.com")
+        assert self.shared.on_subscribed is not None
+        self.shared.on_subscribed()
+        self.assertEqual(self.issuer.reloads, ["b.example.com"])
 
     def test_domains_message_reads_the_list(self) -> None:
         """A ``domains`` message hands the store's new list to the callback."""
@@ -107,7 +129,11 @@ class StoreSyncTests(SynchronousTestCase):
         self.assertEqual(self.domain_lists, [["x.example.com", "y.example.com"]])
 
     def test_store_coming_back_resyncs(self) -> None:
-        """After an outage seen by the probe, the first good probe resyncs."""
+        """After an outage seen by the probe, the first good probe resyncs: a name the
+        store lost and one it holds another certificate for are reloaded."""
+        self.issuer.served["a.example.com"] = "1"
+        self.issuer.served["b.example.com"] = "2"
+        self._store_cert("b.example.com")
         self.shared.down = True
         self.clock.advance(5)
         self.assertFalse(self.shared.health.up)

@@ -16,7 +16,7 @@ from tests.store.doubles import FlakyShared
 from trackingproxy.acme.testing import self_signed
 from trackingproxy.store.contract import StoredCertificate, StoreUnavailable
 from trackingproxy.store.files import FileStore
-from trackingproxy.store.localcopy import LocalCopyStore
+from trackingproxy.store.localcopy import COPY_BATCH, COPY_INTERVAL, LocalCopyStore
 
 NOW = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
 DAY = datetime.timedelta(days=1)
@@ -99,6 +99,8 @@ class LocalCopyTests(SynchronousTestCase):
         found = self.successResultOf(self.store.load_many([NAME, other, "c.example.com"]))
         self.assertEqual({n: s.cert.serial_hex for n, s in found.items()},
                          {NAME: self.cert.serial_hex, other: b.serial_hex})
+        self.assertIsNone(self._serial(self.local.load))  # written after, not in the way
+        self.clock.advance(COPY_INTERVAL)
         self.assertEqual(self._serial(self.local.load), self.cert.serial_hex)
         self.assertEqual(self._serial(self.shared.load), self.cert.serial_hex)
         seeded = self.successResultOf(self.shared.load(other))
@@ -106,6 +108,27 @@ class LocalCopyTests(SynchronousTestCase):
         self.shared.down = True
         found = self.successResultOf(self.store.load_many([NAME, other]))
         self.assertEqual(sorted(found), [NAME, other])
+
+    def test_bulk_copies_are_written_at_a_pace_and_never_over_a_newer_one(self) -> None:
+        """After load_many, the local copies are written COPY_BATCH every COPY_INTERVAL; a
+        certificate saved meanwhile is not overwritten by the older one still waiting."""
+        names = [f"n{i}.example.com" for i in range(COPY_BATCH * 3 + 5)]
+        for name in names:
+            self.successResultOf(self.shared.seed(
+                name, StoredCertificate(self_signed(name, NOW - DAY, NOW + 60 * DAY))))
+        self.successResultOf(self.store.load_many(names))
+        newer = self_signed(names[-1], NOW, NOW + 80 * DAY)
+        lock = self.successResultOf(self.store.acquire(names[-1], 60))
+        assert lock is not None
+        self.successResultOf(self.store.save(lock, StoredCertificate(newer)))
+        self.clock.advance(COPY_INTERVAL)
+        written = [n for n in names if self.successResultOf(self.local.load(n)) is not None]
+        self.assertEqual(len(written), COPY_BATCH + 1)  # a batch, and the one saved
+        self.clock.pump([COPY_INTERVAL] * 3)
+        stored = self.successResultOf(self.local.load(names[-1]))
+        assert stored is not None
+        self.assertEqual(stored.cert.serial_hex, newer.serial_hex)
+        self.assertTrue(all(self.successResultOf(self.local.load(n)) for n in names))
 
     def test_copy_is_written_once_per_serial(self) -> None:
         """An unchanged certificate is not written to the local copy again (what the copy

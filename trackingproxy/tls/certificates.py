@@ -96,7 +96,7 @@ _CHAINS = _SharedChains()
 class LoadedCertificate:
     """A private key and its certificate chain (leaf first), as served to TLS clients.
 
-    Held in the form a handshake uses (the leaf and key as OpenSSL objects, 7.6 KiB for ECDSA
+    Held in the form a handshake uses (the leaf and key as OpenSSL objects, 7.4 KiB for ECDSA
     P-256), the intermediates shared with every certificate of the same chain, and the facts
     read from the leaf once (names, validity, serial, issuer): no second, ``cryptography``
     copy of the leaf and key is kept (3.7 KiB a domain). ``leaf``, ``key`` and ``chain`` make

@@ -353,15 +353,9 @@ class FileStore:
             (d / "order.json").unlink()
 
     def serials(self, names: Sequence[str]) -> Deferred[dict[str, str]]:
-        def read() -> dict[str, str]:
-            found = {}
-            for name in names:
-                stored = self._load(name)
-                if stored is not None:
-                    found[name] = stored.cert.serial_hex
-            return found
-
-        return self._run(False, read)
+        return self.load_many(names).addCallback(
+            lambda found: {n: stored.cert.serial_hex for n, stored in found.items()}
+        )
 
     @staticmethod
     def _ari_json(ari: AriWindow | None) -> dict[str, str | None] | None:

@@ -24,7 +24,6 @@ import random
 from collections.abc import Callable, Generator, Iterable
 from typing import Any
 
-from attrs import define, field, frozen
 from cryptography.hazmat.primitives import serialization
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
@@ -33,9 +32,10 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from trackingproxy.acme.domainstate import PANIC_WINDOW, DomainState, RenewalState
 from trackingproxy.acme.locks import LockKeeper
 from trackingproxy.acme.obtainer import Obtainer, ObtainFailed, ObtainRequest
-from trackingproxy.acme.queue import Key, OrderQueue, QueueSummary, Wakeups
+from trackingproxy.acme.queue import OrderQueue, QueueSummary, Wakeups
 from trackingproxy.acme.schedule import draw_point, jittered, next_attempt, renewal_time
 from trackingproxy.errors import ConfigError
 from trackingproxy.store.contract import (
@@ -56,7 +56,6 @@ log = Logger()
 PanicCallback = Callable[[str, str], object]
 """Called with (domain, message) when a certificate nears expiry and renewal keeps failing."""
 
-PANIC_WINDOW = datetime.timedelta(days=7)
 PANIC_REPEAT = datetime.timedelta(hours=24)
 ARI_DEFAULT_RECHECK = datetime.timedelta(hours=6)
 ARI_MIN_RECHECK = datetime.timedelta(minutes=1)  # a Retry-After of 0 must not loop
@@ -64,36 +63,6 @@ ARI_START_PACE = 0.5  # seconds per domain: first ARI checks of stored certifica
 LOAD_BATCH = 100  # certificates loaded per reactor turn in a check (tens of ms of parsing)
 PROGRESS_EVERY = 5.0  # seconds between the progress lines of a long first load
 SAY_EACH_UP_TO = 20  # a first load of more certificates logs a summary, not a line each
-
-
-@define
-class _Domain:
-    current: LoadedCertificate | None = None
-    ari: AriWindow | None = None
-    renew_at: datetime.datetime | None = None
-    point: tuple[str, float] | None = None  # (serial, where in its renewal window), per cert
-    wanted_since: datetime.datetime | None = None  # first queued without a certificate
-    ari_check_at: datetime.datetime | None = None
-    failures: int = 0
-    retry_at: datetime.datetime | None = None
-    last_panic: datetime.datetime | None = None
-    last_error: str | None = None
-    last_error_at: datetime.datetime | None = None
-    orders: dict[str, int] = field(factory=dict)  # outcome -> count (admin metrics)
-
-
-@frozen
-class RenewalState:
-    """What the issuer knows about one domain, for the admin status page and metrics."""
-
-    next_attempt: datetime.datetime | None  # None: at the next check (no certificate yet)
-    ordering: bool
-    failures: int
-    last_error: str | None
-    last_error_at: datetime.datetime | None
-    orders: dict[str, int]  # outcome (issued, failed, rate_limited, busy) -> count
-    queue_position: int | None = None  # 1: the next order to start; None: not waiting
-    queue_eta: datetime.datetime | None = None  # estimated start (pace, pause), if waiting
 
 
 class IssuingService(Service):
@@ -137,7 +106,7 @@ class IssuingService(Service):
         self._stop_timeout = stop_timeout
         self._held: dict[str, LockKeeper] = {}
         self.domains: tuple[str, ...] = tuple(d for d in domains if d not in skip)
-        self._state = {d: _Domain() for d in self.domains}
+        self._state = {d: DomainState() for d in self.domains}
         self._inflight: dict[str, Deferred[bool]] = {}  # -> whether a CA order was placed
         self._timer: IDelayedCall | None = None
         self._checking: Deferred[None] | None = None
@@ -165,7 +134,7 @@ class IssuingService(Service):
             self._queue.discard(gone)
             self._wakeups.plan(gone, None)
         added = [d for d in self.domains if d not in self._state]
-        self._state = {d: self._state.get(d) or _Domain() for d in self.domains}
+        self._state = {d: self._state.get(d) or DomainState() for d in self.domains}
         if self.running and added:  # only the new names: the others are as they were
             self._clock.callLater(0, self._woken, added)
 
@@ -188,7 +157,7 @@ class IssuingService(Service):
         for name, st in self._state.items():
             place = places.get(name)
             states[name] = RenewalState(
-                next_attempt=self._due_at(st),
+                next_attempt=st.due_at(),
                 ordering=name in self._inflight,
                 failures=st.failures,
                 last_error=st.last_error,
@@ -302,35 +271,6 @@ class IssuingService(Service):
         d.addBoth(done)
 
     # -- checking -------------------------------------------------------------------------
-    @staticmethod
-    def _due_at(st: _Domain) -> datetime.datetime | None:
-        """When this domain should next be ordered (None: not before the next check)."""
-        if st.current is None or st.renew_at is None:
-            return st.retry_at
-        if st.retry_at is not None:
-            return max(st.retry_at, st.renew_at)
-        return st.renew_at
-
-    def _is_due(self, st: _Domain, now: datetime.datetime) -> bool:
-        due = self._due_at(st)
-        return (st.current is None and st.retry_at is None) or (due is not None and due <= now)
-
-    def _wake_time(self, st: _Domain) -> float | None:
-        """When to look at a domain that is not due: its due or ARI check time."""
-        times = [t for t in (self._due_at(st), st.ari_check_at if st.current else None) if t]
-        return min(times).timestamp() if times else None
-
-    def _priority(self, st: _Domain, now: datetime.datetime) -> Key:
-        """Queue order: renewals within PANIC_WINDOW of expiry (soonest expiry first), then
-        domains without a certificate (longest waiting first), then renewals by renew time."""
-        if st.current is None:
-            if st.wanted_since is None:
-                st.wanted_since = now
-            return (1.0, st.wanted_since.timestamp())
-        if st.current.not_after - now <= PANIC_WINDOW:
-            return (0.0, st.current.not_after.timestamp())
-        return (2.0, (st.renew_at or now).timestamp())
-
     def _settle(self, name: str) -> Deferred[None] | None:
         """Queue ``name`` if it is due, refresh its renewal information if that is due, else
         plan a wake-up for when either will be. Returns the ARI refresh, if one started."""
@@ -338,9 +278,9 @@ class IssuingService(Service):
         if st is None or not self.running or name in self._inflight:
             return None
         now = self._now()
-        if self._is_due(st, now):
+        if st.is_due(now):
             self._wakeups.plan(name, None)
-            self._queue.add(name, self._priority(st, now))
+            self._queue.add(name, st.queue_key(now))
             return None
         self._queue.discard(name)
         if st.current is not None and st.ari_check_at is not None and st.ari_check_at <= now:
@@ -351,7 +291,7 @@ class IssuingService(Service):
                 return result
 
             return self._refresh_ari(name).addBoth(again)
-        self._wakeups.plan(name, self._wake_time(st))
+        self._wakeups.plan(name, st.wake_time())
         return None
 
     def _settle_now(self, name: str) -> None:

@@ -70,11 +70,13 @@ class Cluster:
             self.pebble.http_port: ([(r.http_port, r.admin_port) for r in self.replicas], True),
             self.front_https: ([(r.https_port, r.admin_port) for r in self.replicas], False),
         })
+        # The balancer first, as in production: a replica orders at once, and the CA's
+        # validation request must find HAProxy listening (else it fails and backs off 60 s).
+        self.haproxy.start()
         for r in self.replicas:
             r.start()
         for r in self.replicas:
             r.wait_listening()
-        self.haproxy.start()
 
     def stop(self) -> None:
         for part in (*self.replicas, self.haproxy, self.standin):

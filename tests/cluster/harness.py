@@ -79,7 +79,10 @@ class HAProxy:
     """HAProxy in TCP mode: each front port round-robins over its back ports, with PROXY v2
     when the front says so. Each back end is health-checked with ``GET /healthz`` on its
     admin port (a replica that died or is paused is taken out within about a second; a TCP
-    check would not see a paused process: the kernel still accepts its connections)."""
+    check would not see a paused process: the kernel still accepts its connections). It is
+    started before the replicas, as a production balancer would be, and a replica that is
+    down is checked every 100 ms, so one that starts is in within about 0.1 s: before the
+    CA's first validation request (a replica orders as soon as it starts)."""
 
     def __init__(
         self, binary: str, workdir: Path,
@@ -105,7 +108,7 @@ class HAProxy:
             send = "send-proxy-v2 " if proxy else ""
             lines += [
                 f"    server r{i} 127.0.0.1:{port} {send}check port {admin} "
-                "inter 300ms fall 2 rise 1"
+                "inter 300ms downinter 100ms fall 2 rise 1"
                 for i, (port, admin) in enumerate(backs)
             ]
         return "\n".join(lines) + "\n"

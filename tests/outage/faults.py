@@ -4,7 +4,6 @@ and the real proxy started in process with ``--outage-mode replay`` behind it.""
 
 from __future__ import annotations
 
-import datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +14,8 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.task import deferLater
 
 from tests.certs import make_ca
-from tests.harness import Running, proxy_args
+from tests.harness import Running, start_proxy
 from tests.standin import StandIn, start_standin
-from trackingproxy.config import config_from_options
-from trackingproxy.logs.access import AccessLog
-from trackingproxy.options import Options
-from trackingproxy.service import build_service
 
 
 class _Outbound(Protocol):
@@ -116,33 +111,14 @@ def start_outage_proxy(tmp: Path, *extra: str) -> tuple[Running, Relay]:
     assert standin.port is not None
     relay = Relay(standin.port.getHost().port)
     relay.up()
-    args = proxy_args(
-        tmp, ca, standin,
+    running = start_proxy(
+        tmp,
         "--upstream", f"https://127.0.0.1:{relay.port}",
         "--outage-mode", "replay",
         "--state-dir", str(tmp / "state"),
         "--trusted-proxy", "127.0.0.1",
         *extra,
-    )
-    opts = Options(environ={})
-    opts.parseOptions(args)
-    config = config_from_options(opts, datetime.datetime.now(datetime.UTC))
-    lines: list[str] = []
-    service = build_service(
-        config, global_reactor,
-        access_log=AccessLog(config.log_format, config.log_paths, lines.append),
-    )
-    service.startService()
-    ports = {}
-    for child in service:
-        port = getattr(child, "port", None)
-        if port is not None:
-            ports[child.option] = port.getHost().port  # type: ignore[attr-defined]
-    admin = service.namedServices.get("admin")
-    admin_port = admin.listener.port.getHost().port if admin and admin.listener.port else 0
-    running = Running(
-        service, standin, ca, ports.get("--http-port", 0), ports.get("--https-port", 0),
-        lines, admin_port,
+        ca=ca, standin=standin,
     )
     return running, relay
 

@@ -32,7 +32,7 @@ from trackingproxy.acme.sync import StoreSync
 from trackingproxy.errors import ConfigError
 from trackingproxy.proxy.challenges import ChallengeResponder, NoChallenges
 from trackingproxy.store.contract import CertificateStore
-from trackingproxy.store.files import FileStore, ensure_private_dir
+from trackingproxy.store.files import FileStore, usable_private_dir
 from trackingproxy.store.settings import StoreSettings
 from trackingproxy.store.shared import OpenedStore, open_shared_store
 from trackingproxy.tls.certificates import PrivateKey
@@ -163,30 +163,22 @@ def key_generator(key_type: str) -> Callable[[], PrivateKey]:
     raise ConfigError(f"--key-type {key_type!r} is unknown; use one of {', '.join(KEY_TYPES)}")
 
 
-def _usable(path: Path) -> bool:
-    try:
-        ensure_private_dir(path)
-    except OSError:
-        return False
-    return os.access(path, os.W_OK | os.X_OK)
-
-
 def choose_state_dir(
     settings: AcmeSettings, default: Path = DEFAULT_STATE_DIR, fallback: Path = FALLBACK_STATE_DIR
 ) -> Path:
     """The state directory (created 0700); says in the log which one and why."""
     if settings.state_dir is not None:
-        if not _usable(settings.state_dir):
+        if not usable_private_dir(settings.state_dir):
             raise ConfigError(
                 f"--state-dir {settings.state_dir}: cannot create or write it; fix its "
                 "permissions or pass another directory"
             )
         log.info("State directory: {dir}", dir=str(settings.state_dir))
         return settings.state_dir
-    if _usable(default):
+    if usable_private_dir(default):
         log.info("State directory: {dir}", dir=str(default))
         return default
-    if _usable(fallback):
+    if usable_private_dir(fallback):
         log.warn(
             "State directory: {dir} ({default} is not writable); certificates and the ACME "
             "account are kept there, keep it across restarts",

@@ -6,7 +6,6 @@ and runs the replayer while the process runs.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from trackingproxy.outage.metrics import OutageCollector
 from trackingproxy.outage.policy import OutagePolicy
 from trackingproxy.outage.replay import Replayer, Sender
 from trackingproxy.outage.writer import Run, open_journal_file
-from trackingproxy.store.files import ensure_private_dir
+from trackingproxy.store.files import usable_private_dir
 
 __all__ = [
     "JOURNAL_SUBDIR",
@@ -60,26 +59,18 @@ class OutageSettings:
     journal_503: bool = True  # an upstream 503 before any body byte counts as not reached
 
 
-def _usable(path: Path) -> bool:
-    try:
-        ensure_private_dir(path)
-    except OSError:
-        return False
-    return os.access(path, os.W_OK | os.X_OK)
-
-
 def journal_directory(settings: OutageSettings) -> Path:
     """``STATE_DIR/outage``, the state directory chosen as the certificates' is (without
     logging it again); ConfigError when none is writable."""
     if settings.state_dir is not None:
-        if not _usable(settings.state_dir):
+        if not usable_private_dir(settings.state_dir):
             raise ConfigError(
                 f"--state-dir {settings.state_dir}: cannot create or write it (the outage "
                 "journal lives there); fix its permissions or pass another directory"
             )
         return settings.state_dir / JOURNAL_SUBDIR
     for candidate in (settings.default_dir, settings.fallback_dir):
-        if _usable(candidate):
+        if usable_private_dir(candidate):
             return candidate / JOURNAL_SUBDIR
     raise ConfigError(
         f"--outage-mode replay: neither {settings.default_dir} nor {settings.fallback_dir} is "

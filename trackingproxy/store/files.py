@@ -76,6 +76,15 @@ def ensure_private_dir(path: Path) -> Path:
     return path
 
 
+def usable_private_dir(path: Path) -> bool:
+    """Whether ``path`` is (or could be made) a 0700 directory this process can write in."""
+    try:
+        ensure_private_dir(path)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
 def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
     """Write ``data`` to ``path`` as a 0600 file: temp file, fsync, rename, fsync the directory.
 

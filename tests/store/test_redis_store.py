@@ -16,29 +16,19 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import globalLogPublisher
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from tests.redis_server import RedisServer
 from trackingproxy.acme.testing import LogCapture, self_signed
 from trackingproxy.store.contract import LockLost, StoredCertificate, StoreUnavailable
 from trackingproxy.store.redis import RedisStore, synchronous
+from trackingproxy.store.redis import result_of as result
 from trackingproxy.store.url import connect, parse_store_url
 
 NOW = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
 DAY = datetime.timedelta(days=1)
 PASSWORD = "pa55-w0rd-xyz"
 CERT = StoredCertificate(self_signed("a.example.com", NOW, NOW + 90 * DAY))
-
-
-def result(d: Deferred[Any]) -> Any:
-    """The result of an already fired Deferred (the store runs synchronously here)."""
-    box: list[Any] = []
-    d.addBoth(box.append)
-    assert box, "the Deferred has not fired"
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
 
 
 def make_store(client: redis.Redis, port: int, password: str | None = None) -> RedisStore:
@@ -92,10 +82,11 @@ def test_stopped_server_is_unavailable_in_one_line(own_server: RedisServer, logs
     store.health.listener = lambda up, reason: changes.append((up, reason))
     assert result(store.load("a.example.com")) is None
     own_server.stop()
-    for call in (
+    calls: tuple[Callable[[], Deferred[Any]], ...] = (
         lambda: store.load("a.example.com"), lambda: store.acquire("a.example.com", 60),
         lambda: store.put_challenge("h", "t", b"k", 60), lambda: store.ping(),
-    ):
+    )
+    for call in calls:
         with pytest.raises(StoreUnavailable) as caught:
             result(call())
         message = str(caught.value)

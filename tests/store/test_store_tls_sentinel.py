@@ -8,13 +8,10 @@ import datetime
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 
 from tests.ports import free_port
 from tests.redis_server import (
@@ -28,22 +25,13 @@ from tests.redis_server import (
 from trackingproxy.acme.testing import self_signed
 from trackingproxy.store.contract import StoredCertificate, StoreUnavailable
 from trackingproxy.store.redis import RedisStore, synchronous
+from trackingproxy.store.redis import result_of as result
 from trackingproxy.store.url import StoreURL, connect, parse_store_url, probe
 
 NOW = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
 CERT = StoredCertificate(self_signed("a.example.com", NOW, NOW + datetime.timedelta(days=90)))
 PASSWORD = "tls-pa55-w0rd"
 FAILOVER_WAIT = 20.0  # seconds: Sentinel needs about 3 (down after 1 s, then the election)
-
-
-def result(d: Deferred[Any]) -> Any:
-    """The result of an already fired Deferred (the store runs synchronously here)."""
-    box: list[Any] = []
-    d.addBoth(box.append)
-    assert box, "the Deferred has not fired"
-    if isinstance(box[0], Failure):
-        box[0].raiseException()
-    return box[0]
 
 
 def store_for(text: str, ca_bundle: Path | None) -> tuple[StoreURL, redis.Redis, RedisStore]:

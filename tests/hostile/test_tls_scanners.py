@@ -53,6 +53,16 @@ REFUSED = {
     "PFS": "offered",
 }
 BAD = ("MEDIUM", "HIGH", "CRITICAL")
+# A check that testssl.sh 3.0 itself cannot always run, and the exact finding it then gives.
+# Its ticket-resumption check runs ``openssl s_client -tls1_3 -sess_out F </dev/null``: s_client
+# reads the end of its input as soon as the handshake is done and quits, and whether the
+# server's NewSessionTicket (sent after the client's Finished, RFC 8446 4.6.1) was read first is
+# a race. When it lost, F is empty and the second s_client (``-sess_in F``) cannot even start:
+# "connect problem". It lost 92 of 200 times against this proxy and 25 of 200 against
+# ``openssl s_server`` on this machine, and about one testssl.sh scan in six here. So the WARN
+# is tolerated only in that exact wording, and `ticket_resumption` checks the same thing
+# without the race (tests/tls/test_handshakes.py checks it for TLS 1.2 and 1.3 as well).
+TOOL_RACES = {"sessionresumption_ticket": "check failed because of connect problem"}
 
 
 def _env() -> dict[str, str]:
@@ -140,7 +150,11 @@ class TLSScanners(TestCase):
         save("testssl.json", report.read_bytes())
         findings = json.loads(report.read_bytes())
         by_id = {f["id"]: f for f in findings}
-        broken = [f for f in findings if f["severity"] in ("FATAL", "WARN")]
+        broken = [
+            f
+            for f in findings
+            if f["severity"] in ("FATAL", "WARN") and TOOL_RACES.get(f["id"]) != f["finding"]
+        ]
         self.assertEqual(broken, [], "the scan itself did not work")
         bad = {f["id"]: f["finding"] for f in findings if f["severity"] in BAD}
         self.assertEqual({k: v for k, v in bad.items() if k not in ACCEPTED}, {})
@@ -148,7 +162,32 @@ class TLSScanners(TestCase):
             self.assertIn(expected, by_id[finding_id]["finding"], finding_id)
         self.assertIn("offered", by_id["TLS1_2"]["finding"])
         self.assertIn("offered", by_id["TLS1_3"]["finding"])
+        if by_id["sessionresumption_ticket"]["finding"] != TOOL_RACES["sessionresumption_ticket"]:
+            self.assertIn("supported", by_id["sessionresumption_ticket"]["finding"])
+        self.assertIn(b"Reused, TLSv1.3", (yield ticket_resumption(running.https_port, ca)))
         print({f["id"]: f["severity"] for f in findings if f["severity"] not in ("OK", "INFO")})
+
+
+@inlineCallbacks
+def ticket_resumption(port: int, ca: Path) -> Any:
+    """What ``openssl s_client -sess_in`` prints when resuming a TLS 1.3 session that an
+    earlier s_client saved with ``-sess_out``, its input held open for a second so that the
+    server's session ticket is read before it quits (testssl.sh's check without its race)."""
+    session = Path(ca.parent, "tls13-session.pem")
+    connect = (
+        f"openssl s_client -tls1_3 -connect 127.0.0.1:{port} -servername {DOMAIN} -CAfile {ca}"
+    )
+    out, err, code = yield getProcessOutputAndValue(
+        "/bin/sh",
+        ["-c", f"sleep 1 | timeout 10 {connect} -sess_out {session}"],
+        env=_env(),
+    )
+    if code != 0 or not session.exists() or not session.stat().st_size:
+        raise AssertionError(f"no TLS 1.3 session saved (exit {code}): {(out + err)[-2000:]!r}")
+    out, err, code = yield getProcessOutputAndValue(
+        "/bin/sh", ["-c", f"timeout 10 {connect} -sess_in {session} </dev/null"], env=_env()
+    )
+    return bytes(out)
 
 
 class MissingScanner(SynchronousTestCase):

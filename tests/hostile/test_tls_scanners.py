@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -162,8 +163,8 @@ class TLSScanners(TestCase):
             self.assertIn(expected, by_id[finding_id]["finding"], finding_id)
         self.assertIn("offered", by_id["TLS1_2"]["finding"])
         self.assertIn("offered", by_id["TLS1_3"]["finding"])
-        if by_id["sessionresumption_ticket"]["finding"] != TOOL_RACES["sessionresumption_ticket"]:
-            self.assertEqual(by_id["sessionresumption_ticket"]["finding"], "supported")
+        ticket = by_id["sessionresumption_ticket"]["finding"]
+        self.assertIn(ticket, ("supported", TOOL_RACES["sessionresumption_ticket"]))
         self.assertIn(b"Reused, TLSv1.3", (yield ticket_resumption(running.https_port, ca)))
         print({f["id"]: f["severity"] for f in findings if f["severity"] not in ("OK", "INFO")})
 
@@ -174,18 +175,21 @@ def ticket_resumption(port: int, ca: Path) -> Any:
     earlier s_client saved with ``-sess_out``, its input held open for a second so that the
     server's session ticket is read before it quits (testssl.sh's check without its race)."""
     session = Path(ca.parent, "tls13-session.pem")
-    connect = (
-        f"openssl s_client -tls1_3 -connect 127.0.0.1:{port} -servername {DOMAIN} -CAfile {ca}"
-    )
+    connect = shlex.join([
+        "openssl", "s_client", "-tls1_3", "-connect", f"127.0.0.1:{port}",
+        "-servername", DOMAIN, "-CAfile", str(ca),
+    ])  # fmt: skip
     out, err, code = yield getProcessOutputAndValue(
         "/bin/sh",
-        ["-c", f"sleep 1 | timeout 10 {connect} -sess_out {session}"],
+        ["-c", f"sleep 1 | timeout 10 {connect} -sess_out {shlex.quote(str(session))}"],
         env=_env(),
     )
     if code != 0 or not session.exists() or not session.stat().st_size:
         raise AssertionError(f"no TLS 1.3 session saved (exit {code}): {(out + err)[-2000:]!r}")
     out, err, code = yield getProcessOutputAndValue(
-        "/bin/sh", ["-c", f"timeout 10 {connect} -sess_in {session} </dev/null"], env=_env()
+        "/bin/sh",
+        ["-c", f"timeout 10 {connect} -sess_in {shlex.quote(str(session))} </dev/null"],
+        env=_env(),
     )
     return bytes(out)
 

@@ -434,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
             "start left to do in the background: local copies of the store, first ARI checks); "
             "RSS is taken at /readyz 200, the handshakes once idle. "
             "Handshakes: full TLS 1.3 handshakes (no resumption) to a random domain, per "
-            "second of the proxy's CPU time, the median of five 5 s rounds.\n")
+            f"second of the proxy's CPU time, the median of {HANDSHAKE_ROUNDS} rounds of "
+            f"{HANDSHAKE_SECONDS:g} s.\n")
     if "redis" in modes:
         text += ("\nredis: the N certificates already in a shared store (a throw-away "
                  "`redis-server`, `--save '' --appendonly no`, pinned to CPU 1, emptied before "
